@@ -1,0 +1,112 @@
+"""embeddingcache: compute each text embedding once, then read it from SQL storage.
+
+>>> from embeddingcache import get_embeddings
+>>> vectors = get_embeddings(["hello", "world"], "all-MiniLM-L6-v2")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ._version import __version__
+from .cache import EmbeddingCache
+from .config import resolve_cache_dir, resolve_db_url, resolve_remote_url
+from .errors import (
+    AllProvidersFailedError,
+    DimensionMismatchError,
+    EmbeddingCacheError,
+    EmbeddingCacheWarning,
+    InvalidInputError,
+    InvalidInputTypeError,
+    ModelLoadError,
+    ProviderError,
+    ShardMismatchError,
+    StorageError,
+    TextTooLongError,
+)
+
+__all__ = [
+    "AllProvidersFailedError",
+    "DimensionMismatchError",
+    "EmbeddingCache",
+    "EmbeddingCacheError",
+    "EmbeddingCacheWarning",
+    "InvalidInputError",
+    "InvalidInputTypeError",
+    "ModelLoadError",
+    "ProviderError",
+    "ShardMismatchError",
+    "StorageError",
+    "TextTooLongError",
+    "__version__",
+    "embed",
+    "get_embeddings",
+]
+
+_caches: dict[tuple[Any, ...], EmbeddingCache] = {}
+_caches_lock = threading.Lock()
+
+
+def _shared_cache(cache_dir: str | os.PathLike[str] | None, db_url: str | None) -> EmbeddingCache:
+    """One cache per storage place and backend, reused by every module-level call."""
+    key = (resolve_cache_dir(cache_dir), resolve_db_url(db_url), resolve_remote_url(None))
+    with _caches_lock:
+        cache = _caches.get(key)
+        if cache is None:
+            cache = _caches[key] = EmbeddingCache(cache_dir=key[0], db_url=key[1])
+        return cache
+
+
+def get_embeddings(
+    texts: str | Sequence[str],
+    model: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    db_url: str | None = None,
+    normalize: str = "strip",
+    batch_size: int = 32,
+    show_progress: bool = False,
+    normalize_embeddings: bool = False,
+    dtype: str = "float32",
+    truncate: bool = False,
+    prompt_name: str | None = None,
+) -> np.ndarray:
+    """Embeddings of ``texts``: ``(n, dim)`` for a sequence, ``(dim,)`` for one ``str``.
+
+    Each distinct text is computed once per model, ever; later calls read it from the cache.
+    See :meth:`EmbeddingCache.get_embeddings` for the options and the errors raised.
+    """
+    cache = _shared_cache(cache_dir, db_url)
+    return cache.get_embeddings(
+        texts,
+        model if model is not None else cache.model,
+        normalize=normalize,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        normalize_embeddings=normalize_embeddings,
+        dtype=dtype,  # type: ignore[arg-type]
+        truncate=truncate,
+        prompt_name=prompt_name,
+    )
+
+
+def embed(
+    text_or_texts: str | Sequence[str], model: str | None = None
+) -> list[float] | list[list[float]]:
+    """The embedding of a ``str`` as a list of floats, or of a sequence as a list of lists,
+    from the process-wide default cache."""
+    return _shared_cache(None, None).embed(text_or_texts, model)
+
+
+def _reset_shared_caches() -> None:
+    """Close the caches the module functions share (tests, and after a fork)."""
+    with _caches_lock:
+        caches = list(_caches.values())
+        _caches.clear()
+    for cache in caches:
+        cache.close()

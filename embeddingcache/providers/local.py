@@ -1,0 +1,166 @@
+"""The local provider: sentence-transformers on this machine.
+
+sentence-transformers (and so torch) is imported when the first vector has to be computed,
+never before: a process that only reads the cache does not pay for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelLoadError, ProviderError, TextTooLongError
+from ..models import ModelSpec
+
+__all__ = ["LocalProvider", "pick_device"]
+
+logger = logging.getLogger("embeddingcache.providers.local")
+
+
+def pick_device() -> str:
+    """CUDA if there is one, else Apple's MPS, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    oom_type = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    if isinstance(exc, oom_type):
+        return True
+    # MPS and some CUDA paths raise a plain RuntimeError.
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class LocalProvider:
+    """Computes vectors with sentence-transformers; one loaded model per name."""
+
+    name = "local"
+
+    def __init__(self, *, device: str | None = None) -> None:
+        self.device = device
+        self._models: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def model(self, spec: ModelSpec) -> Any:
+        """The loaded ``SentenceTransformer`` for a spec, loading it on first use.
+
+        Raises:
+            ProviderError: sentence-transformers is not installed.
+            ModelLoadError: the model could not be loaded.
+        """
+        with self._lock:
+            loaded = self._models.get(spec.name)
+            if loaded is not None:
+                return loaded
+            try:
+                from sentence_transformers import SentenceTransformer
+            except ImportError as exc:
+                raise ProviderError(
+                    "sentence-transformers is not installed: pip install 'embeddingcache[local]'"
+                ) from exc
+            source = spec.load_source()
+            device = self.device or pick_device()
+            logger.info("loading model %s from %s on %s", spec.name, source, device)
+            try:
+                loaded = SentenceTransformer(
+                    source, device=device, trust_remote_code=spec.trust_remote_code
+                )
+            except Exception as exc:  # any failure to load is this one error to the caller
+                raise ModelLoadError(
+                    f"cannot load model {spec.name!r} from {source}: {exc}"
+                ) from exc
+            self._models[spec.name] = loaded
+            return loaded
+
+    def dimension(self, spec: ModelSpec) -> int:
+        model = self.model(spec)
+        get = (
+            getattr(model, "get_embedding_dimension", None)
+            or model.get_sentence_embedding_dimension
+        )
+        return int(get())
+
+    def compute(
+        self,
+        spec: ModelSpec,
+        texts: Sequence[str],
+        *,
+        prompt: str,
+        batch_size: int,
+        show_progress: bool,
+        truncate: bool,
+    ) -> np.ndarray:
+        model = self.model(spec)
+        if not truncate:
+            self._check_lengths(spec, model, texts, prompt)
+        return self._encode(model, list(texts), prompt, batch_size, show_progress)
+
+    def _check_lengths(
+        self, spec: ModelSpec, model: Any, texts: Sequence[str], prompt: str
+    ) -> None:
+        limit = getattr(model, "max_seq_length", None)
+        tokenizer = getattr(model, "tokenizer", None)
+        if not limit or tokenizer is None:
+            return
+        encoded = tokenizer(
+            [prompt + text for text in texts],
+            add_special_tokens=True,
+            truncation=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
+        for index, ids in enumerate(encoded["input_ids"]):
+            if len(ids) > limit:
+                raise TextTooLongError(
+                    f"text is {len(ids)} tokens long, more than the {limit} that model "
+                    f"{spec.name!r} accepts; pass truncate=True to embed its first {limit} tokens",
+                    index=index,
+                )
+
+    def _encode(
+        self, model: Any, texts: list[str], prompt: str, batch_size: int, show_progress: bool
+    ) -> np.ndarray:
+        while True:
+            try:
+                vectors = model.encode(
+                    texts,
+                    prompt=prompt,
+                    batch_size=batch_size,
+                    show_progress_bar=show_progress,
+                    convert_to_numpy=True,
+                )
+                return np.asarray(vectors, dtype=np.float32)
+            except Exception as exc:
+                if not _is_out_of_memory(exc):
+                    raise ProviderError(f"the local model failed to encode: {exc}") from exc
+                _free_accelerator_memory()
+                if batch_size == 1:
+                    raise ProviderError(
+                        "the local model ran out of memory on a single text"
+                    ) from exc
+                batch_size = max(1, batch_size // 2)
+                logger.warning("out of memory; retrying with batches of %d", batch_size)
+
+    def close(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

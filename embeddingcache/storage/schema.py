@@ -1,0 +1,61 @@
+"""The tables, defined once for every backend.
+
+``hashstring`` maps a key to the embedded string it was computed from, so that
+``sha512(text) == hashid`` holds for every row. A model shard holds ``embedding`` (key to
+float32 little-endian bytes, ``4 * dimension`` long) and ``model_info``, one row naming the
+model the shard belongs to.
+
+``hashstring.text`` has no index of its own: ``hashid`` is its digest and already unique, and an
+index over texts of any length would cost more than the vectors (and Postgres refuses B-tree
+entries over a few kilobytes).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+)
+
+__all__ = ["KEY_BYTES", "embedding_table", "hashstring_table", "model_info_table"]
+
+KEY_BYTES = 64
+
+
+def hashstring_table(metadata: MetaData, name: str = "hashstring") -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("hashid", LargeBinary(KEY_BYTES), primary_key=True),
+        Column("text", Text, nullable=False),
+    )
+
+
+def embedding_table(metadata: MetaData, name: str = "embedding") -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("hashid", LargeBinary(KEY_BYTES), primary_key=True),
+        Column("vector", LargeBinary, nullable=False),
+        Column("created_at", Integer, nullable=False),
+        Column("last_used", Integer, nullable=False),
+    )
+
+
+def model_info_table(metadata: MetaData, name: str = "model_info") -> Table:
+    return Table(
+        name,
+        metadata,
+        # One row per shard: the constraint keeps it that way.
+        Column("id", Integer, CheckConstraint("id = 1"), primary_key=True),
+        Column("model", Text, nullable=False),
+        Column("dimension", Integer, nullable=False),
+        Column("dtype", Text, nullable=False),
+        Column("library_version", Text, nullable=False),
+        Column("created_at", Integer, nullable=False),
+    )

@@ -1,0 +1,99 @@
+"""SQLite engines: pragmas on connect, write transactions that take the lock up front, and
+moving an unreadable file aside."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import URL, Connection, Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
+
+from ..errors import EmbeddingCacheWarning
+
+__all__ = ["BUSY_TIMEOUT_S", "is_not_a_database", "move_aside", "sqlite_engine"]
+
+logger = logging.getLogger("embeddingcache.storage")
+
+# Seconds a connection waits on another's lock before SQLite reports "database is locked";
+# the retry policy takes over after that.
+BUSY_TIMEOUT_S = 30.0
+# Larger pages hold a whole number of 384- and 768-d vectors with little slack (about 1.1x
+# the payload on disk, against 1.3x with 4 KiB pages). Only a new file takes it.
+SHARD_PAGE_SIZE = 16384
+
+WRITE = "embeddingcache_write"
+
+
+def sqlite_engine(path: Path, *, page_size: int | None = None) -> Engine:
+    """An engine over one SQLite file, in WAL mode, with a busy timeout.
+
+    Reads run in autocommit mode (each SELECT is its own snapshot and takes no lock beyond it).
+    A connection with the ``embeddingcache_write`` execution option begins with
+    ``BEGIN IMMEDIATE``: it takes the write lock before reading anything, so two writers queue
+    on the busy timeout instead of failing to upgrade a read lock.
+    """
+    url = URL.create("sqlite", database=str(path))
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we say BEGIN ourselves, see _on_begin
+        cursor = dbapi_connection.cursor()
+        try:
+            if page_size is not None:
+                cursor.execute(f"PRAGMA page_size = {int(page_size)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        if connection.get_execution_options().get(WRITE):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A connection inside one write transaction, committed on success."""
+    with engine.connect() as connection:
+        connection.execution_options(**{WRITE: True})
+        with connection.begin():
+            yield connection
+
+
+def is_not_a_database(exc: BaseException) -> bool:
+    """Whether SQLite refused a file as not being a database at all."""
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    if not isinstance(orig, sqlite3.DatabaseError) or isinstance(orig, sqlite3.OperationalError):
+        return False
+    message = str(orig).lower()
+    return "file is not a database" in message or "malformed" in message
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged database (and its WAL files) out of the way; never delete it."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+    path.rename(target)
+    for suffix in ("-wal", "-shm"):
+        sidecar = path.with_name(path.name + suffix)
+        if sidecar.exists():
+            sidecar.rename(target.with_name(target.name + suffix))
+    message = f"cache file {path} is not a readable SQLite database; moved it to {target}"
+    logger.warning(message)
+    warnings.warn(message, EmbeddingCacheWarning, stacklevel=4)
+    return target

@@ -1,0 +1,55 @@
+"""Build a tiny sentence-transformers model offline: random BERT weights, a generated vocabulary.
+
+One token per character, so that a text's token count is easy to reason about in tests:
+``len(text) + 2`` (for [CLS] and [SEP]), for the lowercase letters, digits and punctuation the
+vocabulary holds.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+MAX_SEQ_LENGTH = 64
+DIMENSION = 32
+
+
+def build_tiny_model(target: Path) -> Path:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    torch.manual_seed(1234)
+    raw = target.parent / f"{target.name}-hf"
+    raw.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    tokenizer = BertTokenizerFast(
+        vocab={token: i for i, token in enumerate(tokens)},
+        do_lower_case=False,
+        model_max_length=MAX_SEQ_LENGTH,
+    )
+    tokenizer.save_pretrained(str(raw))
+    config = BertConfig(
+        vocab_size=len(tokens),
+        hidden_size=DIMENSION,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=MAX_SEQ_LENGTH,
+    )
+    BertModel(config).save_pretrained(str(raw))
+    transformer = Transformer(str(raw), max_seq_length=MAX_SEQ_LENGTH)
+    model = SentenceTransformer(modules=[transformer, Pooling(DIMENSION, "mean")], device="cpu")
+    model.save(str(target))
+    return target
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(build_tiny_model(Path(sys.argv[1])))
