@@ -7,6 +7,7 @@ import os
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
@@ -23,7 +24,7 @@ from .errors import (
 from .keys import keys_of, normalizer, validate_texts
 from .models import ModelSpec, resolve_model
 from .providers import Provider
-from .storage import SQLiteLayout, Store
+from .storage import ShardSummary, SQLiteLayout, Store
 
 __all__ = ["EmbeddingCache"]
 
@@ -36,6 +37,15 @@ DTYPES: dict[str, type[np.floating[Any]]] = {"float32": np.float32, "float64": n
 WRITE_BATCH = 2000
 
 Dtype = Literal["float32", "float64"]
+
+
+@dataclass(frozen=True)
+class CacheContents:
+    """What :meth:`EmbeddingCache.contents` reports."""
+
+    location: str
+    texts: int
+    shards: list[ShardSummary]
 
 
 class EmbeddingCache:
@@ -208,6 +218,14 @@ class EmbeddingCache:
             text_or_texts, model, **options
         ).tolist()
         return vectors
+
+    def contents(self) -> CacheContents:
+        """What the storage holds: its location, the number of texts, and each model shard."""
+        return CacheContents(
+            location=self._store.layout.describe(),
+            texts=self._store.text_count(),
+            shards=self._store.summaries(),
+        )
 
     @property
     def stats(self) -> dict[str, int]:

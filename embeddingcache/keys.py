@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 from .errors import InvalidInputError, InvalidInputTypeError
+from .models import catalog_name
 
 __all__ = [
     "NORMALIZATION_POLICIES",
@@ -116,7 +117,8 @@ def model_slug(model: str) -> str:
     """A file-name-safe, bounded slug for a model name.
 
     A name that is already a safe lowercase file name is its own slug, so
-    ``all-minilm-l6-v2`` stays readable. Any other name is reduced to ``[a-z0-9._-]``, cut to
+    ``e5-small-v2`` stays readable, and so does a catalog name (``all-MiniLM-L6-v2`` is
+    ``all-minilm-l6-v2``). Any other name is reduced to ``[a-z0-9._-]``, cut to
     a bounded length and given a suffix from a hash of the exact name, so names that differ
     only in case or punctuation (``Org/Model`` and ``org_model``) get different slugs. The
     slug never contains a path separator and never starts with a dot, so it cannot name a
@@ -124,6 +126,9 @@ def model_slug(model: str) -> str:
     """
     if not isinstance(model, str) or not model.strip():
         raise InvalidInputError(f"model must be a non-empty str, not {model!r}")
+    if catalog_name(model) == model:
+        # Catalog names are known and distinct in lower case: readable file names.
+        return model.lower()
     if (
         len(model) <= SLUG_MAX
         and _CLEAN.fullmatch(model)

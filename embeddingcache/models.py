@@ -78,19 +78,24 @@ CATALOG: Mapping[str, ModelSpec] = MappingProxyType(
     }
 )
 
-# Other spellings of catalog models, so that they share the catalog entry's shard.
-_ALIASES = {
-    "nomic-ai/nomic-embed-text-v2-moe": "nomic-embed-text-v2",
-    "sentence-transformers/all-MiniLM-L6-v2": "all-MiniLM-L6-v2",
+# Every spelling of a catalog model, in lower case, so that all of them share its shard.
+_BY_LOWER_NAME = {
+    **{name.lower(): name for name in CATALOG},
+    **{spec.source.lower(): name for name, spec in CATALOG.items()},
 }
+
+
+def catalog_name(model: str) -> str | None:
+    """The catalog entry a name refers to, in any letter case, or ``None``."""
+    return _BY_LOWER_NAME.get(model.lower())
 
 
 def resolve_model(model: str) -> ModelSpec:
     """The spec for a model name: a catalog entry, a local folder, or a Hub id."""
     if not isinstance(model, str) or not model.strip():
         raise InvalidInputError(f"model must be a non-empty str, not {model!r}")
-    name = _ALIASES.get(model, model)
-    if name in CATALOG:
+    name = catalog_name(model)
+    if name is not None:
         return CATALOG[name]
     path = Path(model).expanduser()
     if path.is_dir():

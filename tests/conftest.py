@@ -4,6 +4,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,10 +15,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import embeddingcache  # noqa: E402
-from embeddingcache import EmbeddingCache  # noqa: E402
-from embeddingcache.storage import retry  # noqa: E402
-from tiny_model import build_tiny_model  # noqa: E402
+from tiny_model import build_tiny_model
+
+import embeddingcache
+from embeddingcache import EmbeddingCache
+from embeddingcache.storage import retry
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +68,8 @@ def encode_spy(monkeypatch: pytest.MonkeyPatch) -> EncodeSpy:
     spy = EncodeSpy()
     original = SentenceTransformer.encode
 
-    def encode(self: SentenceTransformer, inputs: object, *args: object, **kwargs: object) -> object:
-        spy.calls.append(list(inputs) if isinstance(inputs, list) else [inputs])  # type: ignore[list-item]
+    def encode(self: SentenceTransformer, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        spy.calls.append(list(inputs) if isinstance(inputs, list) else [inputs])
         return original(self, inputs, *args, **kwargs)
 
     monkeypatch.setattr(SentenceTransformer, "encode", encode)

@@ -127,7 +127,9 @@ def test_the_sanity_table_names_the_model(
 ) -> None:
     cache.get_embeddings(["x"])
     with sqlite3.connect(shard_file(cache_dir, tiny_model)) as db:
-        row = db.execute("SELECT model, dimension, dtype, library_version FROM model_info").fetchall()
+        row = db.execute(
+            "SELECT model, dimension, dtype, library_version FROM model_info"
+        ).fetchall()
     assert row == [(tiny_model, 32, "float32", embeddingcache.__version__)]
 
 

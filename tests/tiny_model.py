@@ -1,8 +1,8 @@
 """Build a tiny sentence-transformers model offline: random BERT weights, a generated vocabulary.
 
-One token per character, so that a text's token count is easy to reason about in tests:
-``len(text) + 2`` (for [CLS] and [SEP]), for the lowercase letters, digits and punctuation the
-vocabulary holds.
+One token per character of a word (words up to 100 characters; longer ones are one [UNK]), so
+that a token count is easy to reason about in tests: ``"x" * 62`` is 64 tokens with [CLS] and
+[SEP], the model's limit.
 """
 
 from __future__ import annotations

@@ -71,6 +71,17 @@ class SQLiteLayout:
     def exists(self, path: Path) -> bool:
         return path.exists()
 
+    def shard_slugs(self) -> list[str]:
+        """Slugs of the shards present, in name order."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p.stem for p in self.directory.glob("*.db") if p.name != TEXT_FILE)
+
+    def bytes_on_disk(self, path: Path) -> int:
+        """A database's size with its write-ahead log."""
+        files = [path, path.with_name(path.name + "-wal")]
+        return sum(f.stat().st_size for f in files if f.exists())
+
     def text_place(self) -> TextPlace:
         path = self.text_path()
         return TextPlace(self._engine(path, None), _TEXT_METADATA, path, _HASHSTRING)

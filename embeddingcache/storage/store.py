@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, bindparam, delete, insert, select
+from sqlalchemy import Connection, bindparam, delete, func, insert, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.dml import Insert
 
@@ -26,7 +26,7 @@ from .layout import Place, ShardPlace, SQLiteLayout
 from .retry import retry_write
 from .sqlite import is_not_a_database, move_aside, write_transaction
 
-__all__ = ["READ_CHUNK", "Lookup", "ModelInfo", "Store"]
+__all__ = ["READ_CHUNK", "Lookup", "ModelInfo", "ShardSummary", "Store"]
 
 logger = logging.getLogger("embeddingcache.storage")
 
@@ -60,6 +60,17 @@ class Lookup:
     @classmethod
     def empty(cls, dimension: int = 0) -> Lookup:
         return cls(np.empty(0, dtype=np.intp), np.empty((0, dimension), dtype=np.float32), [])
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """What ``stats`` reports of one model shard."""
+
+    slug: str
+    model: str | None
+    dimension: int | None
+    entries: int
+    bytes_on_disk: int
 
 
 @dataclass
@@ -113,6 +124,43 @@ class Store:
             raise StorageError(f"cannot read the shard of {model!r}: {exc}") from exc
         vectors = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dimension)
         return Lookup(np.asarray(positions, dtype=np.intp), vectors, damaged)
+
+    def text_count(self) -> int:
+        """Rows in the hashstring table (0 when it does not exist yet)."""
+        path = self.layout.text_path()
+        if not self.layout.exists(path):
+            return 0
+        place = self.layout.text_place()
+        try:
+            with place.engine.connect() as connection:
+                count = connection.scalar(select(func.count()).select_from(place.hashstring))
+                return int(count or 0)
+        except sa_exc.OperationalError:
+            return 0
+
+    def summaries(self) -> list[ShardSummary]:
+        """One summary per model shard present, read-only."""
+        result = []
+        for slug in self.layout.shard_slugs():
+            place = self.layout.shard_place(slug)
+            try:
+                with place.engine.connect() as connection:
+                    row = connection.execute(select(place.model_info)).first()
+                    entries = connection.scalar(select(func.count()).select_from(place.embedding))
+            except sa_exc.DBAPIError as exc:
+                logger.warning("skipping shard %s: %s", slug, exc.orig)
+                continue
+            size = self.layout.bytes_on_disk(place.path) if place.path else 0
+            result.append(
+                ShardSummary(
+                    slug=slug,
+                    model=row.model if row else None,
+                    dimension=row.dimension if row else None,
+                    entries=int(entries or 0),
+                    bytes_on_disk=size,
+                )
+            )
+        return result
 
     # -- writes ---------------------------------------------------------------------------
 

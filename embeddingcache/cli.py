@@ -1,0 +1,150 @@
+"""The command line: a thin shell over the library. Library errors become one line on stderr
+and a non-zero exit here, and only here."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .cache import EmbeddingCache
+from .errors import EmbeddingCacheError
+
+__all__ = ["main"]
+
+# Texts per library call while embedding a file: each call's results are stored before the
+# next, and the progress bar moves once per call.
+CHUNK = 512
+PROGRESS_MIN = 2 * CHUNK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except (EmbeddingCacheError, OSError) as exc:
+        print(f"embeddingcache: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("embeddingcache: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embeddingcache",
+        description="Compute each text embedding once; read it from the cache after that.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    storage = argparse.ArgumentParser(add_help=False)
+    storage.add_argument(
+        "--cache-dir",
+        help="cache directory (default: $EMBEDDING_CACHE_DIR or ~/.cache/embedding-cache)",
+    )
+
+    embed = commands.add_parser(
+        "embed",
+        parents=[storage],
+        help="embed a file, one text per line",
+        description="Embed the lines of FILE (or standard input with -), one text per line; "
+        "print how many came from the cache and how many were computed.",
+    )
+    embed.add_argument("file", metavar="FILE", help="a UTF-8 text file, or - for standard input")
+    embed.add_argument(
+        "--model", "-m", help="model name (default: $EMBEDDING_CACHE_MODEL or nomic-embed-text-v2)"
+    )
+    embed.add_argument("--out", "-o", type=Path, help="write the vectors to this .npy file")
+    embed.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    embed.add_argument(
+        "--normalize",
+        default="strip",
+        choices=["strip", "lower", "none"],
+        help="text normalization policy (default: strip)",
+    )
+    embed.add_argument(
+        "--truncate", action="store_true", help="cut texts longer than the model accepts"
+    )
+    embed.add_argument("--device", help="cpu, cuda, mps... (default: the best available)")
+    embed.set_defaults(run=_embed)
+
+    stats = commands.add_parser(
+        "stats",
+        parents=[storage],
+        help="what the cache holds",
+        description="List the cache's model shards: entries, dimension and bytes on disk.",
+    )
+    stats.set_defaults(run=_stats)
+    return parser
+
+
+def _read_lines(source: str) -> list[str]:
+    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise EmbeddingCacheError(f"{source}: line {number} is empty; one text per line")
+    return lines
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    texts = _read_lines(args.file)
+    if not texts:
+        raise EmbeddingCacheError(f"{args.file}: no text to embed")
+    with EmbeddingCache(
+        args.model, cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device
+    ) as cache:
+        parts = []
+        with tqdm(
+            total=len(texts),
+            unit="text",
+            file=sys.stderr,
+            disable=len(texts) < PROGRESS_MIN,
+        ) as bar:
+            for start in range(0, len(texts), CHUNK):
+                chunk = texts[start : start + CHUNK]
+                parts.append(
+                    cache.get_embeddings(chunk, normalize=args.normalize, truncate=args.truncate)
+                )
+                bar.update(len(chunk))
+        stats = cache.stats
+        model = cache.model
+    vectors = np.concatenate(parts)
+    if args.out is not None:
+        np.save(args.out, vectors)
+    distinct = stats["hits"] + stats["misses"]
+    print(
+        f"{len(texts)} texts ({distinct} distinct) with {model}: "
+        f"{stats['hits']} from the cache, {stats['remote_hits']} from the backend, "
+        f"{stats['computed']} computed"
+        + (f"; wrote {vectors.shape[0]}x{vectors.shape[1]} to {args.out}" if args.out else "")
+    )
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with EmbeddingCache(cache_dir=args.cache_dir) as cache:
+        contents = cache.contents()
+        print(f"cache: {contents.location}")
+        print(f"texts: {contents.texts}")
+        summaries = contents.shards
+        if not summaries:
+            print("no model shards yet")
+        for s in summaries:
+            print(
+                f"{s.model or '?'}: {s.entries} vectors, {s.dimension or '?'}-d, "
+                f"{s.bytes_on_disk / 1e6:.1f} MB ({s.slug}.db)"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,108 @@
+"""The command line, run as a user runs it: a real subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embeddingcache.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "embeddingcache.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+        check=False,
+    )
+
+
+def test_embed_a_file_twice_computes_it_once(
+    tiny_model: str, cache_dir: Path, tmp_path: Path, direct_model: Any
+) -> None:
+    lines = ["first line", "second line", "first line", "third"]
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "vectors.npy"
+    args = ("embed", str(source), "--model", tiny_model, "--cache-dir", str(cache_dir))
+    first = cli(*args, "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    assert "4 texts (3 distinct)" in first.stdout
+    assert "0 from the cache, 0 from the backend, 3 computed" in first.stdout
+    vectors = np.load(out)
+    np.testing.assert_allclose(vectors, direct_model.encode(lines), atol=1e-5)
+    second = cli(*args)
+    assert second.returncode == 0, second.stderr
+    assert "3 from the cache, 0 from the backend, 0 computed" in second.stdout
+
+
+def test_embed_reads_standard_input(tiny_model: str, cache_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stdin.npy"
+    result = cli(
+        "embed",
+        "-",
+        "-m",
+        tiny_model,
+        "--cache-dir",
+        str(cache_dir),
+        "-o",
+        str(out),
+        stdin="alpha\nbeta\n",
+    )
+    assert result.returncode == 0, result.stderr
+    assert np.load(out).shape == (2, 32)
+
+
+def test_long_input_shows_a_progress_bar_on_stderr(
+    tiny_model: str, cache_dir: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "long.txt"
+    source.write_text("\n".join(f"line {i}" for i in range(1100)), encoding="utf-8")
+    result = cli("embed", str(source), "-m", tiny_model, "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    assert "1100/1100" in result.stderr
+    assert "1100 computed" in result.stdout
+
+
+def test_stats_lists_each_shard(tiny_model: str, cache_dir: Path, tmp_path: Path) -> None:
+    source = tmp_path / "t.txt"
+    source.write_text("one\ntwo\n", encoding="utf-8")
+    assert (
+        cli("embed", str(source), "-m", tiny_model, "--cache-dir", str(cache_dir)).returncode == 0
+    )
+    result = cli("stats", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    assert "texts: 2" in result.stdout
+    assert f"{tiny_model}: 2 vectors, 32-d" in result.stdout
+
+
+def test_errors_are_one_line_and_a_non_zero_exit(
+    tiny_model: str, cache_dir: Path, tmp_path: Path, capsys: Any
+) -> None:
+    blank = tmp_path / "blank.txt"
+    blank.write_text("ok\n\nstill ok\n", encoding="utf-8")
+    assert main(["embed", str(blank), "-m", tiny_model, "--cache-dir", str(cache_dir)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"embeddingcache: error: {blank}: line 2 is empty; one text per line"
+    assert main(["embed", str(tmp_path / "missing.txt"), "--cache-dir", str(cache_dir)]) == 1
+    assert "No such file" in capsys.readouterr().err
+    long = tmp_path / "long.txt"
+    long.write_text("z " * 100 + "\n", encoding="utf-8")
+    assert main(["embed", str(long), "-m", tiny_model, "--cache-dir", str(cache_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "texts[0]: text is 102 tokens long, more than the 64" in err and "Traceback" not in err
+
+
+def test_stats_on_an_empty_cache(tmp_path: Path, capsys: Any) -> None:
+    assert main(["stats", "--cache-dir", str(tmp_path / "nothing")]) == 0
+    assert "no model shards yet" in capsys.readouterr().out

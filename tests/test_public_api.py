@@ -1,0 +1,65 @@
+"""The public surface is embeddingcache.__all__, and it holds what the issues promise."""
+
+from __future__ import annotations
+
+import inspect
+
+import embeddingcache
+
+PROMISED = {
+    "get_embeddings",
+    "embed",
+    "EmbeddingCache",
+    "EmbeddingCacheError",
+}
+
+
+def test_all_names_the_promised_api_and_every_name_exists() -> None:
+    assert set(embeddingcache.__all__) >= PROMISED
+    for name in embeddingcache.__all__:
+        assert hasattr(embeddingcache, name), name
+
+
+def test_every_exported_error_derives_from_the_base() -> None:
+    for name in embeddingcache.__all__:
+        obj = getattr(embeddingcache, name)
+        if isinstance(obj, type) and issubclass(obj, Exception) and not issubclass(obj, Warning):
+            assert issubclass(obj, embeddingcache.EmbeddingCacheError), name
+
+
+def test_get_embeddings_has_the_documented_signature() -> None:
+    params = inspect.signature(embeddingcache.get_embeddings).parameters
+    assert list(params)[:2] == ["texts", "model"]
+    expected = {
+        "cache_dir": None,
+        "db_url": None,
+        "normalize": "strip",
+        "batch_size": 32,
+        "show_progress": False,
+        "normalize_embeddings": False,
+        "dtype": "float32",
+        "truncate": False,
+    }
+    for name, default in expected.items():
+        assert params[name].default == default, name
+        assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+
+
+def test_the_cache_class_has_the_documented_signature() -> None:
+    params = inspect.signature(embeddingcache.EmbeddingCache).parameters
+    expected = {
+        "cache_dir": None,
+        "db_url": None,
+        "remote_url": None,
+        "fallback_providers": ("local", "remote"),
+        "normalize": "strip",
+        "timeout": 5.0,
+        "batch_size": 32,
+        "device": None,
+    }
+    assert params["model"].default is None
+    for name, default in expected.items():
+        assert params[name].default == default, name
+    for method in ("embed", "get_embeddings", "close", "__enter__", "__exit__"):
+        assert callable(getattr(embeddingcache.EmbeddingCache, method))
+    assert isinstance(inspect.getattr_static(embeddingcache.EmbeddingCache, "stats"), property)
