@@ -24,7 +24,7 @@ from .errors import (
 from .keys import keys_of, normalizer, validate_texts
 from .models import ModelSpec, resolve_model
 from .providers import Provider
-from .storage import ShardSummary, SQLiteLayout, Store
+from .storage import ShardSummary, Store, layout_for
 
 __all__ = ["EmbeddingCache"]
 
@@ -102,12 +102,7 @@ class EmbeddingCache:
         self.timeout = timeout
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.device = device
-        if self.db_url is not None:
-            raise InvalidInputError(
-                "db_url is not supported yet by this version of embeddingcache; "
-                "use cache_dir for a SQLite cache"
-            )
-        self._store = Store(SQLiteLayout(self.cache_dir))
+        self._store = Store(layout_for(self.cache_dir, self.db_url))
         self._providers: dict[str, Provider] = {}
         self._lock = threading.Lock()
         self._stats = {"hits": 0, "misses": 0, "remote_hits": 0, "computed": 0}
@@ -219,6 +214,13 @@ class EmbeddingCache:
         ).tolist()
         return vectors
 
+    def migrate(self) -> list[str]:
+        """Bring the stored tables to this version's schema (opening them does it too).
+
+        Returns the names of the places (files or schemas) found and now current.
+        """
+        return self._store.migrate()
+
     def contents(self) -> CacheContents:
         """What the storage holds: its location, the number of texts, and each model shard."""
         return CacheContents(
@@ -254,7 +256,7 @@ class EmbeddingCache:
         self.close()
 
     def __repr__(self) -> str:
-        return f"EmbeddingCache(model={self.model!r}, cache_dir={str(self.cache_dir)!r})"
+        return f"EmbeddingCache(model={self.model!r}, storage={self._store.layout.describe()!r})"
 
     # -- the miss path --------------------------------------------------------------------
 

@@ -44,9 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     storage = argparse.ArgumentParser(add_help=False)
-    storage.add_argument(
+    where = storage.add_mutually_exclusive_group()
+    where.add_argument(
         "--cache-dir",
         help="cache directory (default: $EMBEDDING_CACHE_DIR or ~/.cache/embedding-cache)",
+    )
+    where.add_argument(
+        "--db-url",
+        help="a database URL to use instead, e.g. postgresql://user@host/db "
+        "(default: $EMBEDDING_CACHE_DB_URL)",
     )
 
     embed = commands.add_parser(
@@ -81,6 +87,15 @@ def _parser() -> argparse.ArgumentParser:
         description="List the cache's model shards: entries, dimension and bytes on disk.",
     )
     stats.set_defaults(run=_stats)
+
+    migrate = commands.add_parser(
+        "migrate",
+        parents=[storage],
+        help="bring the cache's tables to this version's schema",
+        description="Apply the schema migrations to the text table and every model shard. "
+        "Opening a cache does this too; this command does it ahead of time.",
+    )
+    migrate.set_defaults(run=_migrate)
     return parser
 
 
@@ -100,7 +115,11 @@ def _embed(args: argparse.Namespace) -> int:
     if not texts:
         raise EmbeddingCacheError(f"{args.file}: no text to embed")
     with EmbeddingCache(
-        args.model, cache_dir=args.cache_dir, batch_size=args.batch_size, device=args.device
+        args.model,
+        cache_dir=args.cache_dir,
+        db_url=args.db_url,
+        batch_size=args.batch_size,
+        device=args.device,
     ) as cache:
         parts = []
         with tqdm(
@@ -131,7 +150,7 @@ def _embed(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    with EmbeddingCache(cache_dir=args.cache_dir) as cache:
+    with EmbeddingCache(cache_dir=args.cache_dir, db_url=args.db_url) as cache:
         contents = cache.contents()
         print(f"cache: {contents.location}")
         print(f"texts: {contents.texts}")
@@ -141,8 +160,19 @@ def _stats(args: argparse.Namespace) -> int:
         for s in summaries:
             print(
                 f"{s.model or '?'}: {s.entries} vectors, {s.dimension or '?'}-d, "
-                f"{s.bytes_on_disk / 1e6:.1f} MB ({s.slug}.db)"
+                f"{s.bytes_on_disk / 1e6:.1f} MB ({s.place})"
             )
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    with EmbeddingCache(cache_dir=args.cache_dir, db_url=args.db_url) as cache:
+        places = cache.migrate()
+        where = cache.contents().location
+    if places:
+        print(f"{where}: {', '.join(places)} at the current schema")
+    else:
+        print(f"{where}: nothing stored yet; a new cache is created at the current schema")
     return 0
 
 

@@ -46,6 +46,14 @@ def cache_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cache(tiny_model: str, cache_dir: Path) -> Iterator[EmbeddingCache]:
+    """The tiny model's cache in SQLite files under ``cache_dir``."""
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as c:
+        yield c
+
+
+@pytest.fixture
+def file_cache(tiny_model: str, cache_dir: Path) -> Iterator[EmbeddingCache]:
+    """The same, for modules whose ``cache`` runs on every backend."""
     with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as c:
         yield c
 
@@ -82,3 +90,62 @@ def direct_model(tiny_model: str) -> object:
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(tiny_model, device="cpu")
+
+
+# -- backends ------------------------------------------------------------------------------
+
+PG_ENV = "EMBEDDING_CACHE_TEST_DB_URL"
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    url = os.environ.get(PG_ENV)
+    if not url:
+        pytest.skip(f"{PG_ENV} is not set: no PostgreSQL server to test against")
+    return url
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh database of this test's own on the test server, dropped afterwards."""
+    import uuid
+
+    from sqlalchemy import create_engine, make_url, text
+
+    name = f"ec_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(
+        make_url(pg_admin_url).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        embeddingcache._reset_shared_caches()
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def storage(request: pytest.FixtureRequest, cache_dir: Path) -> dict[str, Any]:
+    """Where a cache keeps its tables: a SQLite directory, or a fresh Postgres database."""
+    if request.param == "sqlite":
+        return {"cache_dir": cache_dir}
+    return {"db_url": request.getfixturevalue("pg_url")}
+
+
+@pytest.fixture
+def any_cache(tiny_model: str, storage: dict[str, Any]) -> Iterator[EmbeddingCache]:
+    """The tiny model's cache on every backend."""
+    with EmbeddingCache(tiny_model, device="cpu", **storage) as c:
+        yield c
+
+
+@pytest.fixture
+def any_store(storage: dict[str, Any]) -> Iterator[Any]:
+    from embeddingcache.storage import Store, layout_for
+
+    store = Store(layout_for(storage.get("cache_dir", Path("unused")), storage.get("db_url")))
+    yield store
+    store.close()

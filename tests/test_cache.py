@@ -16,6 +16,13 @@ from embeddingcache import EmbeddingCache
 from embeddingcache.keys import model_slug
 from embeddingcache.models import ModelSpec
 
+
+@pytest.fixture
+def cache(any_cache: EmbeddingCache) -> EmbeddingCache:
+    """Tests here run on SQLite and on Postgres, unless they read SQLite files themselves."""
+    return any_cache
+
+
 TEXTS = ["the cat sat", "on the mat", "a dog barked", "twice, at noon!"]
 
 
@@ -83,11 +90,11 @@ def test_an_empty_list_gives_an_empty_matrix_of_the_known_dimension(cache: Embed
 
 
 def test_read_time_options_do_not_change_what_is_stored(
-    cache: EmbeddingCache, cache_dir: Path, tiny_model: str
+    file_cache: EmbeddingCache, cache_dir: Path, tiny_model: str
 ) -> None:
-    raw = cache.get_embeddings(TEXTS)
-    unit = cache.get_embeddings(TEXTS, normalize_embeddings=True)
-    doubles = cache.get_embeddings(TEXTS, dtype="float64")
+    raw = file_cache.get_embeddings(TEXTS)
+    unit = file_cache.get_embeddings(TEXTS, normalize_embeddings=True)
+    doubles = file_cache.get_embeddings(TEXTS, dtype="float64")
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(unit, raw / np.linalg.norm(raw, axis=1, keepdims=True), rtol=1e-6)
     assert doubles.dtype == np.float64
@@ -107,9 +114,9 @@ def test_embed_returns_python_lists(cache: EmbeddingCache) -> None:
 
 
 def test_the_hashstring_table_holds_the_embedded_string_of_every_key(
-    cache: EmbeddingCache, cache_dir: Path, tiny_model: str
+    file_cache: EmbeddingCache, cache_dir: Path, tiny_model: str
 ) -> None:
-    cache.get_embeddings(["  padded text  ", "plain"])
+    file_cache.get_embeddings(["  padded text  ", "plain"])
     with sqlite3.connect(cache_dir / "hashstring.db") as db:
         rows = db.execute("SELECT hashid, text FROM hashstring").fetchall()
     assert sorted(text for _, text in rows) == ["padded text", "plain"]
@@ -123,9 +130,9 @@ def test_the_hashstring_table_holds_the_embedded_string_of_every_key(
 
 
 def test_the_sanity_table_names_the_model(
-    cache: EmbeddingCache, cache_dir: Path, tiny_model: str
+    file_cache: EmbeddingCache, cache_dir: Path, tiny_model: str
 ) -> None:
-    cache.get_embeddings(["x"])
+    file_cache.get_embeddings(["x"])
     with sqlite3.connect(shard_file(cache_dir, tiny_model)) as db:
         row = db.execute(
             "SELECT model, dimension, dtype, library_version FROM model_info"
@@ -158,7 +165,7 @@ def test_the_lower_policy_sends_the_lowercased_text_to_the_model(
 
 
 def test_a_prompt_is_part_of_the_key_and_of_what_the_model_reads(
-    cache: EmbeddingCache,
+    file_cache: EmbeddingCache,
     tiny_model: str,
     cache_dir: Path,
     direct_model: Any,
@@ -171,15 +178,15 @@ def test_a_prompt_is_part_of_the_key_and_of_what_the_model_reads(
         default_prompt="document",
     )
     monkeypatch.setattr("embeddingcache.cache.resolve_model", lambda name: spec)
-    document = cache.get_embeddings("what is up")
-    query = cache.get_embeddings("what is up", prompt_name="query")
+    document = file_cache.get_embeddings("what is up")
+    query = file_cache.get_embeddings("what is up", prompt_name="query")
     np.testing.assert_allclose(document, direct_model.encode("doc: what is up"), atol=1e-5)
     np.testing.assert_allclose(query, direct_model.encode("query: what is up"), atol=1e-5)
     with sqlite3.connect(cache_dir / "hashstring.db") as db:
         texts = sorted(row[0] for row in db.execute("SELECT text FROM hashstring"))
     assert texts == ["doc: what is up", "query: what is up"]
     with pytest.raises(ValueError, match="no prompt 'passage'"):
-        cache.get_embeddings("x", prompt_name="passage")
+        file_cache.get_embeddings("x", prompt_name="passage")
 
 
 def test_module_functions_share_one_cache_per_configuration(
@@ -219,13 +226,13 @@ def test_the_default_model_is_nomic_embed_text_v2() -> None:
 
 
 def test_a_text_longer_than_the_model_accepts_is_refused_unless_truncated(
-    cache: EmbeddingCache, cache_dir: Path, direct_model: Any
+    file_cache: EmbeddingCache, cache_dir: Path, direct_model: Any
 ) -> None:
     long_text = "x" * 100  # 102 tokens with [CLS] and [SEP]; the model takes 64
     with pytest.raises(ValueError, match=r"texts\[1\]: text is 102 tokens long.*64"):
-        cache.get_embeddings(["short", long_text])
+        file_cache.get_embeddings(["short", long_text])
     assert not (cache_dir / "hashstring.db").exists()  # the short one was not stored either
-    vector = cache.get_embeddings(long_text, truncate=True)
+    vector = file_cache.get_embeddings(long_text, truncate=True)
     np.testing.assert_allclose(vector, direct_model.encode(long_text), atol=1e-5)
 
 
@@ -247,15 +254,15 @@ def test_many_texts_span_several_read_chunks_and_write_batches(
 
 
 def test_one_cache_serves_several_models_in_separate_shards(
-    cache: EmbeddingCache, tiny_model: str, tmp_path: Path, cache_dir: Path
+    file_cache: EmbeddingCache, tiny_model: str, tmp_path: Path, cache_dir: Path
 ) -> None:
     import shutil
 
     twin = tmp_path / "twin"
     shutil.copytree(tiny_model, twin)
-    a = cache.get_embeddings(["same text"])
-    b = cache.get_embeddings(["same text"], str(twin))
+    a = file_cache.get_embeddings(["same text"])
+    b = file_cache.get_embeddings(["same text"], str(twin))
     np.testing.assert_array_equal(a, b)  # same weights, but computed and stored per model
-    assert cache.stats["computed"] == 2
+    assert file_cache.stats["computed"] == 2
     assert shard_file(cache_dir, tiny_model).exists()
     assert shard_file(cache_dir, str(twin)).exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -14,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from embeddingcache import EmbeddingCache
-from embeddingcache.keys import model_slug
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,11 +57,11 @@ WRITER = """
 import json, sys, time
 from pathlib import Path
 from embeddingcache import EmbeddingCache
-model, cache_dir, start_flag, first, last = sys.argv[1:6]
+model, storage, start_flag, first, last = sys.argv[1:6]
 texts = [f"shared text number {i}" for i in range(int(first), int(last))]
 while not Path(start_flag).exists():
     time.sleep(0.01)
-with EmbeddingCache(model, cache_dir=cache_dir, device="cpu") as cache:
+with EmbeddingCache(model, device="cpu", **json.loads(storage)) as cache:
     for start in range(0, len(texts), 15):
         cache.get_embeddings(texts[start:start + 15])
     print(json.dumps(cache.stats))
@@ -71,8 +69,9 @@ with EmbeddingCache(model, cache_dir=cache_dir, device="cpu") as cache:
 
 
 def test_several_processes_writing_one_cache_lose_nothing(
-    tiny_model: str, cache_dir: Path, tmp_path: Path, direct_model: Any
+    tiny_model: str, storage: dict[str, Any], tmp_path: Path, direct_model: Any
 ) -> None:
+    """4 processes, overlapping texts, one brand-new cache: no error, each text stored once."""
     start_flag = tmp_path / "go"
     ranges = [(0, 60), (30, 90), (60, 120), (0, 120)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -83,7 +82,7 @@ def test_several_processes_writing_one_cache_lose_nothing(
                 "-c",
                 WRITER,
                 tiny_model,
-                str(cache_dir),
+                json.dumps(storage, default=str),
                 str(start_flag),
                 str(a),
                 str(b),
@@ -100,12 +99,10 @@ def test_several_processes_writing_one_cache_lose_nothing(
     for writer, (_, err) in zip(writers, outputs, strict=True):
         assert writer.returncode == 0, err
     texts = [f"shared text number {i}" for i in range(120)]
-    with sqlite3.connect(cache_dir / "hashstring.db") as db:
-        stored_texts = sorted(row[0] for row in db.execute("SELECT text FROM hashstring"))
-    assert stored_texts == sorted(texts)
-    with sqlite3.connect(cache_dir / f"{model_slug(tiny_model)}.db") as db:
-        assert db.execute("SELECT count(*) FROM embedding").fetchone() == (120,)
-    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as cache:
+    with EmbeddingCache(tiny_model, device="cpu", **storage) as cache:
+        contents = cache.contents()
+        assert contents.texts == 120
+        assert [s.entries for s in contents.shards] == [120]
         np.testing.assert_allclose(
             cache.get_embeddings(texts), direct_model.encode(texts), atol=1e-5
         )

@@ -133,33 +133,30 @@ def test_two_models_whose_slugs_collide_never_share_a_shard(
         assert db.execute("SELECT count(*) FROM embedding").fetchone() == (1,)
 
 
-def test_a_vector_of_another_dimension_is_refused(tmp_path: Path) -> None:
-    store = Store(SQLiteLayout(tmp_path))
+def test_a_vector_of_another_dimension_is_refused(any_store: Store) -> None:
+    store = any_store
     store.put("m", [key_of("a")], ["a"], vectors(1, 4))
     with pytest.raises(DimensionMismatchError, match=r"gave 5-d vectors.*holds 4-d"):
         store.put("m", [key_of("b")], ["b"], vectors(1, 5))
     assert len(store.lookup("m", [key_of("a"), key_of("b")]).positions) == 1
-    store.close()
 
 
-def test_non_finite_vectors_are_never_stored(tmp_path: Path) -> None:
-    store = Store(SQLiteLayout(tmp_path))
+def test_non_finite_vectors_are_never_stored(any_store: Store) -> None:
+    store = any_store
     bad = vectors(2)
     bad[1, 2] = np.nan
     with pytest.raises(StorageError, match="NaN or infinite"):
         store.put("m", [key_of("a"), key_of("b")], ["a", "b"], bad)
     assert store.info("m") is None
-    store.close()
 
 
-def test_inserts_are_idempotent_and_keep_the_first_vector(tmp_path: Path) -> None:
-    store = Store(SQLiteLayout(tmp_path))
+def test_inserts_are_idempotent_and_keep_the_first_vector(any_store: Store) -> None:
+    store = any_store
     first, second = vectors(1, seed=1), vectors(1, seed=2)
     store.put("m", [key_of("a")], ["a"], first)
     store.put("m", [key_of("a")], ["a"], second)
     found = store.lookup("m", [key_of("a")])
     np.testing.assert_array_equal(found.vectors, first)
-    store.close()
 
 
 @pytest.mark.parametrize(
@@ -179,8 +176,10 @@ def test_model_names_never_put_a_file_outside_the_cache_directory(
     assert {p.name for p in cache_dir.iterdir()} >= {"hashstring.db", f"{model_slug(name)}.db"}
 
 
-def test_transient_lock_errors_are_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    store = Store(SQLiteLayout(tmp_path))
+def test_transient_lock_errors_are_retried(
+    any_store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = any_store
     real = StoreClass._put_vectors
     attempts = []
 
@@ -196,13 +195,12 @@ def test_transient_lock_errors_are_retried(tmp_path: Path, monkeypatch: pytest.M
     store.put("m", [key_of("a")], ["a"], vectors(1))
     assert len(attempts) == 3
     assert len(store.lookup("m", [key_of("a")]).positions) == 1
-    store.close()
 
 
 def test_other_write_errors_are_not_retried(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    any_store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    store = Store(SQLiteLayout(tmp_path))
+    store = any_store
     attempts = []
 
     def broken(self: Store, *args: Any, **kwargs: Any) -> None:
@@ -213,7 +211,6 @@ def test_other_write_errors_are_not_retried(
     with pytest.raises(StorageError, match="disk I/O error"):
         store.put("m", [key_of("a")], ["a"], vectors(1))
     assert attempts == [1]
-    store.close()
 
 
 def test_a_writer_waits_out_another_process_holding_the_lock(

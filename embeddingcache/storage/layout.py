@@ -1,39 +1,65 @@
-"""Where the hashstring table and each model shard live: the one place that decides it.
+"""Where the hashstring table and each model shard live: the one module that decides it.
 
-With a cache directory (the embedded default), texts live in ``hashstring.db`` and each model
-in ``<model_slug>.db`` beside it. Every path is built from a slug (see ``keys.model_slug``),
-so no model name can put a file outside the directory.
+- A cache directory (the embedded default): texts in ``hashstring.db``, each model in
+  ``<model_slug>.db`` beside it, tables ``hashstring``, ``embedding`` and ``model_info``.
+  Every path is built from a slug (``keys.model_slug``), so no model name can put a file
+  outside the directory.
+- A server database URL (Postgres): the same tables, texts in schema ``embeddingcache`` and
+  each model in a schema of its own, ``ec_<name>``: a valid identifier of at most 63 bytes
+  whatever the model name, with a hash of the exact name unless it is a catalog model.
+
+Each place carries its own ``alembic_version`` table (see ``migrate.py``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-from sqlalchemy import Engine, MetaData, Table
+from sqlalchemy import URL, Engine, MetaData, Table, create_engine, func, inspect, make_url, select
+from sqlalchemy import exc as sa_exc
 
+from ..errors import InvalidInputError
+from ..keys import model_slug
+from ..models import catalog_name
 from .schema import embedding_table, hashstring_table, model_info_table
 from .sqlite import SHARD_PAGE_SIZE, sqlite_engine
 
-__all__ = ["Place", "SQLiteLayout", "ShardPlace"]
-
-_TEXT_METADATA = MetaData()
-_HASHSTRING = hashstring_table(_TEXT_METADATA)
-_SHARD_METADATA = MetaData()
-_EMBEDDING = embedding_table(_SHARD_METADATA)
-_MODEL_INFO = model_info_table(_SHARD_METADATA)
+__all__ = [
+    "Layout",
+    "Place",
+    "SQLiteLayout",
+    "ServerLayout",
+    "ShardPlace",
+    "TextPlace",
+    "layout_for",
+    "server_schema",
+]
 
 TEXT_FILE = "hashstring.db"
+TEXT_SCHEMA = "embeddingcache"
+SHARD_SCHEMA_PREFIX = "ec_"
+MAX_IDENTIFIER = 63  # Postgres truncates longer names, which could merge two models
 
 
 @dataclass(frozen=True)
 class Place:
-    """An engine and the metadata of the tables it holds for one job."""
+    """An engine, and the schema and tables it holds for one job."""
 
     engine: Engine
     metadata: MetaData
-    path: Path | None
+    schema: str | None
+    path: Path | None  # the SQLite file, when there is one
+    name: str  # for messages and for stats
+
+
+@dataclass(frozen=True)
+class TextPlace(Place):
+    hashstring: Table
 
 
 @dataclass(frozen=True)
@@ -42,9 +68,27 @@ class ShardPlace(Place):
     model_info: Table
 
 
-@dataclass(frozen=True)
-class TextPlace(Place):
-    hashstring: Table
+def _text_place(engine: Engine, schema: str | None, path: Path | None, name: str) -> TextPlace:
+    metadata = MetaData(schema=schema)
+    return TextPlace(engine, metadata, schema, path, name, hashstring_table(metadata))
+
+
+def _shard_place(engine: Engine, schema: str | None, path: Path | None, name: str) -> ShardPlace:
+    metadata = MetaData(schema=schema)
+    return ShardPlace(
+        engine, metadata, schema, path, name, embedding_table(metadata), model_info_table(metadata)
+    )
+
+
+class Layout(Protocol):
+    def describe(self) -> str: ...
+    def text_place(self) -> TextPlace: ...
+    def shard_place(self, model: str) -> ShardPlace: ...
+    def may_exist(self, place: Place) -> bool: ...
+    def shard_places(self) -> list[ShardPlace]: ...
+    def bytes_on_disk(self, place: ShardPlace) -> int: ...
+    def prepare(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class SQLiteLayout:
@@ -58,38 +102,35 @@ class SQLiteLayout:
     def describe(self) -> str:
         return str(self.directory)
 
-    def text_path(self) -> Path:
-        return self.directory / TEXT_FILE
+    def text_place(self) -> TextPlace:
+        path = self.directory / TEXT_FILE
+        return _text_place(self._engine(path, None), None, path, TEXT_FILE)
 
-    def shard_path(self, slug: str) -> Path:
-        path = self.directory / f"{slug}.db"
+    def shard_place(self, model: str) -> ShardPlace:
+        return self._shard_at(self.directory / f"{model_slug(model)}.db")
+
+    def _shard_at(self, path: Path) -> ShardPlace:
         # model_slug already guarantees this; the check keeps a future change honest.
         if path.parent != self.directory:
             raise AssertionError(f"shard path {path} escapes {self.directory}")
-        return path
+        return _shard_place(self._engine(path, SHARD_PAGE_SIZE), None, path, path.name)
 
-    def exists(self, path: Path) -> bool:
-        return path.exists()
+    def may_exist(self, place: Place) -> bool:
+        """A read never creates a file: no file, nothing stored."""
+        return place.path is not None and place.path.exists()
 
-    def shard_slugs(self) -> list[str]:
-        """Slugs of the shards present, in name order."""
+    def shard_places(self) -> list[ShardPlace]:
         if not self.directory.is_dir():
             return []
-        return sorted(p.stem for p in self.directory.glob("*.db") if p.name != TEXT_FILE)
+        paths = sorted(p for p in self.directory.glob("*.db") if p.name != TEXT_FILE)
+        return [self._shard_at(p) for p in paths]
 
-    def bytes_on_disk(self, path: Path) -> int:
-        """A database's size with its write-ahead log."""
-        files = [path, path.with_name(path.name + "-wal")]
+    def bytes_on_disk(self, place: ShardPlace) -> int:
+        """A shard file's size with its write-ahead log."""
+        if place.path is None:
+            return 0
+        files = [place.path, place.path.with_name(place.path.name + "-wal")]
         return sum(f.stat().st_size for f in files if f.exists())
-
-    def text_place(self) -> TextPlace:
-        path = self.text_path()
-        return TextPlace(self._engine(path, None), _TEXT_METADATA, path, _HASHSTRING)
-
-    def shard_place(self, slug: str) -> ShardPlace:
-        path = self.shard_path(slug)
-        engine = self._engine(path, SHARD_PAGE_SIZE)
-        return ShardPlace(engine, _SHARD_METADATA, path, _EMBEDDING, _MODEL_INFO)
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -106,3 +147,88 @@ class SQLiteLayout:
             engines, self._engines = list(self._engines.values()), {}
         for engine in engines:
             engine.dispose()
+
+
+def server_schema(model: str) -> str:
+    """The schema of a model's shard in a server database: ``ec_`` and a valid identifier."""
+    if catalog_name(model) == model:
+        return SHARD_SCHEMA_PREFIX + re.sub(r"[^a-z0-9]+", "_", model.lower())
+    digest = hashlib.sha256(model.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    room = MAX_IDENTIFIER - len(SHARD_SCHEMA_PREFIX) - len(digest) - 1
+    readable = re.sub(r"[^a-z0-9]+", "_", model.lower()).strip("_")[:room].rstrip("_") or "model"
+    return f"{SHARD_SCHEMA_PREFIX}{readable}_{digest}"
+
+
+def _server_url(db_url: str) -> URL:
+    try:
+        url = make_url(db_url)
+    except sa_exc.ArgumentError as exc:
+        raise InvalidInputError(f"not a database URL: {exc}") from None
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")  # psycopg 3, the `postgres` extra
+    return url
+
+
+class ServerLayout:
+    """Texts and every shard in one server database, a schema each."""
+
+    def __init__(self, db_url: str) -> None:
+        self.url = _server_url(db_url)
+        if self.url.get_backend_name() != "postgresql":
+            raise InvalidInputError(
+                f"unsupported database {self.url.get_backend_name()!r} in "
+                f"{self.describe()}; embeddingcache supports SQLite (cache_dir) and PostgreSQL"
+            )
+        try:
+            # pre_ping replaces a connection the server dropped before it is used.
+            self.engine = create_engine(self.url, pool_pre_ping=True)
+        except ImportError as exc:
+            raise InvalidInputError(
+                f"no driver for {self.describe()}: pip install 'embeddingcache[postgres]'"
+            ) from exc
+
+    def describe(self) -> str:
+        return self.url.render_as_string(hide_password=True)
+
+    def text_place(self) -> TextPlace:
+        return _text_place(self.engine, TEXT_SCHEMA, None, f"{TEXT_SCHEMA}.hashstring")
+
+    def shard_place(self, model: str) -> ShardPlace:
+        schema = server_schema(model)
+        return _shard_place(self.engine, schema, None, schema)
+
+    def may_exist(self, place: Place) -> bool:
+        return True  # the migration state says; see migrate.state
+
+    def shard_places(self) -> list[ShardPlace]:
+        with self.engine.connect() as connection:
+            schemas = inspect(connection).get_schema_names()
+        return [
+            _shard_place(self.engine, s, None, s)
+            for s in sorted(schemas)
+            if s.startswith(SHARD_SCHEMA_PREFIX)
+        ]
+
+    def bytes_on_disk(self, place: ShardPlace) -> int:
+        with self.engine.connect() as connection:
+            size = connection.scalar(
+                select(func.pg_total_relation_size(f"{place.schema}.embedding"))
+            )
+        return int(size or 0)
+
+    def prepare(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def layout_for(cache_dir: Path, db_url: str | None) -> Layout:
+    """The layout of a cache: a server database when a URL is given, else the directory."""
+    if db_url is None:
+        return SQLiteLayout(cache_dir)
+    if db_url.startswith("sqlite"):
+        raise InvalidInputError(
+            "for a SQLite cache pass cache_dir (a directory of files), not a sqlite:// URL"
+        )
+    return ServerLayout(db_url)

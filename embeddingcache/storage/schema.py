@@ -58,4 +58,5 @@ def model_info_table(metadata: MetaData, name: str = "model_info") -> Table:
         Column("dtype", Text, nullable=False),
         Column("library_version", Text, nullable=False),
         Column("created_at", Integer, nullable=False),
+        Column("revision", Text, nullable=True),  # the model's commit, when known
     )

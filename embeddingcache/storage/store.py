@@ -21,8 +21,8 @@ from sqlalchemy.sql.dml import Insert
 
 from .._version import __version__
 from ..errors import DimensionMismatchError, ShardMismatchError, StorageError
-from ..keys import model_slug
-from .layout import Place, ShardPlace, SQLiteLayout
+from . import migrate
+from .layout import Layout, Place, ShardPlace
 from .retry import retry_write
 from .sqlite import is_not_a_database, move_aside, write_transaction
 
@@ -66,7 +66,7 @@ class Lookup:
 class ShardSummary:
     """What ``stats`` reports of one model shard."""
 
-    slug: str
+    place: str  # the file, or the schema, that holds the shard
     model: str | None
     dimension: int | None
     entries: int
@@ -82,10 +82,10 @@ class _Shard:
 class Store:
     """Texts and one shard per model, in the places of a layout."""
 
-    def __init__(self, layout: SQLiteLayout) -> None:
+    def __init__(self, layout: Layout) -> None:
         self.layout = layout
         self._shards: dict[str, _Shard] = {}
-        self._ready: set[object] = set()  # places whose tables this process has created
+        self._prepared: set[object] = set()  # places this process found at the current schema
         self._lock = threading.Lock()
 
     # -- reads ----------------------------------------------------------------------------
@@ -121,43 +121,54 @@ class Store:
                         else:
                             damaged.append(where[hashid])
         except sa_exc.SQLAlchemyError as exc:
-            raise StorageError(f"cannot read the shard of {model!r}: {exc}") from exc
+            raise self._error(f"cannot read the shard of {model!r}", exc) from exc
         vectors = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dimension)
         return Lookup(np.asarray(positions, dtype=np.intp), vectors, damaged)
 
     def text_count(self) -> int:
         """Rows in the hashstring table (0 when it does not exist yet)."""
-        path = self.layout.text_path()
-        if not self.layout.exists(path):
-            return 0
         place = self.layout.text_place()
         try:
+            if not self._ready(place, create=False):
+                return 0
             with place.engine.connect() as connection:
                 count = connection.scalar(select(func.count()).select_from(place.hashstring))
-                return int(count or 0)
-        except sa_exc.OperationalError:
-            return 0
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._error("cannot read the texts", exc) from exc
+        return int(count or 0)
+
+    def migrate(self) -> list[str]:
+        """Bring every place present to the current schema; the names of the places."""
+        places: list[Place] = [self.layout.text_place(), *self.layout.shard_places()]
+        done = []
+        try:
+            for place in places:
+                if self._ready(place, create=False):
+                    done.append(place.name)
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._error("cannot migrate the cache", exc) from exc
+        return done
 
     def summaries(self) -> list[ShardSummary]:
         """One summary per model shard present, read-only."""
         result = []
-        for slug in self.layout.shard_slugs():
-            place = self.layout.shard_place(slug)
+        for place in self.layout.shard_places():
             try:
+                if not self._ready(place, create=False):
+                    continue
                 with place.engine.connect() as connection:
                     row = connection.execute(select(place.model_info)).first()
                     entries = connection.scalar(select(func.count()).select_from(place.embedding))
-            except sa_exc.DBAPIError as exc:
-                logger.warning("skipping shard %s: %s", slug, exc.orig)
+            except (sa_exc.DBAPIError, StorageError) as exc:
+                logger.warning("skipping shard %s: %s", place.name, exc)
                 continue
-            size = self.layout.bytes_on_disk(place.path) if place.path else 0
             result.append(
                 ShardSummary(
-                    slug=slug,
+                    place=place.name,
                     model=row.model if row else None,
                     dimension=row.dimension if row else None,
                     entries=int(entries or 0),
-                    bytes_on_disk=size,
+                    bytes_on_disk=self.layout.bytes_on_disk(place),
                 )
             )
         return result
@@ -194,26 +205,23 @@ class Store:
             {"hashid": k, "vector": b, "created_at": now, "last_used": now}
             for k, b in zip(keys, blobs, strict=True)
         ]
-        self.layout.prepare()
         try:
             retry_write(lambda: self._put_texts(text_rows))
             retry_write(lambda: self._put_vectors(model, matrix.shape[1], vector_rows, replace))
         except sa_exc.SQLAlchemyError as exc:
-            raise StorageError(
-                f"cannot write to the cache at {self.layout.describe()}: {exc}"
-            ) from exc
+            raise self._error("cannot write to the cache", exc) from exc
 
     def _put_texts(self, rows: list[dict[str, Any]]) -> None:
         place = self.layout.text_place()
-        self._prepared(place)
+        self._ready(place, create=True)
         with write_transaction(place.engine) as connection:
             connection.execute(_insert_ignore(connection, place.hashstring), rows)
 
     def _put_vectors(
         self, model: str, dimension: int, rows: list[dict[str, Any]], replace: Sequence[bytes]
     ) -> None:
-        place = self.layout.shard_place(model_slug(model))
-        self._prepared(place)
+        place = self.layout.shard_place(model)
+        self._ready(place, create=True)
         with write_transaction(place.engine) as connection:
             info = _ensure_info(connection, place, model, dimension)
             if replace:
@@ -232,61 +240,57 @@ class Store:
         shard = self._shards.get(model)
         if shard is not None and shard.info is not None:
             return shard
-        place = self.layout.shard_place(model_slug(model)) if self._shard_exists(model) else None
-        if place is None:
+        place = self.layout.shard_place(model)
+        try:
+            if not self._ready(place, create=False):
+                return None
+            with place.engine.connect() as connection:
+                row = connection.execute(select(place.model_info)).first()
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._error(f"cannot read the shard of {model!r}", exc) from exc
+        if row is None:
             return None
-        info = self._read_info(model, place)
+        info = ModelInfo(row.model, row.dimension, row.dtype, row.library_version)
+        _check_model(info, model, place)
         shard = _Shard(place, info)
         with self._lock:
             self._shards[model] = shard
         return shard
 
-    def _shard_exists(self, model: str) -> bool:
-        return self.layout.exists(self.layout.shard_path(model_slug(model)))
+    def _ready(self, place: Place, *, create: bool) -> bool:
+        """Whether the place exists at the current schema; creates or upgrades it as needed.
 
-    def _read_info(self, model: str, place: ShardPlace) -> ModelInfo | None:
+        A SQLite file that is not a database is moved aside first (and, for a read, reported
+        as not there).
+        """
+        token = (place.path, place.schema)
+        if token in self._prepared:
+            return True
+        if not self.layout.may_exist(place) and not create:
+            return False
+        if create:
+            self.layout.prepare()
         try:
-            with place.engine.connect() as connection:
-                row = connection.execute(select(place.model_info)).first()
-        except sa_exc.OperationalError as exc:
-            if "no such table" in str(exc.orig):
-                return None  # created by a writer that has not committed its schema yet
-            raise StorageError(f"cannot read the shard of {model!r}: {exc}") from exc
-        except sa_exc.DatabaseError as exc:
-            if not is_not_a_database(exc) or place.path is None:
-                raise StorageError(f"cannot read the shard of {model!r}: {exc}") from exc
-            place.engine.dispose()
-            self._ready.discard(place.path)
-            move_aside(place.path)
-            return None
-        if row is None:
-            return None
-        info = ModelInfo(row.model, row.dimension, row.dtype, row.library_version)
-        _check_model(info, model, place)
-        return info
-
-    def _prepared(self, place: Place) -> Place:
-        """Create the place's tables if missing, moving an unreadable file aside first."""
-        token = place.path if place.path is not None else id(place.metadata)
-        if token in self._ready:
-            return place
-        try:
-            with write_transaction(place.engine) as connection:
-                place.metadata.create_all(connection)
+            ready = migrate.ensure(place, create=create)
         except sa_exc.DatabaseError as exc:
             if not is_not_a_database(exc) or place.path is None:
                 raise
             place.engine.dispose()
             move_aside(place.path)
-            with write_transaction(place.engine) as connection:
-                place.metadata.create_all(connection)
-        self._ready.add(token)
-        return place
+            ready = migrate.ensure(place, create=create)
+        if ready:
+            self._prepared.add(token)
+        return ready
+
+    def _error(self, action: str, exc: BaseException) -> StorageError:
+        """A StorageError naming the cache, its password masked, and the driver's reason."""
+        reason = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+        return StorageError(f"{action} at {self.layout.describe()}: {reason}")
 
     def close(self) -> None:
         with self._lock:
             self._shards.clear()
-            self._ready.clear()
+            self._prepared.clear()
         self.layout.close()
 
 
@@ -324,19 +328,20 @@ def _ensure_info(
 ) -> ModelInfo:
     row = connection.execute(select(place.model_info)).first()
     if row is None:
-        info = ModelInfo(model, dimension, DTYPE, __version__)
+        # Another writer may be claiming the shard at this moment: insert-or-ignore, then
+        # read back whoever won, and check it as if it had been there before.
         connection.execute(
-            insert(place.model_info),
+            _insert_ignore(connection, place.model_info),
             {
                 "id": 1,
-                "model": info.model,
-                "dimension": info.dimension,
-                "dtype": info.dtype,
-                "library_version": info.library_version,
+                "model": model,
+                "dimension": dimension,
+                "dtype": DTYPE,
+                "library_version": __version__,
                 "created_at": int(time.time()),
             },
         )
-        return info
+        row = connection.execute(select(place.model_info)).one()
     info = ModelInfo(row.model, row.dimension, row.dtype, row.library_version)
     _check_model(info, model, place)
     if info.dimension != dimension:
@@ -349,8 +354,7 @@ def _ensure_info(
 
 def _check_model(info: ModelInfo, model: str, place: ShardPlace) -> None:
     if info.model != model:
-        where = place.path if place.path is not None else "its shard"
         raise ShardMismatchError(
-            f"the shard {where} belongs to model {info.model!r}, not {model!r}: "
+            f"the shard {place.name} belongs to model {info.model!r}, not {model!r}: "
             "their slugs collide; use another name for one of them"
         )

@@ -1,0 +1,220 @@
+"""Schema migrations: new places at head, old ones upgraded in place, data kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import venv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from embeddingcache import EmbeddingCache
+from embeddingcache.cli import main
+from embeddingcache.keys import key_of
+from embeddingcache.storage import Store, layout_for, migrate
+
+ROOT = Path(__file__).resolve().parent.parent
+SCHEMA_V1 = Path(__file__).parent / "data" / "schema-v1"  # written by embeddingcache 0.1.0
+LEGACY_TEXTS = [f"legacy text {i}" for i in range(5)]
+LEGACY_VECTORS = (np.arange(5 * 8, dtype=np.float32).reshape(5, 8) / 7).astype(np.float32)
+
+
+def test_the_known_heads_are_the_scripts_heads() -> None:
+    from alembic.script import ScriptDirectory
+
+    scripts = ScriptDirectory(migrate.script_location())
+    heads = {
+        scripts.get_revision(h).branch_labels.pop()
+        if scripts.get_revision(h).branch_labels
+        else _branch_of(scripts, h): h
+        for h in scripts.get_heads()
+    }
+    assert heads == migrate.HEADS
+
+
+def _branch_of(scripts: Any, revision: str) -> str:
+    for rev in scripts.iterate_revisions(revision, "base"):
+        if rev.branch_labels:
+            return str(next(iter(rev.branch_labels)))
+    raise AssertionError(revision)
+
+
+def test_a_new_cache_is_created_at_head(file_cache: EmbeddingCache, cache_dir: Path) -> None:
+    file_cache.get_embeddings(["x"])
+    for name, kind in (
+        ("hashstring.db", "text"),
+        (next(p.name for p in cache_dir.glob("*.db") if p.name != "hashstring.db"), "shard"),
+    ):
+        with sqlite3.connect(cache_dir / name) as db:
+            assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [
+                (migrate.HEADS[kind],)
+            ]
+
+
+def test_a_cache_of_the_first_schema_is_upgraded_in_place_with_its_data(tmp_path: Path) -> None:
+    old = tmp_path / "old-cache"
+    shutil.copytree(SCHEMA_V1, old)
+    with sqlite3.connect(old / "legacy-model.db") as db:
+        assert not db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'alembic_version'"
+        ).fetchall()
+    store = Store(layout_for(old, None))
+    found = store.lookup("legacy-model", [key_of(t) for t in LEGACY_TEXTS])
+    assert sorted(found.positions) == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(found.vectors, LEGACY_VECTORS[found.positions])
+    assert store.text_count() == 5
+    store.close()
+    with sqlite3.connect(old / "legacy-model.db") as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0002",)]
+        columns = [row[1] for row in db.execute("PRAGMA table_info(model_info)")]
+        assert columns[-1] == "revision"
+        assert db.execute("SELECT model, dimension, revision FROM model_info").fetchall() == [
+            ("legacy-model", 8, None)
+        ]
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def test_the_migrate_command_upgrades_ahead_of_time(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = tmp_path / "old-cache"
+    shutil.copytree(SCHEMA_V1, old)
+    assert main(["migrate", "--cache-dir", str(old)]) == 0
+    assert "hashstring.db, legacy-model.db at the current schema" in capsys.readouterr().out
+    with sqlite3.connect(old / "hashstring.db") as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("t0001",)]
+
+
+def test_an_older_postgres_schema_is_upgraded_in_place(pg_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    layout = layout_for(Path("unused"), pg_url)
+    place = layout.shard_place("legacy-model")
+    with place.engine.begin() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{place.schema}"'))
+        config = Config()
+        config.set_main_option("script_location", migrate.script_location())
+        config.attributes["connection"] = connection
+        config.attributes["schema"] = place.schema
+        command.upgrade(config, "s0001")
+        connection.execute(
+            text(
+                f'INSERT INTO "{place.schema}".model_info VALUES '
+                "(1, 'legacy-model', 8, 'float32', '0.1.0', 0)"
+            )
+        )
+        connection.execute(
+            text(f'INSERT INTO "{place.schema}".embedding VALUES (:k, :v, 0, 0)'),
+            [
+                {"k": key_of(t), "v": v.tobytes()}
+                for t, v in zip(LEGACY_TEXTS, LEGACY_VECTORS, strict=True)
+            ],
+        )
+    layout.close()
+    store = Store(layout_for(Path("unused"), pg_url))
+    found = store.lookup("legacy-model", [key_of(t) for t in LEGACY_TEXTS])
+    assert sorted(found.positions) == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(found.vectors, LEGACY_VECTORS[found.positions])
+    store.close()
+    engine = create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.connect() as connection:
+        assert "revision" in {
+            c["name"] for c in inspect(connection).get_columns("model_info", schema=place.schema)
+        }
+        version = connection.scalar(
+            text(f'SELECT version_num FROM "{place.schema}".alembic_version')
+        )
+    engine.dispose()
+    assert version == "s0002"
+
+
+OPENER = """
+import json, sys, time
+from pathlib import Path
+from embeddingcache.storage import Store, layout_for
+from embeddingcache.keys import key_of
+import numpy as np
+storage, flag, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+while not Path(flag).exists():
+    time.sleep(0.005)
+store = Store(layout_for(Path(storage.get("cache_dir", "unused")), storage.get("db_url")))
+texts = [f"opened by {n}", "opened by all"]
+store.put("fresh-model", [key_of(t) for t in texts], texts, np.ones((2, 4), np.float32))
+store.close()
+"""
+
+
+def test_several_processes_opening_one_new_cache_at_once_all_succeed(
+    storage: dict[str, Any], tmp_path: Path
+) -> None:
+    flag = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPENER, json.dumps(storage, default=str), str(flag), str(n)],
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for n in range(6)
+    ]
+    flag.touch()
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    store = Store(layout_for(Path(storage.get("cache_dir", "unused")), storage.get("db_url")))
+    assert store.text_count() == 7
+    assert [s.entries for s in store.summaries()] == [7]
+    store.close()
+
+
+def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
+    """Build the wheel, install it alone in a fresh environment, open a cache with it."""
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(dist), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    wheel = next(dist.glob("embeddingcache-*.whl"))
+    env_dir = tmp_path / "fresh"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--quiet", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    # The dependencies come from this environment's site-packages, added after the fresh one's.
+    site = next((env_dir / "lib").glob("python3*/site-packages"))
+    deps = next(p for p in map(Path, sys.path) if p.name == "site-packages" and p.is_dir())
+    (site / "zz-deps.pth").write_text(f"{deps}\n")
+    code = (
+        "import sys, sqlite3, embeddingcache.migrations as m;"
+        "from pathlib import Path;"
+        "from embeddingcache.storage import Store, layout_for;"
+        "from embeddingcache.keys import key_of;"
+        "import numpy as np;"
+        "s = Store(layout_for(Path(sys.argv[1]), None));"
+        "s.put('m', [key_of('t')], ['t'], np.ones((1, 3), np.float32));"
+        "print(m.__file__)"
+    )
+    cache = tmp_path / "cache"
+    result = subprocess.run(
+        [str(python), "-I", "-c", code, str(cache)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(str(site))
+    with sqlite3.connect(cache / "m.db") as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0002",)]
