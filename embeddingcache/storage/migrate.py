@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Literal
 
 from sqlalchemy import Connection, inspect, select, text
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.schema import CreateSchema
 
 from .layout import Place, TextPlace
@@ -114,7 +113,3 @@ def _locked(place: Place) -> Iterator[Connection]:
             key = int.from_bytes(hashlib.sha256(name).digest()[:8], "big", signed=True)
             connection.execute(select(text(f"pg_advisory_xact_lock({key})")))
         yield connection
-
-
-def is_missing_table(exc: sa_exc.DBAPIError) -> bool:
-    return "no such table" in str(exc.orig) or "does not exist" in str(exc.orig)
