@@ -9,13 +9,20 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .config import resolve_cache_dir, resolve_db_url, resolve_model_name, resolve_remote_url
+from .config import (
+    resolve_cache_dir,
+    resolve_db_url,
+    resolve_model_name,
+    resolve_remote_url,
+    resolve_token,
+)
 from .errors import (
     AllProvidersFailedError,
+    DimensionMismatchError,
     EmbeddingCacheWarning,
     InvalidInputError,
     ProviderError,
@@ -24,6 +31,9 @@ from .errors import (
 from .keys import keys_of, normalizer, validate_texts
 from .models import ModelSpec, resolve_model
 from .providers import Provider
+
+if TYPE_CHECKING:
+    from .providers.remote import RemoteProvider
 from .storage import ShardSummary, Store, layout_for
 
 __all__ = ["EmbeddingCache"]
@@ -65,7 +75,10 @@ class EmbeddingCache:
             turns it off even when the variable is set.
         fallback_providers: who computes misses, in order: ``"local"``, ``"remote"``.
         normalize: the default normalization policy: ``"strip"``, ``"lower"`` or ``"none"``.
-        timeout: seconds to wait for the remote backend.
+        timeout: seconds to wait for the remote backend (each request; 5 by default).
+        token: the backend's bearer token (``EMBEDDING_CACHE_TOKEN``).
+        push: offer the vectors computed here to the backend (it must run with
+            ``--allow-push``); a failed push is logged, never raised.
         batch_size: texts per forward pass of the local model.
         device: ``"cpu"``, ``"cuda"``, ``"mps"``...; default: the best one available.
 
@@ -83,6 +96,8 @@ class EmbeddingCache:
         fallback_providers: Sequence[str] = PROVIDERS,
         normalize: str = "strip",
         timeout: float = 5.0,
+        token: str | None = None,
+        push: bool = False,
         batch_size: int = 32,
         device: str | None = None,
     ) -> None:
@@ -99,13 +114,21 @@ class EmbeddingCache:
         self.fallback_providers = tuple(fallback_providers)
         normalizer(normalize)  # fail now on an unknown policy
         self.normalize = normalize
-        self.timeout = timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise InvalidInputError(
+                f"timeout must be a positive number of seconds, not {timeout!r}"
+            )
+        self.timeout = float(timeout)
+        self.token = resolve_token(token)
+        self.push = bool(push)
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.device = device
         self._store = Store(layout_for(self.cache_dir, self.db_url))
         self._providers: dict[str, Provider] = {}
+        self._remote_provider: RemoteProvider | None = None
+        self._dimensions: dict[str, int] = {}  # of models loaded by dimension()
         self._lock = threading.Lock()
-        self._stats = {"hits": 0, "misses": 0, "remote_hits": 0, "computed": 0}
+        self._stats = {"hits": 0, "misses": 0, "remote_hits": 0, "computed": 0, "pushed": 0}
 
     # -- public API -----------------------------------------------------------------------
 
@@ -147,56 +170,14 @@ class EmbeddingCache:
         prompt = spec.prompt(prompt_name)
 
         normalized = [norm(text) for text in items]
-        embedded = [prompt + text for text in normalized] if prompt else normalized
-        keys = keys_of(embedded)
-        # Deduplicate: each distinct key is looked up, computed and counted once.
-        first: dict[bytes, int] = {}
-        for i, key in enumerate(keys):
-            first.setdefault(key, i)
-        unique_keys = list(first)
-        inverse: np.ndarray | None = None  # None: every key is distinct, in input order
-        if len(unique_keys) != len(keys):
-            where = {key: u for u, key in enumerate(unique_keys)}
-            inverse = np.fromiter((where[key] for key in keys), dtype=np.intp, count=len(keys))
-
-        found = self._store.lookup(spec.name, unique_keys)
-        n_missing = len(unique_keys) - len(found.positions)
-        self._count(hits=len(found.positions), misses=n_missing)
-        if not unique_keys:
-            unique = np.empty((0, self._known_dimension(spec)), dtype=np.float32)
-        elif not n_missing:
-            unique = np.empty_like(found.vectors)
-            unique[found.positions] = found.vectors
-        else:
-            missing = np.ones(len(unique_keys), dtype=bool)
-            missing[found.positions] = False
-            todo = [first[unique_keys[u]] for u in np.flatnonzero(missing)]
-            computed = self._compute(
-                spec,
-                [normalized[i] for i in todo],
-                origins=todo,
-                prompt=prompt,
-                batch_size=batch,
-                show_progress=show_progress,
-                truncate=truncate,
-            )
-            damaged = {unique_keys[u] for u in found.damaged}
-            if damaged:
-                message = (
-                    f"{len(damaged)} stored vector(s) of model {spec.name!r} had the wrong "
-                    "length; recomputed and replaced them"
-                )
-                logger.warning(message)
-                warnings.warn(message, EmbeddingCacheWarning, stacklevel=2)
-            self._store_rows(
-                spec, [keys[i] for i in todo], [embedded[i] for i in todo], computed, damaged
-            )
-            unique = np.empty((len(unique_keys), computed.shape[1]), dtype=np.float32)
-            unique[missing] = computed
-            if len(found.positions):
-                unique[found.positions] = found.vectors
-
-        result = unique if inverse is None else unique[inverse]
+        result, _ = self._resolve(
+            spec,
+            normalized,
+            prompt,
+            batch_size=batch,
+            show_progress=show_progress,
+            truncate=truncate,
+        )
         if normalize_embeddings:
             norms = np.linalg.norm(result, axis=1, keepdims=True)
             np.divide(result, norms, out=result, where=norms > 0)
@@ -213,6 +194,29 @@ class EmbeddingCache:
             text_or_texts, model, **options
         ).tolist()
         return vectors
+
+    def dimension(self, model: str | None = None) -> int:
+        """The dimension of a model's vectors: from its shard, else from loading the model.
+
+        Raises:
+            DimensionMismatchError: the shard holds vectors of another dimension than the
+                loaded model gives (the shard was filled by another model of that name).
+            ProviderError: the model is not stored and cannot be loaded here.
+        """
+        spec = resolve_model(model if model is not None else self.model)
+        from .providers.local import LocalProvider
+
+        local = self._provider("local")
+        assert isinstance(local, LocalProvider)
+        loaded = local.dimension(spec)
+        stored = self._known_dimension(spec)
+        if self._store.info(spec.name) is not None and stored != loaded:
+            raise DimensionMismatchError(
+                f"model {spec.name!r} gives {loaded}-d vectors but its shard holds {stored}-d"
+            )
+        with self._lock:
+            self._dimensions[spec.name] = loaded
+        return loaded
 
     def migrate(self) -> list[str]:
         """Bring the stored tables to this version's schema (opening them does it too).
@@ -232,14 +236,18 @@ class EmbeddingCache:
     @property
     def stats(self) -> dict[str, int]:
         """Counts over distinct texts per call: ``hits``, ``misses`` (not in the local cache),
-        ``remote_hits`` (found by the backend) and ``computed``."""
+        ``remote_hits`` (found by the backend), ``computed`` (by a provider) and ``pushed``
+        (accepted by the backend)."""
         with self._lock:
             return dict(self._stats)
 
     def close(self) -> None:
         """Release database connections and loaded models."""
         with self._lock:
-            providers, self._providers = list(self._providers.values()), {}
+            providers: list[Provider] = list(self._providers.values())
+            if self._remote_provider is not None:
+                providers.append(self._remote_provider)
+            self._providers, self._remote_provider = {}, None
         for provider in providers:
             provider.close()
         self._store.close()
@@ -258,7 +266,113 @@ class EmbeddingCache:
     def __repr__(self) -> str:
         return f"EmbeddingCache(model={self.model!r}, storage={self._store.layout.describe()!r})"
 
-    # -- the miss path --------------------------------------------------------------------
+    # -- the pipeline ---------------------------------------------------------------------
+
+    def _resolve(
+        self,
+        spec: ModelSpec,
+        normalized: list[str],
+        prompt: str,
+        *,
+        compute: bool = True,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+        truncate: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors of ``prompt + text`` for normalized texts, and which of them this
+        cache's storage held.
+
+        Looks in the storage, then asks the backend (lookup only), then, when ``compute``,
+        runs the providers for the rest and stores what they return. Without ``compute``,
+        the rows of vectors nobody had are zeros.
+        """
+        # Deduplicate: each distinct key is looked up, computed and counted once.
+        embedded, keys, first = _keyed(normalized, prompt)
+        unique_keys = list(first)
+        inverse: np.ndarray | None = None  # None: every key is distinct, in input order
+        if len(unique_keys) != len(keys):
+            where = {key: u for u, key in enumerate(unique_keys)}
+            inverse = np.fromiter((where[key] for key in keys), dtype=np.intp, count=len(keys))
+
+        found = self._store.lookup(spec.name, unique_keys)
+        hit = np.zeros(len(unique_keys), dtype=bool)
+        hit[found.positions] = True
+        self._count(hits=len(found.positions), misses=len(unique_keys) - len(found.positions))
+        # (positions in unique_keys, their vectors), from each source in turn
+        parts = [(found.positions, found.vectors)]
+        missing = np.flatnonzero(~hit)
+        damaged = {unique_keys[u] for u in found.damaged}
+
+        def origins(positions: np.ndarray) -> list[int]:
+            return [first[unique_keys[u]] for u in positions]
+
+        if len(missing) and self.remote_url is not None:
+            todo = origins(missing)
+            answer = self._remote_lookup(spec, [normalized[i] for i in todo], prompt)
+            if answer is not None:
+                vectors, had = answer
+                if had.any():
+                    chosen = [i for i, h in zip(todo, had, strict=True) if h]
+                    self._store_rows(
+                        spec,
+                        [keys[i] for i in chosen],
+                        [embedded[i] for i in chosen],
+                        vectors[had],
+                        damaged,
+                    )
+                    self._count(remote_hits=len(chosen))
+                    parts.append((missing[had], vectors[had]))
+                    missing = missing[~had]
+
+        if len(missing) and compute:
+            todo = origins(missing)
+            vectors, provider = self._compute(
+                spec,
+                [normalized[i] for i in todo],
+                origins=todo,
+                prompt=prompt,
+                batch_size=batch_size or self.batch_size,
+                show_progress=show_progress,
+                truncate=truncate,
+            )
+            self._store_rows(
+                spec, [keys[i] for i in todo], [embedded[i] for i in todo], vectors, damaged
+            )
+            if self.push and provider == "local" and self.remote_url is not None:
+                self._push(spec, [normalized[i] for i in todo], vectors, prompt)
+            parts.append((missing, vectors))
+            missing = missing[:0]
+
+        dimensions = {v.shape[1] for p, v in parts if len(p)}
+        if len(dimensions) > 1:
+            raise DimensionMismatchError(
+                f"model {spec.name!r} gave vectors of {sorted(dimensions)} dimensions"
+            )
+        dimension = dimensions.pop() if dimensions else self._known_dimension(spec)
+        # Every row is filled below unless something stayed missing (lookup only).
+        allocate = np.zeros if len(missing) else np.empty
+        unique = allocate((len(unique_keys), dimension), dtype=np.float32)
+        for positions, vectors in parts:
+            if len(positions):
+                unique[positions] = vectors
+        if inverse is None:
+            return unique, hit
+        return unique[inverse], hit[inverse]
+
+    def _adopt(
+        self, spec: ModelSpec, normalized: list[str], prompt: str, vectors: np.ndarray
+    ) -> int:
+        """Store vectors computed elsewhere for texts not stored yet; the number stored.
+        A stored vector is never replaced by an adopted one."""
+        embedded, keys, first = _keyed(normalized, prompt)
+        unique_keys = list(first)
+        found = self._store.lookup(spec.name, unique_keys)
+        stored = set(found.positions.tolist())
+        todo = [first[key] for u, key in enumerate(unique_keys) if u not in stored]
+        self._store_rows(
+            spec, [keys[i] for i in todo], [embedded[i] for i in todo], vectors[todo], set()
+        )
+        return len(todo)
 
     def _compute(
         self,
@@ -270,7 +384,7 @@ class EmbeddingCache:
         batch_size: int,
         show_progress: bool,
         truncate: bool,
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, str]:
         tried: list[str] = []
         for name in self.fallback_providers:
             provider = self._provider(name)
@@ -293,12 +407,55 @@ class EmbeddingCache:
                 tried.append(f"{name} ({exc})")
                 continue
             self._count(computed=len(texts))
-            return vectors
-        raise AllProvidersFailedError(
-            f"cannot compute embeddings for model {spec.name!r}; tried: {'; '.join(tried)}. "
-            "Install embeddingcache[local] to compute them here, or set remote_url "
-            "(EMBEDDING_CACHE_URL) to a running `embeddingcache serve` backend."
+            return vectors, name
+        hint = "Install embeddingcache[local] to compute them here"
+        hint += (
+            f", or check the backend at {self.remote_url}."
+            if self.remote_url is not None
+            else ", or set remote_url (EMBEDDING_CACHE_URL) to an `embeddingcache serve` backend."
         )
+        raise AllProvidersFailedError(
+            f"cannot compute embeddings for model {spec.name!r}; tried: {'; '.join(tried)}. " + hint
+        )
+
+    def _remote_lookup(
+        self, spec: ModelSpec, texts: list[str], prompt: str
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The backend's stored vectors of ``texts`` and which it had; ``None`` when it
+        could not answer or answered vectors of another dimension than this cache holds."""
+        remote = self._remote()
+        if remote is None:
+            return None
+        try:
+            vectors, had = remote.lookup(spec, texts, prompt=prompt)
+        except ProviderError as exc:
+            # A wrong or missing token is a mistake to point out; an absent backend is not.
+            refused = getattr(exc, "status", None) in (401, 403)
+            logger.log(logging.WARNING if refused else logging.DEBUG, "backend lookup: %s", exc)
+            return None
+        known = self._known_dimension(spec)
+        if had.any() and known and vectors.shape[1] != known:
+            logger.warning(
+                "the backend at %s holds %d-d vectors for %r, this cache %d-d; ignoring them",
+                self.remote_url,
+                vectors.shape[1],
+                spec.name,
+                known,
+            )
+            return None
+        return vectors, had
+
+    def _push(self, spec: ModelSpec, texts: list[str], vectors: np.ndarray, prompt: str) -> None:
+        remote = self._remote()
+        if remote is None:
+            return
+        try:
+            accepted = remote.push(spec, texts, vectors, prompt=prompt)
+        except ProviderError as exc:
+            # Pushing is a courtesy to the team; the caller already has its vectors.
+            logger.warning("could not push %d vector(s) to the backend: %s", len(texts), exc)
+            return
+        self._count(pushed=accepted)
 
     def _store_rows(
         self,
@@ -308,6 +465,15 @@ class EmbeddingCache:
         vectors: np.ndarray,
         damaged: set[bytes],
     ) -> None:
+        replaced = damaged.intersection(keys)
+        if replaced:
+            message = (
+                f"{len(replaced)} stored vector(s) of model {spec.name!r} had the wrong "
+                "length; recomputed and replaced them"
+            )
+            logger.warning(message)
+            # get_embeddings -> _resolve -> here: point at the caller's line.
+            warnings.warn(message, EmbeddingCacheWarning, stacklevel=4)
         for start in range(0, len(keys), WRITE_BATCH):
             chunk = keys[start : start + WRITE_BATCH]
             self._store.put(
@@ -319,24 +485,49 @@ class EmbeddingCache:
             )
 
     def _provider(self, name: str) -> Provider | None:
+        if name == "remote":
+            return self._remote()
         with self._lock:
             provider = self._providers.get(name)
-            if provider is None and name == "local":
+            if provider is None:
                 from .providers.local import LocalProvider
 
                 provider = self._providers[name] = LocalProvider(device=self.device)
             return provider
 
+    def _remote(self) -> RemoteProvider | None:
+        if self.remote_url is None:
+            return None
+        with self._lock:
+            if self._remote_provider is None:
+                # httpx is imported by the first call that needs the backend.
+                from .providers.remote import RemoteProvider
+
+                self._remote_provider = RemoteProvider(
+                    self.remote_url, timeout=self.timeout, token=self.token
+                )
+            return self._remote_provider
+
     def _known_dimension(self, spec: ModelSpec) -> int:
         info = self._store.info(spec.name)
         if info is not None:
             return info.dimension
-        return spec.dimension or 0
+        return self._dimensions.get(spec.name) or spec.dimension or 0
 
     def _count(self, **amounts: int) -> None:
         with self._lock:
             for name, amount in amounts.items():
                 self._stats[name] += amount
+
+
+def _keyed(normalized: list[str], prompt: str) -> tuple[list[str], list[bytes], dict[bytes, int]]:
+    """The embedded strings, their keys, and where each distinct key first appears."""
+    embedded = [prompt + text for text in normalized] if prompt else normalized
+    keys = keys_of(embedded)
+    first: dict[bytes, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    return embedded, keys, first
 
 
 def _dtype(dtype: str) -> type[np.floating[Any]]:

@@ -13,16 +13,19 @@ __all__ = [
     "ENV_DB_URL",
     "ENV_MODEL",
     "ENV_REMOTE_URL",
+    "ENV_TOKEN",
     "resolve_cache_dir",
     "resolve_db_url",
     "resolve_model_name",
     "resolve_remote_url",
+    "resolve_token",
 ]
 
 ENV_CACHE_DIR = "EMBEDDING_CACHE_DIR"
 ENV_DB_URL = "EMBEDDING_CACHE_DB_URL"
 ENV_REMOTE_URL = "EMBEDDING_CACHE_URL"
 ENV_MODEL = "EMBEDDING_CACHE_MODEL"
+ENV_TOKEN = "EMBEDDING_CACHE_TOKEN"
 DEFAULT_CACHE_DIR = "~/.cache/embedding-cache"
 
 
@@ -49,3 +52,7 @@ def resolve_remote_url(remote_url: str | bool | None) -> str | None:
 
 def resolve_model_name(model: str | None) -> str:
     return model if model is not None else os.environ.get(ENV_MODEL) or DEFAULT_MODEL
+
+
+def resolve_token(token: str | None) -> str | None:
+    return token if token is not None else os.environ.get(ENV_TOKEN) or None

@@ -81,7 +81,7 @@ def _check_one(text: object, index: int | None) -> None:
     if text is None:
         raise InvalidInputError(f"{where} is None; every text must be a non-empty str")
     if not isinstance(text, str):
-        raise InvalidInputTypeError(f"{where} is a {type(text).__name__}, not a str")
+        raise InvalidInputTypeError(f"{where} is of type {type(text).__name__}, not str")
     if not text.strip():
         raise InvalidInputError(f"{where} is empty or whitespace only")
     try:

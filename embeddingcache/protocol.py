@@ -1,0 +1,317 @@
+"""The wire format between the client and ``embeddingcache serve``, shared by both sides.
+
+Bodies are msgpack (``application/msgpack``, the default) or JSON (``application/json``); a
+response uses the format of its request. In msgpack a vector is its float32 little-endian
+bytes; in JSON, a list of numbers. ``docs/protocol.md`` is the reference; this module is the
+one implementation of it, so the server and the client cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import EmbeddingCacheError, InvalidInputError
+from .keys import validate_texts
+
+__all__ = [
+    "JSON",
+    "MSGPACK",
+    "EmbedRequest",
+    "Limits",
+    "ProtocolError",
+    "PushRequest",
+    "decode_body",
+    "decode_vectors",
+    "encode_body",
+    "encode_vectors",
+    "media_type",
+    "parse_embed_request",
+    "parse_push_request",
+]
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+MEDIA_TYPES = (MSGPACK, JSON)
+# The longest prompt a client may put in front of its texts.
+MAX_PROMPT_CHARS = 1000
+
+
+class ProtocolError(EmbeddingCacheError):
+    """A message that does not follow the protocol; ``status`` is the HTTP answer to it."""
+
+    def __init__(
+        self, status: int, message: str, *, code: str = "invalid", index: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.index = index
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold; the server answers 413 or 422 beyond it."""
+
+    max_texts: int = 4096
+    max_text_chars: int = 100_000
+    max_body_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """``POST /embed``: vectors of ``prompt + text`` for each text, computed unless
+    ``lookup_only``. ``prompt`` ``None`` means the model's default prompt."""
+
+    texts: list[str]
+    model: str | None = None
+    normalized: bool = False
+    prompt: str | None = None
+    lookup_only: bool = False
+    truncate: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "texts": self.texts,
+            "model": self.model,
+            "normalized": self.normalized,
+            "prompt": self.prompt,
+            "lookup_only": self.lookup_only,
+            "truncate": self.truncate,
+        }
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    """``POST /push``: vectors a client computed, offered to the server's cache."""
+
+    texts: list[str]
+    vectors: np.ndarray
+    model: str | None = None
+    normalized: bool = False
+    prompt: str | None = None
+
+
+def media_type(content_type: str | None) -> str:
+    """The protocol format named by a Content-Type header, or a 415 ``ProtocolError``."""
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind in ("application/x-msgpack", "application/vnd.msgpack"):
+        kind = MSGPACK
+    if kind not in MEDIA_TYPES:
+        raise ProtocolError(
+            415,
+            f"unsupported content type {content_type or '(none)'!r}; send {MSGPACK} or {JSON}",
+            code="unsupported_media_type",
+        )
+    return kind
+
+
+def decode_body(body: bytes, kind: str) -> Any:
+    """The object a msgpack or JSON body holds, or a 400 ``ProtocolError``."""
+    try:
+        if kind == MSGPACK:
+            return msgpack.unpackb(body, raw=False, strict_map_key=True)
+        return json.loads(body)
+    # A decoder may fail in many ways (bad UTF-8, extra data, nesting too deep, a map key
+    # that cannot be hashed): every one of them is the sender's malformed body.
+    except Exception as exc:
+        name = "msgpack" if kind == MSGPACK else "JSON"
+        raise ProtocolError(400, f"malformed {name} body: {exc}", code="malformed") from None
+
+
+def encode_body(obj: Any, kind: str) -> bytes:
+    if kind == MSGPACK:
+        packed: bytes = msgpack.packb(obj, use_bin_type=True)
+        return packed
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def encode_vectors(vectors: np.ndarray, present: np.ndarray | None, kind: str) -> list[Any]:
+    """One wire item per row of ``vectors``: its little-endian float32 bytes (msgpack) or
+    its list of numbers (JSON); ``None`` where ``present`` is false."""
+    matrix = np.ascontiguousarray(vectors, dtype="<f4")
+    if kind == MSGPACK:
+        width = 4 * matrix.shape[1]
+        # memoryview slices: msgpack packs them as bin without copying each row first.
+        view = memoryview(matrix.tobytes())
+        rows: list[Any] = [view[i * width : (i + 1) * width] for i in range(matrix.shape[0])]
+    else:
+        rows = matrix.tolist()
+    if present is not None:
+        for i in np.flatnonzero(~present):
+            rows[i] = None
+    return rows
+
+
+def decode_vectors(
+    items: object, dimension: int, kind: str, *, field: str, allow_missing: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(n, dimension)`` float32 matrix and presence mask of a list of wire vectors.
+
+    Raises a 422 ``ProtocolError`` for a wrong type, a wrong length, or NaN or infinite values.
+    """
+    if not isinstance(items, list):
+        raise ProtocolError(422, f"{field} must be a list, not {_kind_of(items)}")
+    width = 4 * dimension
+    present = np.ones(len(items), dtype=bool)
+    matrix = np.zeros((len(items), dimension), dtype=np.float32)
+    for i, item in enumerate(items):
+        if item is None and allow_missing:
+            present[i] = False
+        elif kind == MSGPACK and isinstance(item, bytes):
+            if len(item) != width:
+                raise ProtocolError(
+                    422,
+                    f"{field}[{i}] is {len(item)} bytes; a {dimension}-d float32 vector is {width}",
+                )
+            matrix[i] = np.frombuffer(item, dtype="<f4")
+        elif kind == JSON and isinstance(item, list):
+            if len(item) != dimension or not all(_is_number(x) for x in item):
+                raise ProtocolError(422, f"{field}[{i}] must be a list of {dimension} numbers")
+            try:
+                # Beyond float32's range becomes inf, refused below with the other non-finite.
+                with np.errstate(over="ignore"):
+                    matrix[i] = item
+            except OverflowError:
+                raise ProtocolError(422, f"{field}[{i}] holds a number out of range") from None
+        else:
+            expected = "float32 bytes" if kind == MSGPACK else "a list of numbers"
+            raise ProtocolError(422, f"{field}[{i}] must be {expected}, not {_kind_of(item)}")
+    finite = np.isfinite(matrix).all(axis=1)
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise ProtocolError(422, f"{field}[{bad}] holds NaN or infinite values")
+    return matrix, present
+
+
+def parse_embed_request(obj: object, limits: Limits) -> EmbedRequest:
+    """Check a decoded ``POST /embed`` body; a 422 ``ProtocolError`` says what is wrong.
+
+    Fields the protocol does not define are ignored, so that newer clients can talk to
+    older servers.
+    """
+    fields = _fields(obj)
+    return EmbedRequest(
+        texts=_texts(fields, limits),
+        model=_optional_str(fields, "model"),
+        normalized=_bool(fields, "normalized"),
+        prompt=_prompt(fields),
+        lookup_only=_bool(fields, "lookup_only"),
+        truncate=_bool(fields, "truncate"),
+    )
+
+
+def parse_push_request(
+    obj: object, kind: str, limits: Limits, dimension_of: Callable[[str | None], int]
+) -> PushRequest:
+    """Check a decoded ``POST /push`` body. ``dimension_of(model)`` gives the served model's
+    dimension (and raises a ``ProtocolError`` for a model that is not served)."""
+    fields = _fields(obj)
+    texts = _texts(fields, limits)
+    model = _optional_str(fields, "model")
+    dimension = dimension_of(model)
+    if "embeddings" not in fields:
+        raise ProtocolError(422, "missing field 'embeddings'")
+    items = fields["embeddings"]
+    if not isinstance(items, list) or len(items) != len(texts):
+        raise ProtocolError(422, f"embeddings must be a list of {len(texts)} vectors, one per text")
+    vectors, _ = decode_vectors(items, dimension, kind, field="embeddings", allow_missing=False)
+    return PushRequest(
+        texts=texts,
+        vectors=vectors,
+        model=model,
+        normalized=_bool(fields, "normalized"),
+        prompt=_prompt(fields),
+    )
+
+
+# -- field checks ------------------------------------------------------------------------
+
+
+def _fields(obj: object) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ProtocolError(422, f"the body must be a map of fields, not {_kind_of(obj)}")
+    return obj
+
+
+def _texts(fields: Mapping[str, Any], limits: Limits) -> list[str]:
+    if "texts" not in fields:
+        raise ProtocolError(422, "missing field 'texts' (a list of strings)")
+    texts = fields["texts"]
+    if not isinstance(texts, list):
+        raise ProtocolError(422, f"texts must be a list of strings, not {_kind_of(texts)}")
+    if not texts:
+        raise ProtocolError(422, "texts is empty; send at least one text")
+    if len(texts) > limits.max_texts:
+        raise ProtocolError(
+            422,
+            f"{len(texts)} texts in one request; this server takes at most {limits.max_texts}",
+            code="too_many_texts",
+        )
+    try:
+        validate_texts(texts)
+    except (InvalidInputError, TypeError) as exc:
+        raise ProtocolError(422, str(exc)) from None
+    for i, text in enumerate(texts):
+        if len(text) > limits.max_text_chars:
+            raise ProtocolError(
+                422,
+                f"texts[{i}] is {len(text)} characters long; this server takes at most "
+                f"{limits.max_text_chars}",
+                code="text_too_long",
+            )
+    return list(texts)
+
+
+def _optional_str(fields: Mapping[str, Any], name: str) -> str | None:
+    value = fields.get(name)
+    if value is not None and not (isinstance(value, str) and value):
+        raise ProtocolError(422, f"{name} must be a non-empty string, not {_kind_of(value)}")
+    return value
+
+
+def _prompt(fields: Mapping[str, Any]) -> str | None:
+    prompt = fields.get("prompt")
+    if prompt is None:
+        return None
+    if not isinstance(prompt, str):
+        raise ProtocolError(422, f"prompt must be a string or null, not {_kind_of(prompt)}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ProtocolError(422, f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(422, "prompt is not valid Unicode (a lone surrogate)") from None
+    return prompt
+
+
+def _bool(fields: Mapping[str, Any], name: str) -> bool:
+    value = fields.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise ProtocolError(422, f"{name} must be true or false, not {_kind_of(value)}")
+    return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind_of(value: object) -> str:
+    names = {
+        type(None): "null",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        bytes: "binary data",
+        list: "a list",
+        dict: "a map",
+    }
+    return names.get(type(value), type(value).__name__)
