@@ -4,6 +4,7 @@ and a non-zero exit here, and only here."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +13,9 @@ import numpy as np
 
 from . import __version__
 from .cache import EmbeddingCache
+from .config import ENV_TOKEN
 from .errors import EmbeddingCacheError
+from .protocol import Limits
 
 __all__ = ["main"]
 
@@ -78,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
         "--truncate", action="store_true", help="cut texts longer than the model accepts"
     )
     embed.add_argument("--device", help="cpu, cuda, mps... (default: the best available)")
+    embed.add_argument(
+        "--remote-url",
+        help="an `embeddingcache serve` backend to ask for what the cache lacks "
+        "(default: $EMBEDDING_CACHE_URL)",
+    )
+    embed.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the backend (5)"
+    )
     embed.set_defaults(run=_embed)
 
     stats = commands.add_parser(
@@ -87,6 +98,56 @@ def _parser() -> argparse.ArgumentParser:
         description="List the cache's model shards: entries, dimension and bytes on disk.",
     )
     stats.set_defaults(run=_stats)
+
+    serve = commands.add_parser(
+        "serve",
+        parents=[storage],
+        help="run the HTTP backend that clients share",
+        description="Serve POST /embed (msgpack or JSON), GET /healthz, /models and /stats "
+        "over this cache, computing misses with the local model. See docs/protocol.md.",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument(
+        "--port", type=int, default=8000, help="port to listen on; 0 picks a free one (8000)"
+    )
+    serve.add_argument(
+        "--model",
+        "-m",
+        action="append",
+        metavar="MODEL",
+        help="a model to serve; repeat for several, the first is the default "
+        "(default: $EMBEDDING_CACHE_MODEL or nomic-embed-text-v2)",
+    )
+    serve.add_argument(
+        "--token",
+        default=os.environ.get(ENV_TOKEN) or None,
+        help="require 'Authorization: Bearer TOKEN' (default: $EMBEDDING_CACHE_TOKEN; none)",
+    )
+    serve.add_argument(
+        "--allow-push",
+        action="store_true",
+        help="accept vectors that clients computed (POST /push); trust your clients first",
+    )
+    defaults = Limits()
+    serve.add_argument(
+        "--max-texts", type=int, default=defaults.max_texts, help="texts per request (%(default)s)"
+    )
+    serve.add_argument(
+        "--max-text-chars",
+        type=int,
+        default=defaults.max_text_chars,
+        help="characters per text (%(default)s)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        help="bytes per request body (%(default)s)",
+    )
+    serve.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
+    serve.add_argument("--device", help="cpu, cuda, mps... (default: the best available)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(run=_serve)
 
     migrate = commands.add_parser(
         "migrate",
@@ -118,6 +179,8 @@ def _embed(args: argparse.Namespace) -> int:
         args.model,
         cache_dir=args.cache_dir,
         db_url=args.db_url,
+        remote_url=args.remote_url,
+        timeout=args.timeout,
         batch_size=args.batch_size,
         device=args.device,
     ) as cache:
@@ -162,6 +225,53 @@ def _stats(args: argparse.Namespace) -> int:
                 f"{s.model or '?'}: {s.entries} vectors, {s.dimension or '?'}-d, "
                 f"{s.bytes_on_disk / 1e6:.1f} MB ({s.place})"
             )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import Backend, bind, create_app, serve
+    except ImportError as exc:
+        raise EmbeddingCacheError(
+            f"the server needs FastAPI and uvicorn ({exc}): pip install 'embeddingcache[server]'"
+        ) from exc
+    for name in ("max_texts", "max_text_chars", "max_body_bytes"):
+        if getattr(args, name) < 1:
+            raise EmbeddingCacheError(f"--{name.replace('_', '-')} must be at least 1")
+    limits = Limits(
+        max_texts=args.max_texts,
+        max_text_chars=args.max_text_chars,
+        max_body_bytes=args.max_body_bytes,
+    )
+    models = args.model or []
+    cache = EmbeddingCache(
+        models[0] if models else None,
+        cache_dir=args.cache_dir,
+        db_url=args.db_url,
+        remote_url=False,  # a backend computes; it never asks another backend
+        fallback_providers=("local",),
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    try:
+        backend = Backend(
+            cache, models, token=args.token, allow_push=args.allow_push, limits=limits
+        )
+        sock = bind(args.host, args.port)
+    except BaseException:
+        cache.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    served = ", ".join(f"{name} ({s.dimension}-d)" for name, s in backend.models.items())
+    print(f"embeddingcache: serving {served} at {url}", file=sys.stderr, flush=True)
+    if args.token is None and host not in ("127.0.0.1", "::1", "localhost"):
+        print(
+            "embeddingcache: warning: listening beyond this machine without --token",
+            file=sys.stderr,
+            flush=True,
+        )
+    serve(create_app(backend), sock, access_log=args.access_log)
     return 0
 
 

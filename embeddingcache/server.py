@@ -1,0 +1,349 @@
+"""The backend: ``embeddingcache serve``, a FastAPI app over one :class:`EmbeddingCache`.
+
+The cache behind the app computes with the local model and never calls another backend.
+Everything a client sends is checked by :mod:`embeddingcache.protocol`; what it gets wrong is
+answered with a 4xx naming the mistake, so that no input produces a 5xx. A 503 means the
+server's own storage or model failed.
+
+FastAPI and uvicorn come with the ``server`` extra: ``pip install 'embeddingcache[server]'``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from ._version import __version__
+from .cache import EmbeddingCache
+from .errors import (
+    EmbeddingCacheError,
+    InvalidInputError,
+    ProviderError,
+    StorageError,
+    TextTooLongError,
+)
+from .keys import normalizer
+from .models import ModelSpec, catalog_name, resolve_model
+from .protocol import (
+    EmbedRequest,
+    Limits,
+    ProtocolError,
+    PushRequest,
+    decode_body,
+    encode_body,
+    encode_vectors,
+    media_type,
+    parse_embed_request,
+    parse_push_request,
+)
+
+__all__ = ["Backend", "bind", "create_app", "serve"]
+
+logger = logging.getLogger("embeddingcache.server")
+
+
+@dataclass(frozen=True)
+class Served:
+    """A model this server computes, with the dimension its loaded weights give."""
+
+    spec: ModelSpec
+    dimension: int
+
+
+class Backend:
+    """What the app serves: the cache, the models, the token, the limits, the counters.
+
+    The models are loaded here, before the server accepts a request, so that a model that
+    cannot be loaded stops ``serve`` at once rather than failing every request.
+    """
+
+    def __init__(
+        self,
+        cache: EmbeddingCache,
+        models: Sequence[str] = (),
+        *,
+        token: str | None = None,
+        allow_push: bool = False,
+        limits: Limits | None = None,
+    ) -> None:
+        if cache.remote_url is not None or "remote" in cache.fallback_providers:
+            # A backend that asked a backend could end up asking itself.
+            raise InvalidInputError(
+                "a backend's cache computes locally: "
+                "EmbeddingCache(remote_url=False, fallback_providers=('local',))"
+            )
+        self.cache = cache
+        self.token = token or None
+        self.allow_push = allow_push
+        self.limits = limits or Limits()
+        self.started = time.time()
+        self.models: dict[str, Served] = {}
+        self._aliases: dict[str, str] = {}
+        for name in models or [cache.model]:
+            spec = resolve_model(name)
+            self.models[spec.name] = Served(spec, cache.dimension(spec.name))
+            self._aliases[name] = spec.name
+        self.default_model = next(iter(self.models))
+        self._counts = {"requests": 0, "rejected": 0, "texts": 0, "accepted_pushes": 0}
+        self._lock = threading.Lock()
+
+    def served(self, model: str | None) -> Served:
+        """The served model a request names (the default one for ``None``)."""
+        if model is None:
+            return self.models[self.default_model]
+        name = catalog_name(model) or self._aliases.get(model, model)
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ProtocolError(
+                422,
+                f"unknown model {model!r}; this server serves: {', '.join(self.models)}",
+                code="unknown_model",
+            ) from None
+
+    def embed(self, request: EmbedRequest) -> tuple[np.ndarray, np.ndarray, Served]:
+        """The vectors of a request (zeros where a lookup found nothing) and which were
+        stored already."""
+        served = self.served(request.model)
+        normalized, prompt = self._embedded(request.texts, request, served.spec)
+        vectors, hits = self.cache._resolve(
+            served.spec,
+            normalized,
+            prompt,
+            compute=not request.lookup_only,
+            truncate=request.truncate,
+        )
+        self.count(texts=len(request.texts))
+        return vectors, hits, served
+
+    def push(self, request: PushRequest) -> int:
+        """Store vectors a client computed; stored ones are never replaced. The number new."""
+        served = self.served(request.model)
+        normalized, prompt = self._embedded(request.texts, request, served.spec)
+        accepted = self.cache._adopt(served.spec, normalized, prompt, request.vectors)
+        self.count(accepted_pushes=accepted)
+        return accepted
+
+    def authorized(self, header: str | None) -> bool:
+        if self.token is None:
+            return True
+        scheme, _, given = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), self.token.encode()
+        )
+
+    def count(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                self._counts[name] += amount
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            counts = dict(self._counts)
+        return {
+            **counts,
+            **self.cache.stats,
+            "uptime_s": round(time.time() - self.started, 3),
+        }
+
+    def _embedded(
+        self, texts: list[str], request: EmbedRequest | PushRequest, spec: ModelSpec
+    ) -> tuple[list[str], str]:
+        try:
+            prompt = spec.prompt(None) if request.prompt is None else request.prompt
+        except InvalidInputError as exc:
+            raise ProtocolError(422, str(exc)) from None
+        if request.normalized:
+            return texts, prompt
+        norm = normalizer(self.cache.normalize)
+        return [norm(text) for text in texts], prompt
+
+
+def create_app(backend: Backend) -> FastAPI:
+    """The ASGI app of a backend; closing the app (lifespan end) closes its cache."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(backend.cache.close)
+
+    app = FastAPI(
+        title="embeddingcache",
+        version=__version__,
+        lifespan=lifespan,
+        # The bodies are msgpack, which OpenAPI cannot describe: docs/protocol.md does.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.backend = backend
+
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(request: Request, exc: ProtocolError) -> Response:
+        backend.count(rejected=1)
+        body: dict[str, Any] = {"detail": str(exc), "error": exc.code}
+        if exc.index is not None:
+            body["index"] = exc.index
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(body, status_code=exc.status, headers=headers)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/models")
+    async def models(request: Request) -> dict[str, Any]:
+        _authorize(backend, request)
+        return {
+            "default": backend.default_model,
+            "models": [
+                {
+                    "name": name,
+                    "dimensions": served.dimension,
+                    "prompts": dict(served.spec.prompts),
+                    "default_prompt": served.spec.default_prompt,
+                }
+                for name, served in backend.models.items()
+            ],
+            "limits": {
+                "max_texts": backend.limits.max_texts,
+                "max_text_chars": backend.limits.max_text_chars,
+                "max_body_bytes": backend.limits.max_body_bytes,
+            },
+            "push": backend.allow_push,
+            "version": __version__,
+        }
+
+    @app.get("/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        _authorize(backend, request)
+        return backend.stats()
+
+    @app.post("/embed")
+    async def embed(request: Request) -> Response:
+        kind, obj = await _read(backend, request)
+        parsed = parse_embed_request(obj, backend.limits)
+        vectors, hits, served = await _run(backend.embed, parsed)
+        present = hits if parsed.lookup_only else None
+        answer = {
+            "embeddings": encode_vectors(vectors, present, kind),
+            "cache_hits": hits.tolist(),
+            "model": served.spec.name,
+            "dimensions": served.dimension,
+        }
+        return Response(encode_body(answer, kind), media_type=kind)
+
+    @app.post("/push")
+    async def push(request: Request) -> Response:
+        kind, obj = await _read(backend, request)
+        if not backend.allow_push:
+            raise ProtocolError(
+                403,
+                "this server does not take pushed vectors (start it with --allow-push)",
+                code="push_disabled",
+            )
+
+        def dimension_of(model: str | None) -> int:
+            return backend.served(model).dimension
+
+        parsed = parse_push_request(obj, kind, backend.limits, dimension_of)
+        accepted = await _run(backend.push, parsed)
+        served = backend.served(parsed.model)
+        answer = {"accepted": accepted, "model": served.spec.name, "dimensions": served.dimension}
+        return Response(encode_body(answer, kind), media_type=kind)
+
+    return app
+
+
+def _authorize(backend: Backend, request: Request) -> None:
+    if not backend.authorized(request.headers.get("authorization")):
+        raise ProtocolError(
+            401,
+            "missing or wrong bearer token (Authorization: Bearer <token>)",
+            code="unauthorized",
+        )
+
+
+async def _read(backend: Backend, request: Request) -> tuple[str, Any]:
+    """The format and decoded object of a request's body, refusing it as early as possible:
+    a wrong token or content type before reading, an oversized body as soon as it shows."""
+    backend.count(requests=1)
+    _authorize(backend, request)
+    kind = media_type(request.headers.get("content-type"))
+    limit = backend.limits.max_body_bytes
+    too_large = ProtocolError(
+        413, f"the body is larger than this server's limit of {limit} bytes", code="too_large"
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ProtocolError(400, f"invalid Content-Length {declared!r}", code="malformed")
+        if int(declared) > limit:
+            raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return kind, decode_body(b"".join(chunks), kind)
+
+
+async def _run(function: Any, request: Any) -> Any:
+    """Run blocking work (the database, the model) off the event loop, translating the
+    library's errors into answers."""
+    try:
+        return await run_in_threadpool(function, request)
+    except ProtocolError:
+        raise
+    except TextTooLongError as exc:
+        raise ProtocolError(422, str(exc), code="too_many_tokens", index=exc.index) from None
+    except InvalidInputError as exc:
+        raise ProtocolError(422, str(exc)) from None
+    except StorageError as exc:
+        logger.error("storage failed: %s", exc)
+        raise ProtocolError(
+            503, f"the server's storage failed: {exc}", code="unavailable"
+        ) from None
+    except ProviderError as exc:
+        logger.error("model failed: %s", exc)
+        raise ProtocolError(503, f"the server's model failed: {exc}", code="unavailable") from None
+    except EmbeddingCacheError as exc:
+        raise ProtocolError(503, str(exc), code="unavailable") from None
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket; port 0 picks a free one (read it from ``getsockname()``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.listen(2048)
+    return sock
+
+
+def serve(app: FastAPI, sock: socket.socket, *, access_log: bool = False) -> None:
+    """Run the app with uvicorn on an already bound socket until SIGINT or SIGTERM."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        app, access_log=access_log, log_level="info", timeout_graceful_shutdown=5
+    )
+    uvicorn.Server(config).run(sockets=[sock])
