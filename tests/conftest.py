@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,138 @@ def any_store(storage: dict[str, Any]) -> Iterator[Any]:
     store = Store(layout_for(storage.get("cache_dir", Path("unused")), storage.get("db_url")))
     yield store
     store.close()
+
+
+# -- servers -------------------------------------------------------------------------------
+
+
+class RunningServer:
+    """A real uvicorn server on 127.0.0.1 and a free port, in a thread of this process."""
+
+    def __init__(self, app: Any) -> None:
+        import threading
+
+        import uvicorn
+
+        from embeddingcache.server import bind
+
+        self.app = app
+        self._sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, timeout_graceful_shutdown=1
+        )
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+        )
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=15)
+        self._sock.close()
+
+
+@pytest.fixture
+def server_cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "server-cache"
+
+
+@pytest.fixture
+def start_server(
+    tiny_model: str, server_cache_dir: Path
+) -> Iterator[Callable[..., tuple[RunningServer, Any]]]:
+    """Start a backend serving the tiny model: ``start_server(token=..., allow_push=...,
+    limits=..., wrap=...)`` gives the running server and its ``Backend``."""
+    from embeddingcache.server import Backend, create_app
+
+    servers: list[RunningServer] = []
+
+    def start(
+        *,
+        wrap: Callable[[Any], Any] | None = None,
+        storage: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> tuple[RunningServer, Any]:
+        cache = EmbeddingCache(
+            tiny_model,
+            remote_url=False,
+            fallback_providers=("local",),
+            device="cpu",
+            **(storage or {"cache_dir": server_cache_dir}),
+        )
+        backend = Backend(cache, [tiny_model], **options)
+        app = create_app(backend)
+        server = RunningServer(wrap(app) if wrap else app)
+        servers.append(server)
+        return server, backend
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+class ServerProcess:
+    """``embeddingcache serve`` in a process of its own, on a free port."""
+
+    def __init__(self, *args: str) -> None:
+        import subprocess
+        import threading
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "embeddingcache.cli", "serve", "--port", "0", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.output: list[str] = []
+        assert self.process.stderr is not None
+        deadline = time.monotonic() + 120
+        self.url = ""
+        for line in self.process.stderr:
+            self.output.append(line)
+            if " at http://" in line:
+                self.url = line.rsplit(" at ", 1)[1].strip()
+                break
+            if time.monotonic() > deadline:
+                break
+        if not self.url:
+            self.process.kill()
+            raise RuntimeError("serve did not start:\n" + "".join(self.output))
+        # Keep reading, so that a chatty server never blocks on a full pipe.
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.output.append(line)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except Exception:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture
+def serve_process() -> Iterator[Callable[..., ServerProcess]]:
+    """Start ``embeddingcache serve`` processes, stopped after the test."""
+    processes: list[ServerProcess] = []
+
+    def start(*args: str) -> ServerProcess:
+        process = ServerProcess(*args)
+        processes.append(process)
+        return process
+
+    yield start
+    for process in processes:
+        process.stop()

@@ -106,3 +106,54 @@ def test_errors_are_one_line_and_a_non_zero_exit(
 def test_stats_on_an_empty_cache(tmp_path: Path, capsys: Any) -> None:
     assert main(["stats", "--cache-dir", str(tmp_path / "nothing")]) == 0
     assert "no model shards yet" in capsys.readouterr().out
+
+
+def test_serve_answers_what_embed_asks_through_remote_url(
+    tiny_model: str, cache_dir: Path, tmp_path: Path, serve_process: Any
+) -> None:
+    import httpx
+
+    server = serve_process("-m", tiny_model, "--cache-dir", str(tmp_path / "server"))
+    lines = ["asked once", "asked twice"]
+    response = httpx.post(f"{server.url}/embed", json={"texts": lines}, timeout=60)
+    assert response.status_code == 200
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args = ("embed", str(source), "-m", tiny_model, "--cache-dir", str(cache_dir))
+    result = cli(*args, "--remote-url", server.url)
+    assert result.returncode == 0, result.stderr
+    assert "0 from the cache, 2 from the backend, 0 computed" in result.stdout
+
+
+def test_serve_has_help_for_every_option() -> None:
+    result = cli("serve", "--help")
+    assert result.returncode == 0
+    for option in (
+        "--host",
+        "--port",
+        "--model",
+        "--token",
+        "--allow-push",
+        "--max-texts",
+        "--max-text-chars",
+        "--max-body-bytes",
+        "--cache-dir",
+        "--db-url",
+    ):
+        assert option in result.stdout
+
+
+def test_serve_errors_are_one_line(tiny_model: str, tmp_path: Path, capsys: Any) -> None:
+    cache = ["--cache-dir", str(tmp_path / "server")]
+    assert main(["serve", "-m", str(tmp_path / "no-such-model"), *cache]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("embeddingcache: error: cannot load model") and err.count("\n") == 1
+    assert main(["serve", "-m", tiny_model, "--max-texts", "0", *cache]) == 1
+    assert "--max-texts must be at least 1" in capsys.readouterr().err
+    from embeddingcache.server import bind
+
+    with bind("127.0.0.1", 0) as taken:
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "-m", tiny_model, "--port", port, *cache]) == 1
+    err = capsys.readouterr().err
+    assert "embeddingcache: error:" in err and "in use" in err

@@ -1,0 +1,227 @@
+"""The client's side of the backend: lookups, the fallback chain, push, and failures."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from embeddingcache import AllProvidersFailedError, EmbeddingCache, TextTooLongError
+
+TEXTS = ["one text", "two texts", "three texts", "four texts"]
+
+
+def client(tiny_model: str, tmp_path: Path, url: str, name: str = "client", **options: Any) -> Any:
+    """A cache of its own (a separate directory) that talks to the backend at ``url``."""
+    options.setdefault("device", "cpu")
+    return EmbeddingCache(tiny_model, cache_dir=tmp_path / name, remote_url=url, **options)
+
+
+def server_stats(url: str) -> dict[str, Any]:
+    stats: dict[str, Any] = httpx.get(f"{url}/stats").json()
+    return stats
+
+
+def test_a_remote_only_client_gets_the_vectors_a_local_one_computes(
+    start_server: Any, tiny_model: str, tmp_path: Path, direct_model: Any
+) -> None:
+    server, _ = start_server()
+    with (
+        client(tiny_model, tmp_path, server.url, fallback_providers=("remote",)) as remote,
+        EmbeddingCache(tiny_model, cache_dir=tmp_path / "local", device="cpu") as local,
+    ):
+        from_backend = remote.get_embeddings(TEXTS)
+        np.testing.assert_array_equal(from_backend, local.get_embeddings(TEXTS))
+        np.testing.assert_array_equal(from_backend, direct_model.encode(TEXTS))
+        assert remote.stats["computed"] == 4 and remote.stats["remote_hits"] == 0
+        assert "local" not in remote._providers  # no local model was loaded
+        # Stored locally: the next call is answered without the backend.
+        before = server_stats(server.url)["requests"]
+        np.testing.assert_array_equal(remote.get_embeddings(TEXTS), from_backend)
+        assert server_stats(server.url)["requests"] == before
+        assert remote.stats["hits"] == 4
+
+
+def test_vectors_the_backend_holds_are_counted_as_remote_hits_and_kept(
+    start_server: Any, tiny_model: str, tmp_path: Path, encode_spy: Any
+) -> None:
+    server, backend = start_server()
+    with client(tiny_model, tmp_path, server.url, "a", fallback_providers=("remote",)) as a:
+        computed = a.get_embeddings(TEXTS[:3])
+    encode_spy.calls.clear()
+    with client(tiny_model, tmp_path, server.url, "b") as b:
+        vectors = b.get_embeddings(TEXTS)
+        assert b.stats == {
+            "hits": 0,
+            "misses": 4,
+            "remote_hits": 3,
+            "computed": 1,
+            "pushed": 0,
+        }
+        np.testing.assert_array_equal(vectors[:3], computed)
+        # Only the text the backend lacked was computed, here.
+        assert encode_spy.texts == [TEXTS[3]]
+        assert b.contents().shards[0].entries == 4
+    assert backend.stats()["computed"] == 3
+
+
+def test_a_backend_killed_mid_session_means_fallback_to_the_local_model(
+    serve_process: Any, tiny_model: str, tmp_path: Path, direct_model: Any
+) -> None:
+    server = serve_process("--model", tiny_model, "--cache-dir", str(tmp_path / "server"))
+    with client(tiny_model, tmp_path, server.url, fallback_providers=("remote", "local")) as c:
+        c.get_embeddings(TEXTS[:2])
+        assert c.stats["computed"] == 2
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait()
+        vectors = c.get_embeddings(TEXTS)
+        # Each half bit for bit as the model computes it in that batch.
+        np.testing.assert_array_equal(vectors[:2], direct_model.encode(TEXTS[:2]))
+        np.testing.assert_array_equal(vectors[2:], direct_model.encode(TEXTS[2:]))
+        assert c.stats["hits"] == 2 and c.stats["computed"] == 4
+
+
+def slow(app: Any, delay: float) -> Any:
+    """The app, answering every HTTP request ``delay`` seconds late (a fault: a slow backend)."""
+
+    async def wrapped(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await asyncio.sleep(delay)
+        await app(scope, receive, send)
+
+    return wrapped
+
+
+@pytest.mark.parametrize("chain", [("local", "remote"), ("remote", "local")])
+def test_a_backend_slower_than_the_timeout_is_given_up_within_it(
+    start_server: Any, tiny_model: str, tmp_path: Path, direct_model: Any, chain: Any
+) -> None:
+    server, _ = start_server(wrap=lambda app: slow(app, 5.0))
+    timeout = 1.0
+    with client(tiny_model, tmp_path, server.url, timeout=timeout, fallback_providers=chain) as c:
+        c.dimension()  # load the local model first: only the backend's time is measured
+        started = time.monotonic()
+        vectors = c.get_embeddings(TEXTS)
+        elapsed = time.monotonic() - started
+        np.testing.assert_array_equal(vectors, direct_model.encode(TEXTS))
+        assert c.stats["remote_hits"] == 0 and c.stats["computed"] == 4
+    assert elapsed < timeout + 0.5, f"fell back after {elapsed:.2f} s"
+
+
+def test_the_token_is_sent_and_a_wrong_one_means_fallback(
+    start_server: Any, tiny_model: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, backend = start_server(token="s3cret")
+    with client(
+        tiny_model, tmp_path, server.url, "right", token="s3cret", fallback_providers=("remote",)
+    ) as right:
+        right.get_embeddings(TEXTS[:2])
+        assert right.stats["computed"] == 2
+    assert backend.stats()["computed"] == 2
+    with (
+        caplog.at_level(logging.WARNING, logger="embeddingcache"),
+        client(tiny_model, tmp_path, server.url, "wrong", token="nope") as wrong,
+    ):
+        wrong.get_embeddings(TEXTS[:2])
+        assert wrong.stats["remote_hits"] == 0 and wrong.stats["computed"] == 2
+    assert any(r.levelno == logging.WARNING and "401" in r.getMessage() for r in caplog.records)
+    assert backend.stats()["rejected"] >= 1
+
+
+def test_the_token_can_come_from_the_environment(
+    start_server: Any, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _ = start_server(token="from-env")
+    monkeypatch.setenv("EMBEDDING_CACHE_TOKEN", "from-env")
+    monkeypatch.setenv("EMBEDDING_CACHE_URL", server.url)
+    with EmbeddingCache(
+        tiny_model, cache_dir=tmp_path / "env", fallback_providers=("remote",)
+    ) as c:
+        c.get_embeddings(TEXTS[:1])
+        assert c.remote_url == server.url and c.stats["computed"] == 1
+
+
+def test_push_sends_local_vectors_to_a_backend_that_allows_it(
+    start_server: Any, tiny_model: str, tmp_path: Path
+) -> None:
+    server, backend = start_server(allow_push=True)
+    with client(tiny_model, tmp_path, server.url, "pusher", push=True) as pusher:
+        vectors = pusher.get_embeddings(TEXTS)
+        assert pusher.stats["pushed"] == 4
+    assert backend.stats()["accepted_pushes"] == 4 and backend.stats()["computed"] == 0
+    with client(tiny_model, tmp_path, server.url, "reader", fallback_providers=()) as reader:
+        np.testing.assert_array_equal(reader.get_embeddings(TEXTS), vectors)
+        assert reader.stats["remote_hits"] == 4
+
+
+def test_push_to_a_backend_that_refuses_it_changes_nothing_for_the_caller(
+    start_server: Any, tiny_model: str, tmp_path: Path, direct_model: Any
+) -> None:
+    server, backend = start_server()
+    with client(tiny_model, tmp_path, server.url, "pusher", push=True) as pusher:
+        vectors = pusher.get_embeddings(TEXTS)
+        assert pusher.stats["pushed"] == 0
+    np.testing.assert_array_equal(vectors, direct_model.encode(TEXTS))
+    assert backend.stats()["accepted_pushes"] == 0
+    with client(tiny_model, tmp_path, server.url, "reader", fallback_providers=()) as reader:
+        with pytest.raises(AllProvidersFailedError):
+            reader.get_embeddings(TEXTS)
+
+
+def test_without_push_nothing_computed_here_reaches_the_backend(
+    start_server: Any, tiny_model: str, tmp_path: Path
+) -> None:
+    server, backend = start_server(allow_push=True)
+    with client(tiny_model, tmp_path, server.url) as c:
+        c.get_embeddings(TEXTS)
+    assert backend.stats()["accepted_pushes"] == 0
+    assert backend.stats()["hits"] == 0 and backend.stats()["computed"] == 0
+
+
+def test_when_every_provider_fails_the_error_says_what_was_tried(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    from embeddingcache.server import bind
+
+    with bind("127.0.0.1", 0) as sock:  # a port nobody answers on once closed
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with client(tiny_model, tmp_path, url, fallback_providers=("remote",)) as c:
+        with pytest.raises(AllProvidersFailedError) as raised:
+            c.get_embeddings(TEXTS)
+    message = str(raised.value)
+    assert "remote (the backend at " in message and "did not answer" in message
+    assert "Install embeddingcache[local]" in message and f"check the backend at {url}" in message
+
+
+def test_a_text_too_long_for_the_backends_model_is_the_callers_error(
+    start_server: Any, tiny_model: str, tmp_path: Path
+) -> None:
+    server, _ = start_server()
+    with client(tiny_model, tmp_path, server.url, fallback_providers=("remote",)) as c:
+        with pytest.raises(TextTooLongError) as raised:
+            c.get_embeddings(["short", "fine", "x" * 100])
+        assert raised.value.index == 2
+        np.testing.assert_array_equal(
+            c.get_embeddings("x" * 100, truncate=True).shape, np.array([32])
+        )
+
+
+def test_two_servers_over_one_postgres_serve_each_others_vectors(
+    serve_process: Any, pg_url: str, tiny_model: str, tmp_path: Path
+) -> None:
+    a = serve_process("--model", tiny_model, "--db-url", pg_url)
+    b = serve_process("--model", tiny_model, "--db-url", pg_url)
+    with client(tiny_model, tmp_path, a.url, "via-a", fallback_providers=("remote",)) as via_a:
+        computed = via_a.get_embeddings(TEXTS)
+    with client(tiny_model, tmp_path, b.url, "via-b", fallback_providers=()) as via_b:
+        np.testing.assert_array_equal(via_b.get_embeddings(TEXTS), computed)
+        assert via_b.stats["remote_hits"] == 4
+    assert server_stats(a.url)["computed"] == 4
+    assert server_stats(b.url)["computed"] == 0 and server_stats(b.url)["hits"] == 4
