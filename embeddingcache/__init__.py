@@ -15,7 +15,14 @@ import numpy as np
 
 from ._version import __version__
 from .cache import EmbeddingCache
-from .config import resolve_cache_dir, resolve_db_url, resolve_remote_url
+from .config import (
+    ENV_CACHE_DIR,
+    ENV_DB_URL,
+    ENV_REMOTE_URL,
+    resolve_cache_dir,
+    resolve_db_url,
+    resolve_remote_url,
+)
 from .errors import (
     AllProvidersFailedError,
     DimensionMismatchError,
@@ -49,16 +56,31 @@ __all__ = [
 ]
 
 _caches: dict[tuple[Any, ...], EmbeddingCache] = {}
+_by_arguments: dict[tuple[Any, ...], EmbeddingCache] = {}
 _caches_lock = threading.Lock()
 
 
 def _shared_cache(cache_dir: str | os.PathLike[str] | None, db_url: str | None) -> EmbeddingCache:
     """One cache per storage place and backend, reused by every module-level call."""
+    # The arguments and the variables as given find the cache without resolving any path:
+    # this runs on every call, and a cached hit takes microseconds.
+    environ = os.environ
+    given = (
+        cache_dir,
+        db_url,
+        environ.get(ENV_CACHE_DIR),
+        environ.get(ENV_DB_URL),
+        environ.get(ENV_REMOTE_URL),
+    )
+    cache = _by_arguments.get(given)
+    if cache is not None:
+        return cache
     key = (resolve_cache_dir(cache_dir), resolve_db_url(db_url), resolve_remote_url(None))
     with _caches_lock:
         cache = _caches.get(key)
         if cache is None:
             cache = _caches[key] = EmbeddingCache(cache_dir=key[0], db_url=key[1])
+        _by_arguments[given] = cache
         return cache
 
 
@@ -108,5 +130,6 @@ def _reset_shared_caches() -> None:
     with _caches_lock:
         caches = list(_caches.values())
         _caches.clear()
+        _by_arguments.clear()
     for cache in caches:
         cache.close()

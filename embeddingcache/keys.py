@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import InvalidInputError, InvalidInputTypeError
 from .models import catalog_name
@@ -71,9 +71,23 @@ def validate_texts(texts: object) -> tuple[list[str], bool]:
             f"texts must be a str or a sequence of str, not {type(texts).__name__}"
         )
     items = list(texts)
-    for index, text in enumerate(items):
-        _check_one(text, index)
+    if not _all_valid(items):
+        for index, text in enumerate(items):
+            _check_one(text, index)
     return items, False
+
+
+def _all_valid(items: list[Any]) -> bool:
+    """Whether every item passes :func:`_check_one`, in a few passes of C code: the hit path
+    validates every text, so this runs per call; the per-item check runs only on failure to
+    name the first bad one."""
+    if not set(map(type, items)) <= {str} or not all(items) or any(map(str.isspace, items)):
+        return False
+    try:
+        "".join(items).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _check_one(text: object, index: int | None) -> None:

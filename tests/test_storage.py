@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import EncodeSpy
-from sqlalchemy import Engine, event
 from sqlalchemy import exc as sa_exc
 
 from embeddingcache import (
@@ -44,22 +43,30 @@ def test_shards_use_wal_and_a_busy_timeout(cache: EmbeddingCache, cache_dir: Pat
         assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
 
 
-def test_the_hit_path_only_reads(cache: EmbeddingCache) -> None:
+def test_the_hit_path_only_reads(
+    tiny_model: str, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     texts = [f"read only {i}" for i in range(10)]
-    cache.get_embeddings(texts)
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as first:
+        first.get_embeddings(texts)
+    files = sorted(cache_dir.glob("*.db*"))
+    before = {f: f.read_bytes() for f in files if not f.name.endswith("-shm")}
     statements: list[str] = []
+    connect = sqlite3.connect
 
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        statements.append(statement)
+    def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection = connect(*args, **kwargs)
+        connection.set_trace_callback(statements.append)
+        return connection
 
-    event.listen(Engine, "before_cursor_execute", record)
-    try:
-        cache.get_embeddings(texts)
-        cache.get_embeddings(texts[3])
-    finally:
-        event.remove(Engine, "before_cursor_execute", record)
-    assert statements, "the hit path ran no query at all"
-    assert all(s.lstrip().upper().startswith("SELECT") for s in statements), statements
+    monkeypatch.setattr(sqlite3, "connect", traced)
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as again:
+        again.get_embeddings(texts)
+        again.get_embeddings(texts[3])
+        assert again.stats["hits"] == 11
+    assert any(s.startswith("SELECT hashid, vector") for s in statements), statements
+    assert all(s.lstrip().upper().startswith(("SELECT", "PRAGMA")) for s in statements), statements
+    assert {f: f.read_bytes() for f in before} == before
 
 
 def test_a_damaged_vector_is_a_miss_recomputed_and_replaced(

@@ -27,7 +27,7 @@ from ..errors import InvalidInputError
 from ..keys import model_slug
 from ..models import catalog_name
 from .schema import embedding_table, hashstring_table, model_info_table
-from .sqlite import SHARD_PAGE_SIZE, sqlite_engine
+from .sqlite import SHARD_PAGE_SIZE, Reader, sqlite_engine
 
 __all__ = [
     "Layout",
@@ -88,6 +88,7 @@ class Layout(Protocol):
     def shard_places(self) -> list[ShardPlace]: ...
     def bytes_on_disk(self, place: ShardPlace) -> int: ...
     def prepare(self) -> None: ...
+    def reader(self, place: ShardPlace) -> Reader | None: ...
     def close(self) -> None: ...
 
 
@@ -97,6 +98,7 @@ class SQLiteLayout:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._engines: dict[Path, Engine] = {}
+        self._readers: dict[Path, Reader] = {}
         self._lock = threading.Lock()
 
     def describe(self) -> str:
@@ -142,11 +144,24 @@ class SQLiteLayout:
                 engine = self._engines[path] = sqlite_engine(path, page_size=page_size)
             return engine
 
+    def reader(self, place: ShardPlace) -> Reader | None:
+        """The plain sqlite3 reader of a shard file (the hit path)."""
+        if place.path is None:
+            return None
+        with self._lock:
+            reader = self._readers.get(place.path)
+            if reader is None:
+                reader = self._readers[place.path] = Reader(place.path, place.embedding.name)
+            return reader
+
     def close(self) -> None:
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
+            readers, self._readers = list(self._readers.values()), {}
         for engine in engines:
             engine.dispose()
+        for reader in readers:
+            reader.close()
 
 
 def server_schema(model: str) -> str:
@@ -218,6 +233,9 @@ class ServerLayout:
 
     def prepare(self) -> None:
         pass
+
+    def reader(self, place: ShardPlace) -> Reader | None:
+        return None  # Postgres: the round trip dominates, SQLAlchemy's cost does not
 
     def close(self) -> None:
         self.engine.dispose()

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy import exc as sa_exc
 
 from ..errors import EmbeddingCacheWarning
 
-__all__ = ["BUSY_TIMEOUT_S", "is_not_a_database", "move_aside", "sqlite_engine"]
+__all__ = ["BUSY_TIMEOUT_S", "Reader", "is_not_a_database", "move_aside", "sqlite_engine"]
 
 logger = logging.getLogger("embeddingcache.storage")
 
@@ -97,3 +98,63 @@ def move_aside(path: Path) -> Path:
     logger.warning(message)
     warnings.warn(message, EmbeddingCacheWarning, stacklevel=4)
     return target
+
+
+class Reader:
+    """Plain ``sqlite3`` connections that only read one file, one per thread.
+
+    The hit path is a few microseconds of SQLite per key; SQLAlchemy's per-statement work
+    (compiling the expanding IN, events, result rows) cost more than that, so hits skip it.
+    ``PRAGMA query_only`` makes sure these connections never write; in WAL mode they never
+    wait for a writer either.
+    """
+
+    def __init__(self, path: Path, table: str) -> None:
+        self.path = path
+        self._select = f"SELECT hashid, vector FROM {table} WHERE hashid IN "
+        self._queries: dict[int, str] = {}
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    def rows(self, keys: Sequence[bytes], chunk: int) -> list[tuple[bytes, bytes]]:
+        """``(hashid, vector)`` of the stored ``keys``, one query per ``chunk`` keys.
+
+        Raises:
+            sqlite3.Error: the file could not be read.
+        """
+        connection = self._connection()
+        found: list[tuple[bytes, bytes]] = []
+        for start in range(0, len(keys), chunk):
+            part = keys[start : start + chunk]
+            found += connection.execute(self._query(len(part)), part).fetchall()
+        return found
+
+    def _query(self, n: int) -> str:
+        query = self._queries.get(n)
+        if query is None:
+            query = self._queries[n] = self._select + "(" + ",".join("?" * n) + ")"
+        return query
+
+    def _connection(self) -> sqlite3.Connection:
+        local = self._local
+        if getattr(local, "generation", None) != self._generation:
+            opened = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+            opened.execute("PRAGMA query_only = 1")
+            with self._lock:
+                self._opened.append(opened)
+                local.connection, local.generation = opened, self._generation
+        connection: sqlite3.Connection = local.connection
+        return connection
+
+    def close(self) -> None:
+        """Close every thread's connection; the next read opens a new one (after a file was
+        moved aside, say)."""
+        with self._lock:
+            opened, self._opened = self._opened, []
+            self._generation += 1
+        for connection in opened:
+            connection.close()

@@ -8,11 +8,12 @@ creates an ORM object, and a read never writes.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from sqlalchemy import Connection, bindparam, delete, func, insert, select
@@ -24,7 +25,7 @@ from ..errors import DimensionMismatchError, ShardMismatchError, StorageError
 from . import migrate
 from .layout import Layout, Place, ShardPlace
 from .retry import retry_write
-from .sqlite import is_not_a_database, move_aside, write_transaction
+from .sqlite import Reader, is_not_a_database, move_aside, write_transaction
 
 __all__ = ["READ_CHUNK", "Lookup", "ModelInfo", "ShardSummary", "Store"]
 
@@ -46,9 +47,9 @@ class ModelInfo:
     library_version: str
 
 
-@dataclass(frozen=True)
-class Lookup:
-    """What a read found: ``vectors[j]`` is the vector of ``keys[positions[j]]``.
+class Lookup(NamedTuple):
+    """What a read found: ``vectors[j]`` is the vector of ``keys[positions[j]]``, and
+    ``positions`` ascends.
 
     ``damaged`` lists positions whose stored vector has the wrong length: to be recomputed.
     """
@@ -77,6 +78,7 @@ class ShardSummary:
 class _Shard:
     place: ShardPlace
     info: ModelInfo | None
+    reader: Reader | None = None  # the SQLite hit path
 
 
 class Store:
@@ -102,28 +104,43 @@ class Store:
             return Lookup.empty(shard.info.dimension if shard and shard.info else 0)
         dimension = shard.info.dimension
         width = 4 * dimension
-        table = shard.place.embedding
+        try:
+            if shard.reader is not None:
+                rows = shard.reader.rows(keys, READ_CHUNK)
+            else:
+                rows = self._rows(shard.place, keys)
+        except (sa_exc.SQLAlchemyError, sqlite3.Error) as exc:
+            raise self._error(f"cannot read the shard of {model!r}", exc) from exc
+        where = dict(zip(keys, range(len(keys)), strict=True))
+        # Each row goes to its key's slot, so that one join gives the vectors in key order:
+        # with every key found, the matrix needs no reordering at all.
+        slots: list[bytes | None] = [None] * len(keys)
+        damaged: list[int] = []
+        for hashid, vector in rows:
+            if len(vector) == width:
+                slots[where[hashid]] = vector
+            else:
+                damaged.append(where[hashid])
+        if len(rows) == len(keys) and not damaged:
+            positions = np.arange(len(keys), dtype=np.intp)
+            data = bytearray().join(slots)  # type: ignore[arg-type]  # no None left
+        else:
+            positions = np.flatnonzero([slot is not None for slot in slots])
+            data = bytearray().join(slot for slot in slots if slot is not None)
+        # A bytearray makes the matrix writable: read-time options work on it in place.
+        vectors = np.frombuffer(data, dtype="<f4").reshape(len(positions), dimension)
+        return Lookup(positions, vectors, damaged)
+
+    def _rows(self, place: ShardPlace, keys: Sequence[bytes]) -> list[Any]:
+        table = place.embedding
         query = select(table.c.hashid, table.c.vector).where(
             table.c.hashid.in_(bindparam("keys", expanding=True))
         )
-        where = {key: i for i, key in enumerate(keys)}
-        positions: list[int] = []
-        blobs: list[bytes] = []
-        damaged: list[int] = []
-        try:
-            with shard.place.engine.connect() as connection:
-                for start in range(0, len(keys), READ_CHUNK):
-                    chunk = keys[start : start + READ_CHUNK]
-                    for hashid, vector in connection.execute(query, {"keys": chunk}):
-                        if len(vector) == width:
-                            positions.append(where[hashid])
-                            blobs.append(vector)
-                        else:
-                            damaged.append(where[hashid])
-        except sa_exc.SQLAlchemyError as exc:
-            raise self._error(f"cannot read the shard of {model!r}", exc) from exc
-        vectors = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dimension)
-        return Lookup(np.asarray(positions, dtype=np.intp), vectors, damaged)
+        rows: list[Any] = []
+        with place.engine.connect() as connection:
+            for start in range(0, len(keys), READ_CHUNK):
+                rows += connection.execute(query, {"keys": keys[start : start + READ_CHUNK]})
+        return rows
 
     def text_count(self) -> int:
         """Rows in the hashstring table (0 when it does not exist yet)."""
@@ -232,7 +249,7 @@ class Store:
                 )
             connection.execute(_insert_ignore(connection, place.embedding), rows)
         with self._lock:
-            self._shards[model] = _Shard(place, info)
+            self._shards[model] = _Shard(place, info, self.layout.reader(place))
 
     # -- opening --------------------------------------------------------------------------
 
@@ -252,7 +269,7 @@ class Store:
             return None
         info = ModelInfo(row.model, row.dimension, row.dtype, row.library_version)
         _check_model(info, model, place)
-        shard = _Shard(place, info)
+        shard = _Shard(place, info, self.layout.reader(place))
         with self._lock:
             self._shards[model] = shard
         return shard
@@ -276,6 +293,8 @@ class Store:
             if not is_not_a_database(exc) or place.path is None:
                 raise
             place.engine.dispose()
+            if isinstance(place, ShardPlace) and (reader := self.layout.reader(place)):
+                reader.close()
             move_aside(place.path)
             ready = migrate.ensure(place, create=create)
         if ready:
