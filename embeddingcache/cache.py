@@ -169,7 +169,7 @@ class EmbeddingCache:
         )
         prompt = spec.prompt(prompt_name)
 
-        normalized = [norm(text) for text in items]
+        normalized = list(map(norm, items))
         result, _ = self._resolve(
             spec,
             normalized,
@@ -278,9 +278,9 @@ class EmbeddingCache:
         batch_size: int | None = None,
         show_progress: bool = False,
         truncate: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """The vectors of ``prompt + text`` for normalized texts, and which of them this
-        cache's storage held.
+        cache's storage held (``None``: all of them).
 
         Looks in the storage, then asks the backend (lookup only), then, when ``compute``,
         runs the providers for the rest and stores what they return. Without ``compute``,
@@ -295,9 +295,12 @@ class EmbeddingCache:
             inverse = np.fromiter((where[key] for key in keys), dtype=np.intp, count=len(keys))
 
         found = self._store.lookup(spec.name, unique_keys)
+        self._count_lookup(len(found.positions), len(unique_keys) - len(found.positions))
+        if len(found.positions) == len(unique_keys) and unique_keys:
+            # All stored: the lookup's rows are already in key order (the hot path).
+            return (found.vectors if inverse is None else found.vectors[inverse]), None
         hit = np.zeros(len(unique_keys), dtype=bool)
         hit[found.positions] = True
-        self._count(hits=len(found.positions), misses=len(unique_keys) - len(found.positions))
         # (positions in unique_keys, their vectors), from each source in turn
         parts = [(found.positions, found.vectors)]
         missing = np.flatnonzero(~hit)
@@ -408,14 +411,19 @@ class EmbeddingCache:
                 continue
             self._count(computed=len(texts))
             return vectors, name
-        hint = "Install embeddingcache[local] to compute them here"
-        hint += (
-            f", or check the backend at {self.remote_url}."
+        here = (
+            "install embeddingcache[local] to compute them here"
+            if "local" in self.fallback_providers
+            else "add 'local' to fallback_providers to compute them here"
+        )
+        there = (
+            f"check the backend at {self.remote_url}"
             if self.remote_url is not None
-            else ", or set remote_url (EMBEDDING_CACHE_URL) to an `embeddingcache serve` backend."
+            else "set remote_url (EMBEDDING_CACHE_URL) to an `embeddingcache serve` backend"
         )
         raise AllProvidersFailedError(
-            f"cannot compute embeddings for model {spec.name!r}; tried: {'; '.join(tried)}. " + hint
+            f"cannot compute embeddings for model {spec.name!r}; tried: "
+            f"{'; '.join(tried) or 'no provider'}. To fix: {here}, or {there}."
         )
 
     def _remote_lookup(
@@ -514,6 +522,12 @@ class EmbeddingCache:
             return info.dimension
         return self._dimensions.get(spec.name) or spec.dimension or 0
 
+    def _count_lookup(self, hits: int, misses: int) -> None:
+        with self._lock:
+            stats = self._stats
+            stats["hits"] += hits
+            stats["misses"] += misses
+
     def _count(self, **amounts: int) -> None:
         with self._lock:
             for name, amount in amounts.items():
@@ -521,13 +535,13 @@ class EmbeddingCache:
 
 
 def _keyed(normalized: list[str], prompt: str) -> tuple[list[str], list[bytes], dict[bytes, int]]:
-    """The embedded strings, their keys, and where each distinct key first appears."""
+    """The embedded strings, their keys, and for each distinct key (in order of first
+    appearance) the index of one text that has it."""
     embedded = [prompt + text for text in normalized] if prompt else normalized
     keys = keys_of(embedded)
-    first: dict[bytes, int] = {}
-    for i, key in enumerate(keys):
-        first.setdefault(key, i)
-    return embedded, keys, first
+    # A repeated key keeps its first place in the order and the index of its last
+    # occurrence: either names the same text.
+    return embedded, keys, dict(zip(keys, range(len(keys)), strict=True))
 
 
 def _dtype(dtype: str) -> type[np.floating[Any]]:

@@ -40,6 +40,8 @@ JSON = "application/json"
 MEDIA_TYPES = (MSGPACK, JSON)
 # The longest prompt a client may put in front of its texts.
 MAX_PROMPT_CHARS = 1000
+# The longest vector a pushed body may hold.
+MAX_DIMENSIONS = 65536
 
 
 class ProtocolError(EmbeddingCacheError):
@@ -56,11 +58,13 @@ class ProtocolError(EmbeddingCacheError):
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may hold; the server answers 413 or 422 beyond it."""
+    """What one request may hold; the server answers 413 or 422 beyond it, and 408 to a
+    body that takes longer than ``body_timeout_s`` to arrive."""
 
     max_texts: int = 4096
     max_text_chars: int = 100_000
-    max_body_bytes: int = 64 * 1024 * 1024
+    max_body_bytes: int = 16 * 1024 * 1024
+    body_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -111,11 +115,25 @@ def media_type(content_type: str | None) -> str:
     return kind
 
 
-def decode_body(body: bytes, kind: str) -> Any:
-    """The object a msgpack or JSON body holds, or a 400 ``ProtocolError``."""
+def decode_body(body: bytes, kind: str, limits: Limits | None = None) -> Any:
+    """The object a msgpack or JSON body holds, or a 400 ``ProtocolError``.
+
+    With ``limits`` (a server reading a request), msgpack refuses containers and strings
+    larger than a valid request can hold before building them: a few bytes can announce
+    millions of items.
+    """
     try:
         if kind == MSGPACK:
-            return msgpack.unpackb(body, raw=False, strict_map_key=True)
+            bounds = {}
+            if limits is not None:
+                bounds = {
+                    "max_array_len": max(limits.max_texts, 65536),
+                    "max_map_len": 64,
+                    "max_str_len": max(4 * limits.max_text_chars, 65536),
+                    "max_bin_len": 4 * MAX_DIMENSIONS,
+                    "max_ext_len": 0,
+                }
+            return msgpack.unpackb(body, raw=False, strict_map_key=True, **bounds)
         return json.loads(body)
     # A decoder may fail in many ways (bad UTF-8, extra data, nesting too deep, a map key
     # that cannot be hashed): every one of them is the sender's malformed body.

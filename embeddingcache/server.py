@@ -10,6 +10,7 @@ FastAPI and uvicorn come with the ``server`` extra: ``pip install 'embeddingcach
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import socket
@@ -24,6 +25,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from ._version import __version__
 from .cache import EmbeddingCache
@@ -96,7 +98,13 @@ class Backend:
             self.models[spec.name] = Served(spec, cache.dimension(spec.name))
             self._aliases[name] = spec.name
         self.default_model = next(iter(self.models))
-        self._counts = {"requests": 0, "rejected": 0, "texts": 0, "accepted_pushes": 0}
+        self._counts = {
+            "requests": 0,
+            "rejected": 0,
+            "failed": 0,
+            "texts": 0,
+            "accepted_pushes": 0,
+        }
         self._lock = threading.Lock()
 
     def served(self, model: str | None) -> Served:
@@ -126,7 +134,7 @@ class Backend:
             truncate=request.truncate,
         )
         self.count(texts=len(request.texts))
-        return vectors, hits, served
+        return vectors, np.ones(len(normalized), dtype=bool) if hits is None else hits, served
 
     def push(self, request: PushRequest) -> int:
         """Store vectors a client computed; stored ones are never replaced. The number new."""
@@ -152,9 +160,12 @@ class Backend:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             counts = dict(self._counts)
+        cache = self.cache.stats
         return {
             **counts,
-            **self.cache.stats,
+            "hits": cache["hits"],
+            "misses": cache["misses"],
+            "computed": cache["computed"],
             "uptime_s": round(time.time() - self.started, 3),
         }
 
@@ -192,7 +203,7 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.exception_handler(ProtocolError)
     async def protocol_error(request: Request, exc: ProtocolError) -> Response:
-        backend.count(rejected=1)
+        backend.count(**{"rejected" if exc.status < 500 else "failed": 1})
         body: dict[str, Any] = {"detail": str(exc), "error": exc.code}
         if exc.index is not None:
             body["index"] = exc.index
@@ -247,13 +258,15 @@ def create_app(backend: Backend) -> FastAPI:
 
     @app.post("/push")
     async def push(request: Request) -> Response:
-        kind, obj = await _read(backend, request)
         if not backend.allow_push:
+            backend.count(requests=1)
+            _authorize(backend, request)
             raise ProtocolError(
                 403,
                 "this server does not take pushed vectors (start it with --allow-push)",
                 code="push_disabled",
             )
+        kind, obj = await _read(backend, request)
 
         def dimension_of(model: str | None) -> int:
             return backend.served(model).dimension
@@ -283,23 +296,39 @@ async def _read(backend: Backend, request: Request) -> tuple[str, Any]:
     _authorize(backend, request)
     kind = media_type(request.headers.get("content-type"))
     limit = backend.limits.max_body_bytes
-    too_large = ProtocolError(
-        413, f"the body is larger than this server's limit of {limit} bytes", code="too_large"
-    )
     declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise ProtocolError(400, f"invalid Content-Length {declared!r}", code="malformed")
-        if int(declared) > limit:
-            raise too_large
+    # (The HTTP layer has refused a Content-Length that is not a number already.)
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(
+            413, f"the body is larger than this server's limit of {limit} bytes", code="too_large"
+        )
+    try:
+        body = await asyncio.wait_for(_body(request, limit), backend.limits.body_timeout_s)
+    except asyncio.TimeoutError:  # builtin TimeoutError from 3.11 on only
+        raise ProtocolError(
+            408,
+            f"the body did not arrive within {backend.limits.body_timeout_s:g} s",
+            code="timeout",
+        ) from None
+    except ClientDisconnect:
+        raise ProtocolError(400, "the client went away before its body", code="malformed") from None
+    # Decoding a large body is CPU work: off the event loop, so that other requests go on.
+    return kind, await run_in_threadpool(decode_body, body, kind, backend.limits)
+
+
+async def _body(request: Request, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_large
+            raise ProtocolError(
+                413,
+                f"the body is larger than this server's limit of {limit} bytes",
+                code="too_large",
+            )
         chunks.append(chunk)
-    return kind, decode_body(b"".join(chunks), kind)
+    return b"".join(chunks)
 
 
 async def _run(function: Any, request: Any) -> Any:

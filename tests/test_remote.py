@@ -197,7 +197,8 @@ def test_when_every_provider_fails_the_error_says_what_was_tried(
             c.get_embeddings(TEXTS)
     message = str(raised.value)
     assert "remote (the backend at " in message and "did not answer" in message
-    assert "Install embeddingcache[local]" in message and f"check the backend at {url}" in message
+    assert "add 'local' to fallback_providers" in message
+    assert f"or check the backend at {url}" in message
 
 
 def test_a_text_too_long_for_the_backends_model_is_the_callers_error(
@@ -225,3 +226,54 @@ def test_two_servers_over_one_postgres_serve_each_others_vectors(
         assert via_b.stats["remote_hits"] == 4
     assert server_stats(a.url)["computed"] == 4
     assert server_stats(b.url)["computed"] == 0 and server_stats(b.url)["hits"] == 4
+
+
+def test_a_dead_backend_is_not_asked_again_for_a_while(
+    start_server: Any, tiny_model: str, tmp_path: Path
+) -> None:
+    server, _backend = start_server(wrap=lambda app: slow(app, 5.0))
+    with client(tiny_model, tmp_path, server.url, timeout=0.5) as c:
+        c.dimension()
+        started = time.monotonic()
+        c.get_embeddings(TEXTS[:2])
+        first = time.monotonic() - started
+        started = time.monotonic()
+        c.get_embeddings(TEXTS[2:])
+        second = time.monotonic() - started
+    assert first >= 0.5 and second < 0.4, (first, second)
+
+
+def test_more_texts_than_one_request_holds_come_back_in_order(
+    start_server: Any, tiny_model: str, tmp_path: Path, direct_model: Any
+) -> None:
+    server, backend = start_server()
+    from embeddingcache.providers.remote import COMPUTE_TEXTS
+
+    texts = [f"text number {i}" for i in range(2500)]
+    with client(tiny_model, tmp_path, server.url, fallback_providers=("remote",)) as c:
+        vectors = c.get_embeddings(texts)
+    # Each request's texts are one encode() on the server: bit for bit the same.
+    for start in range(0, len(texts), COMPUTE_TEXTS):
+        chunk = texts[start : start + COMPUTE_TEXTS]
+        np.testing.assert_array_equal(
+            vectors[start : start + COMPUTE_TEXTS], direct_model.encode(chunk)
+        )
+    assert backend.stats()["computed"] == 2500
+
+
+def test_the_client_keeps_to_the_servers_limits(
+    start_server: Any, tiny_model: str, tmp_path: Path, direct_model: Any
+) -> None:
+    from embeddingcache.protocol import Limits
+
+    server, backend = start_server(limits=Limits(max_texts=5, max_text_chars=30))
+    texts = [f"text number {i}" for i in range(23)]
+    with client(tiny_model, tmp_path, server.url, "a", fallback_providers=("remote",)) as a:
+        vectors = a.get_embeddings(texts)
+    np.testing.assert_allclose(vectors, direct_model.encode(texts), atol=1e-6)
+    assert backend.stats()["computed"] == 23 and backend.stats()["rejected"] == 0
+    # A text longer than the server takes is not asked for; the rest still are.
+    with client(tiny_model, tmp_path, server.url, "b") as b:
+        b.get_embeddings([*texts[:3], "a text longer than thirty characters"])
+        assert b.stats["remote_hits"] == 3 and b.stats["computed"] == 1
+    assert backend.stats()["rejected"] == 0

@@ -389,3 +389,58 @@ def test_malformed_and_mutated_bodies_never_get_a_5xx_nor_stop_the_server(
     assert len(answered) >= 100 and any(status >= 400 for status in answered)
     assert httpx.get(f"{push_server.url}/healthz").status_code == 200
     assert post(push_server.url, {"texts": ["still here"]}).status_code == 200
+
+
+def test_lookup_only_in_json_answers_null_for_misses(server: Any) -> None:
+    post(server.url, {"texts": ["known"]})
+    response = httpx.post(
+        f"{server.url}/embed", json={"texts": ["known", "unknown"], "lookup_only": True}
+    )
+    answer = response.json()
+    assert answer["cache_hits"] == [True, False]
+    assert len(answer["embeddings"][0]) == 32 and answer["embeddings"][1] is None
+
+
+def test_concurrent_requests_keep_truncation_apart(server: Any, direct_model: Any) -> None:
+    """The length check and the encode of one request never see another's tokenizer
+    settings: long texts without truncate are always refused, and nothing fails."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    long_text = "x" * 100
+
+    def ask(i: int) -> tuple[int, int, bool]:
+        truncate = i % 2 == 0
+        text = f"{long_text} {i}" if i % 3 else f"short {i}"
+        response = post(server.url, {"texts": [text], "truncate": truncate})
+        return i, response.status_code, truncate
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(ask, range(120)))
+    for i, status, truncate in answers:
+        long = i % 3 != 0
+        assert status == (422 if long and not truncate else 200), (i, status)
+    short = msgpack.unpackb(post(server.url, {"texts": ["short 3"]}).content)
+    np.testing.assert_array_equal(vectors_of(short), direct_model.encode(["short 3"]))
+
+
+def test_a_body_that_never_arrives_gets_408_and_blocks_no_one(start_server: Any) -> None:
+    import socket
+
+    server, _ = start_server(limits=Limits(body_timeout_s=1.0))
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as slow:
+        slow.sendall(
+            b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/msgpack\r\n"
+            b"Content-Length: 100\r\n\r\n\x81\xa5texts"
+        )
+        assert post(server.url, {"texts": ["meanwhile"]}).status_code == 200
+        answer = slow.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive within 1 s" in answer
+
+
+def test_a_body_announcing_millions_of_items_is_refused_before_building_them(
+    server: Any,
+) -> None:
+    announced = b"\x81\xa5texts\xdd\x03\x93\x87\x00" + b"\x90" * 1000  # an array of 60M
+    response = httpx.post(f"{server.url}/embed", content=announced, headers=MSGPACK)
+    assert response.status_code == 400 and "malformed msgpack" in response.json()["detail"]

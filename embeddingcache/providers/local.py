@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,7 @@ class LocalProvider:
     def __init__(self, *, device: str | None = None) -> None:
         self.device = device
         self._models: dict[str, Any] = {}
+        self._busy: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._lock = threading.Lock()
 
     def model(self, spec: ModelSpec) -> Any:
@@ -103,9 +105,13 @@ class LocalProvider:
         truncate: bool,
     ) -> np.ndarray:
         model = self.model(spec)
-        if not truncate:
-            self._check_lengths(spec, model, texts, prompt)
-        return self._encode(model, list(texts), prompt, batch_size, show_progress)
+        # One computation per model at a time: the length check switches the shared fast
+        # tokenizer's truncation off, which a concurrent encode (a server's other request)
+        # would otherwise see, and undo. Found by concurrent requests to `serve`.
+        with self._busy[spec.name]:
+            if not truncate:
+                self._check_lengths(spec, model, texts, prompt)
+            return self._encode(model, list(texts), prompt, batch_size, show_progress)
 
     def _check_lengths(
         self, spec: ModelSpec, model: Any, texts: Sequence[str], prompt: str

@@ -9,10 +9,12 @@ does not wait for a dead backend on each one.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -24,6 +26,7 @@ from ..models import ModelSpec
 from ..protocol import (
     MSGPACK,
     EmbedRequest,
+    Limits,
     ProtocolError,
     decode_body,
     decode_vectors,
@@ -36,10 +39,19 @@ __all__ = ["COOLDOWN_S", "BackendError", "RemoteProvider"]
 logger = logging.getLogger("embeddingcache.providers.remote")
 
 COOLDOWN_S = 10.0
-# Texts per request, and UTF-8 bytes of text per request: well inside the server's default
-# limits (4096 texts, 64 MiB), small enough that one answer is a few megabytes.
-REQUEST_TEXTS = 1024
-REQUEST_TEXT_BYTES = 8 * 1024 * 1024
+# Texts per request: a lookup answers thousands quickly; a computing backend should answer
+# one request well within the timeout. The server's own limits (GET /models) bound both.
+LOOKUP_TEXTS = 2048
+COMPUTE_TEXTS = 128
+# Bytes of body per request, at most: texts count 4 bytes a character (UTF-8's worst).
+REQUEST_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    max_texts: int = Limits.max_texts
+    max_text_chars: int = Limits.max_text_chars
+    max_body_bytes: int = Limits.max_body_bytes
 
 
 class BackendError(ProviderError):
@@ -65,20 +77,36 @@ class RemoteProvider:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         self._client = httpx.Client(base_url=url, timeout=timeout, headers=headers)
+        self.timeout = timeout
         self._down_until = 0.0
         self._down_because = ""
+        self._server_bounds: _Bounds | None = None
         self._lock = threading.Lock()
 
     def lookup(
         self, spec: ModelSpec, texts: Sequence[str], *, prompt: str
     ) -> tuple[np.ndarray, np.ndarray]:
         """The backend's stored vectors of ``prompt + text``: ``(vectors, found)``, where
-        rows with ``found`` false hold zeros. Computes nothing.
+        rows with ``found`` false hold zeros. Computes nothing. A text longer than the
+        server takes is not asked for (not found).
 
         Raises:
             BackendError: the backend is unreachable, slow, or refused the request.
         """
-        return self._embed(spec, texts, prompt=prompt, lookup_only=True, truncate=False)
+        bounds = self._bounds()
+        asked = [i for i, text in enumerate(texts) if len(text) <= bounds.max_text_chars]
+        if len(asked) == len(texts):
+            return self._embed(spec, texts, prompt=prompt, lookup_only=True, truncate=False)
+        found = np.zeros(len(texts), dtype=bool)
+        if not asked:
+            return np.zeros((len(texts), 0), dtype=np.float32), found
+        part, had = self._embed(
+            spec, [texts[i] for i in asked], prompt=prompt, lookup_only=True, truncate=False
+        )
+        vectors = np.zeros((len(texts), part.shape[1]), dtype=np.float32)
+        vectors[asked] = part
+        found[asked] = had
+        return vectors, found
 
     def compute(
         self,
@@ -103,7 +131,7 @@ class RemoteProvider:
                 ``--allow-push``, or found the vectors invalid).
         """
         accepted = 0
-        for start, stop in _chunks(texts):
+        for start, stop in self._chunks(texts, COMPUTE_TEXTS, extra_bytes=4 * vectors.shape[1]):
             body = {
                 "texts": list(texts[start:stop]),
                 "model": spec.name,
@@ -118,7 +146,7 @@ class RemoteProvider:
     def close(self) -> None:
         self._client.close()
 
-    # -- one request ----------------------------------------------------------------------
+    # -- requests -------------------------------------------------------------------------
 
     def _embed(
         self,
@@ -131,7 +159,8 @@ class RemoteProvider:
     ) -> tuple[np.ndarray, np.ndarray]:
         parts: list[np.ndarray] = []
         masks: list[np.ndarray] = []
-        for start, stop in _chunks(texts):
+        per_request = LOOKUP_TEXTS if lookup_only else COMPUTE_TEXTS
+        for start, stop in self._chunks(texts, per_request):
             request = EmbedRequest(
                 texts=list(texts[start:stop]),
                 model=spec.name,
@@ -150,6 +179,42 @@ class RemoteProvider:
         if len({part.shape[1] for part in parts}) > 1:
             raise BackendError(f"the backend at {self.url} answered vectors of two dimensions")
         return np.concatenate(parts), np.concatenate(masks)
+
+    def _chunks(
+        self, texts: Sequence[str], per_request: int, *, extra_bytes: int = 0
+    ) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` ranges of texts that fit one request to this server."""
+        bounds = self._bounds()
+        most = max(1, min(per_request, bounds.max_texts))
+        budget = min(REQUEST_BYTES, bounds.max_body_bytes // 2)
+        start, size = 0, 0
+        for i, text in enumerate(texts):
+            cost = 4 * len(text) + extra_bytes + 16
+            if i > start and (i - start >= most or size + cost > budget):
+                yield start, i
+                start, size = i, 0
+            size += cost
+        if start < len(texts):
+            yield start, len(texts)
+
+    def _bounds(self) -> _Bounds:
+        """The server's limits, asked once (GET /models); the defaults if it does not say."""
+        if self._server_bounds is None:
+            answer = self._request("GET", "/models", None)
+            try:
+                limits = json.loads(answer).get("limits", {})
+                self._server_bounds = _Bounds(
+                    **{
+                        name: value
+                        for name, value in limits.items()
+                        if name in _Bounds.__dataclass_fields__
+                        and isinstance(value, int)
+                        and value > 0
+                    }
+                )
+            except (ValueError, AttributeError):
+                self._server_bounds = _Bounds()
+        return self._server_bounds
 
     def _vectors(
         self, answer: Any, spec: ModelSpec, n: int, lookup_only: bool
@@ -172,13 +237,29 @@ class RemoteProvider:
             ) from None
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
+        content = self._request("POST", path, encode_body(body, MSGPACK))
+        try:
+            return decode_body(content, MSGPACK)
+        except ProtocolError as exc:
+            raise BackendError(
+                f"the backend at {self.url} sent an unreadable answer: {exc}"
+            ) from None
+
+    def _request(self, method: str, path: str, content: bytes | None) -> bytes:
+        """The body of a 200 answer that arrived within the timeout, all of it."""
         with self._lock:
             if time.monotonic() < self._down_until:
                 raise BackendError(f"{self._down_because}; not asked again for {COOLDOWN_S:g} s")
+        deadline = time.monotonic() + self.timeout
+        headers = {"Content-Type": MSGPACK} if content is not None else {}
         try:
-            response = self._client.post(
-                path, content=encode_body(body, MSGPACK), headers={"Content-Type": MSGPACK}
-            )
+            with self._client.stream(method, path, content=content, headers=headers) as response:
+                chunks = []
+                # httpx times each read; a backend that trickles its answer is cut here.
+                for chunk in response.iter_bytes():
+                    chunks.append(chunk)
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout(f"no full answer within {self.timeout:g} s")
         except httpx.HTTPError as exc:
             # Unreachable, refused, reset or too slow: skip this backend for a while.
             because = f"the backend at {self.url} did not answer: {type(exc).__name__}: {exc}"
@@ -186,41 +267,22 @@ class RemoteProvider:
                 self._down_until = time.monotonic() + COOLDOWN_S
                 self._down_because = because
             raise BackendError(because) from exc
+        body = b"".join(chunks)
         if response.status_code != 200:
-            raise _refusal(self.url, response)
-        try:
-            return decode_body(response.content, MSGPACK)
-        except ProtocolError as exc:
-            raise BackendError(
-                f"the backend at {self.url} sent an unreadable answer: {exc}"
-            ) from None
+            raise _refusal(self.url, response.status_code, response.reason_phrase, body)
+        return body
 
 
-def _refusal(url: str, response: httpx.Response) -> Exception:
+def _refusal(url: str, status: int, reason: str, body: bytes) -> Exception:
     """The error for a non-200 answer, with the server's own words when it gave some."""
     detail: Any = None
     with contextlib.suppress(ValueError):
-        detail = response.json()
+        detail = json.loads(body)
     message = detail.get("detail") if isinstance(detail, dict) else None
     if isinstance(detail, dict) and detail.get("error") == "too_many_tokens":
         index = detail.get("index")
         if isinstance(index, int) and isinstance(message, str):
             return TextTooLongError(message, index=index)
     return BackendError(
-        f"the backend at {url} answered {response.status_code}: "
-        f"{message or response.reason_phrase}",
-        status=response.status_code,
+        f"the backend at {url} answered {status}: {message or reason}", status=status
     )
-
-
-def _chunks(texts: Sequence[str]) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` ranges of at most ``REQUEST_TEXTS`` texts and about
-    ``REQUEST_TEXT_BYTES`` bytes each."""
-    start, size = 0, 0
-    for i, text in enumerate(texts):
-        size += len(text)
-        if i > start and (i - start >= REQUEST_TEXTS or size > REQUEST_TEXT_BYTES):
-            yield start, i
-            start, size = i, len(text)
-    if start < len(texts):
-        yield start, len(texts)
