@@ -1,0 +1,140 @@
+"""Warm hits, one cached text, bytes on disk, and hits as the store grows: the library's
+read path against hand-written sqlite3 on the same shard file."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from embeddingcache import EmbeddingCache
+
+from .common import (
+    DIM,
+    MODEL,
+    RawSqlite,
+    Result,
+    fill,
+    median,
+    percentile,
+    random_vectors,
+    sentences,
+    shard_path,
+    timings,
+)
+
+N_WARM = 20_000
+
+
+def warm_hits(work: Path, quick: bool) -> list[Result]:
+    directory = work / "warm"
+    texts = sentences(N_WARM, seed=1)
+    vectors = random_vectors(N_WARM, seed=1)
+    fill(directory, texts, vectors)
+    raw = RawSqlite(shard_path(directory))
+    repeat = 5 if quick else 15
+    with EmbeddingCache(MODEL, cache_dir=directory, remote_url=False) as cache:
+        got = cache.get_embeddings(texts)
+        assert (got == vectors).all()
+        assert (raw.lookup(texts) == vectors).all()
+        library = median(timings(lambda: cache.get_embeddings(texts), repeat))
+        baseline = median(timings(lambda: raw.lookup(texts), repeat))
+        results = [
+            Result(
+                "1. warm hits",
+                f"{N_WARM:,} distinct texts, {DIM}-d: vectors/s",
+                N_WARM / library,
+                N_WARM / baseline,
+                "raw sqlite3 (IN per 2000 keys, numpy)",
+                baseline / library,
+                ">= 0.8x",
+                baseline / library >= 0.8,
+                unit="vectors/s",
+            )
+        ]
+        one = texts[1234]
+        n = 2000 if quick else 10_000
+        lib_one = timings(lambda: cache.get_embeddings([one]), n, warmup=100)
+        lib_embed = timings(lambda: cache.embed(one), n, warmup=100)
+        raw_one = timings(lambda: raw.one(one), n, warmup=100)
+    raw.close()
+    base50, base99 = percentile(raw_one, 50), percentile(raw_one, 99)
+    for name, values in (("get_embeddings([text])", lib_one), ("embed(text)", lib_embed)):
+        p50, p99 = percentile(values, 50), percentile(values, 99)
+        results.append(
+            Result(
+                f"2. one text, cached: {name}",
+                "latency, microseconds (p50; p99 in notes)",
+                p50 * 1e6,
+                base50 * 1e6,
+                "raw sqlite3 single-key SELECT on an open connection",
+                p50 / base50,
+                "p50 <= 3x",
+                p50 / base50 <= 3,
+                unit="us",
+                notes=[
+                    f"p99 {p99 * 1e6:.1f} us against raw {base99 * 1e6:.1f} us "
+                    f"({p99 / base99:.2f}x)"
+                ],
+            )
+        )
+    path = shard_path(directory)
+    on_disk = sum(
+        f.stat().st_size for f in (path, path.with_name(path.name + "-wal")) if f.exists()
+    )
+    payload = N_WARM * (64 + 4 * DIM)
+    results.append(
+        Result(
+            "5. storage",
+            f"bytes on disk per {DIM}-d vector in the model shard",
+            on_disk / N_WARM,
+            payload / N_WARM,
+            "raw payload: 64-byte key + 1,536 bytes",
+            on_disk / payload,
+            "<= 1.25x",
+            on_disk / payload <= 1.25,
+            unit="bytes",
+        )
+    )
+    return results
+
+
+def growth(work: Path, quick: bool) -> list[Result]:
+    sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
+    sample = 10_000
+    directory = work / "growth"
+    texts = sentences(sizes[-1], seed=9)
+    stored = 0
+    figures: dict[int, float] = {}
+    megabytes: dict[int, float] = {}
+    for size in sizes:
+        step = 100_000
+        for start in range(stored, size, step):
+            stop = min(size, start + step)
+            fill(directory, texts[start:stop], random_vectors(stop - start, seed=start))
+        stored = size
+        asked = random.Random(size).sample(texts[:size], sample)
+        with EmbeddingCache(MODEL, cache_dir=directory, remote_url=False) as cache:
+            cache.get_embeddings(asked)
+            seconds = median(timings(lambda a=asked: cache.get_embeddings(a), 5 if quick else 9))
+        figures[size] = sample / seconds
+        megabytes[size] = os.path.getsize(shard_path(directory)) / 1e6
+    base = figures[sizes[0]]
+    results = []
+    for size in sizes[1:]:
+        ratio = figures[size] / base
+        results.append(
+            Result(
+                f"9. growth: {size:,} stored",
+                f"warm hits of {sample:,} random stored texts: vectors/s",
+                figures[size],
+                base,
+                f"the same at {sizes[0]:,} stored",
+                ratio,
+                ">= 0.7x",
+                ratio >= 0.7,
+                unit="vectors/s",
+                notes=[f"shard file {megabytes[size]:,.0f} MB, against {megabytes[sizes[0]]:,.0f}"],
+            )
+        )
+    return results

@@ -1,0 +1,124 @@
+"""Warm hits through `embeddingcache serve` on loopback, against the same hits read locally;
+and the bytes a vector costs on the wire."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import msgpack
+
+from embeddingcache import EmbeddingCache
+from embeddingcache.models import resolve_model
+from embeddingcache.providers.remote import LOOKUP_TEXTS, RemoteProvider
+
+from .common import DIM, MODEL, Result, fill, median, random_vectors, sentences, timings
+
+N = 20_000
+
+
+def remote(work: Path, quick: bool) -> list[Result]:
+    directory = work / "remote-server"
+    texts = sentences(N, seed=4)
+    vectors = random_vectors(N, seed=4)
+    fill(directory, texts, vectors)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "embeddingcache.cli",
+            "serve",
+            "--port",
+            "0",
+            "-m",
+            MODEL,
+            "--cache-dir",
+            str(directory),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stderr is not None
+        url = ""
+        for line in server.stderr:
+            if " at http://" in line:
+                url = line.rsplit(" at ", 1)[1].strip()
+                break
+        if not url:
+            raise RuntimeError("embeddingcache serve did not start")
+        return _measure(work, url, directory, texts, vectors, quick)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _measure(
+    work: Path, url: str, directory: Path, texts: list[str], vectors: object, quick: bool
+) -> list[Result]:
+    repeat = 3 if quick else 7
+    spec = resolve_model(MODEL)
+    with EmbeddingCache(MODEL, cache_dir=directory, remote_url=False) as local:
+        local.get_embeddings(texts)
+        local_time = median(timings(lambda: local.get_embeddings(texts), repeat))
+    provider = RemoteProvider(url, timeout=60.0)
+    try:
+        got, found = provider.lookup(spec, texts, prompt="")
+        assert found.all()
+        assert (got == vectors).all()
+        remote_time = median(timings(lambda: provider.lookup(spec, texts, prompt=""), repeat))
+    finally:
+        provider.close()
+    # A whole client call that finds everything on the backend, storing it locally.
+    fresh_times = []
+    for i in range(repeat):
+        with EmbeddingCache(MODEL, cache_dir=work / f"remote-client-{i}", remote_url=url) as c:
+            fresh_times.append(timings(lambda c=c: c.get_embeddings(texts), 1, warmup=0)[0])
+            assert c.stats["remote_hits"] == N
+    wire = 0
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for start in range(0, N, LOOKUP_TEXTS):
+            body = {
+                "texts": texts[start : start + LOOKUP_TEXTS],
+                "model": MODEL,
+                "normalized": True,
+                "prompt": "",
+                "lookup_only": True,
+            }
+            response = client.post(
+                "/embed",
+                content=msgpack.packb(body),
+                headers={"Content-Type": "application/msgpack"},
+            )
+            wire += len(response.content)
+    raw = N * 4 * DIM
+    return [
+        Result(
+            "7. remote warm hits",
+            f"{N:,} texts through serve on loopback, msgpack: vectors/s",
+            N / remote_time,
+            N / local_time,
+            "the same hits from the local cache",
+            local_time / remote_time,
+            ">= 0.3x",
+            local_time / remote_time >= 0.3,
+            unit="vectors/s",
+            notes=[
+                f"a client call storing them locally too: {N / median(fresh_times):,.0f} "
+                f"vectors/s ({local_time / median(fresh_times):.2f}x local)"
+            ],
+        ),
+        Result(
+            "7. remote wire size",
+            "response bytes per 384-d vector",
+            wire / N,
+            raw / N,
+            "raw float32 (1,536 bytes)",
+            wire / raw,
+            "<= 1.02x",
+            wire / raw <= 1.02,
+            unit="bytes",
+        ),
+    ]

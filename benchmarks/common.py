@@ -1,0 +1,141 @@
+"""What every benchmark shares: data, timing, results, and the raw baselines."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import sqlite3
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MODEL = "all-MiniLM-L6-v2"
+DIM = 384
+WORDS = (  # noqa: SIM905 (a sentence of words reads better than a list of strings)
+    "cache vector text model store query batch token shard hash river stone cloud green "
+    "quick brown fox jumps over lazy dog light paper music garden window table market"
+).split()
+
+
+@dataclass
+class Result:
+    """One line of the results table."""
+
+    name: str
+    measure: str  # what the figures are
+    library: float
+    baseline: float
+    baseline_name: str
+    ratio: float  # how the target is stated: library / baseline, or baseline / library
+    target: str
+    met: bool
+    unit: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def sentences(n: int, seed: int, prefix: str = "") -> list[str]:
+    """``n`` distinct sentences of 6 to 14 words."""
+    rng = random.Random(seed)
+    return [
+        f"{prefix}{i} " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14)))
+        for i in range(n)
+    ]
+
+
+def random_vectors(n: int, seed: int, dim: int = DIM) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
+
+
+def fill(cache_dir: Path, texts: Sequence[str], vectors: np.ndarray, model: str = MODEL) -> None:
+    """Store ``texts`` with ``vectors`` through the library's own write path."""
+    from embeddingcache.keys import keys_of
+    from embeddingcache.storage import Store, layout_for
+
+    store = Store(layout_for(cache_dir, None))
+    try:
+        step = 20_000
+        for start in range(0, len(texts), step):
+            chunk = list(texts[start : start + step])
+            store.put(model, keys_of(chunk), chunk, vectors[start : start + step])
+    finally:
+        store.close()
+
+
+def shard_path(cache_dir: Path, model: str = MODEL) -> Path:
+    from embeddingcache.keys import model_slug
+
+    return cache_dir / f"{model_slug(model)}.db"
+
+
+def timings(run: Callable[[], object], repeat: int, warmup: int = 1) -> list[float]:
+    for _ in range(warmup):
+        run()
+    out = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        run()
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+# -- the baselines a user would write by hand ---------------------------------------------
+
+
+class RawSqlite:
+    """Hand-written sqlite3 over a shard file: what the library must be nearly as fast as."""
+
+    CHUNK = 2000
+
+    def __init__(self, path: Path, dim: int = DIM) -> None:
+        self.connection = sqlite3.connect(path)
+        self.dim = dim
+        self._queries: dict[int, str] = {}
+
+    def lookup(self, texts: Sequence[str]) -> np.ndarray:
+        """One IN query per chunk of keys, numpy reassembly in input order."""
+        keys = [hashlib.sha512(t.strip().encode()).digest() for t in texts]
+        where = {key: i for i, key in enumerate(keys)}
+        order: list[int] = []
+        blobs: list[bytes] = []
+        for start in range(0, len(keys), self.CHUNK):
+            chunk = keys[start : start + self.CHUNK]
+            query = self._queries.get(len(chunk))
+            if query is None:
+                marks = ",".join("?" * len(chunk))
+                query = self._queries[len(chunk)] = (
+                    f"SELECT hashid, vector FROM embedding WHERE hashid IN ({marks})"
+                )
+            for hashid, vector in self.connection.execute(query, chunk):
+                order.append(where[hashid])
+                blobs.append(vector)
+        found = np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), self.dim)
+        out = np.empty((len(keys), self.dim), dtype=np.float32)
+        out[order] = found
+        return out
+
+    def one(self, text: str) -> np.ndarray:
+        key = hashlib.sha512(text.strip().encode()).digest()
+        row = self.connection.execute(
+            "SELECT vector FROM embedding WHERE hashid = ?", (key,)
+        ).fetchone()
+        return np.frombuffer(row[0], dtype="<f4")
+
+    def close(self) -> None:
+        self.connection.close()
