@@ -129,6 +129,11 @@ class Reader:
             sqlite3.Error: the file could not be read.
         """
         connection = self._connection()
+        if len(keys) <= chunk:
+            rows: list[tuple[bytes, bytes]] = connection.execute(
+                self._query(len(keys)), keys
+            ).fetchall()
+            return rows
         found: list[tuple[bytes, bytes]] = []
         for start in range(0, len(keys), chunk):
             part = keys[start : start + chunk]
@@ -144,8 +149,13 @@ class Reader:
     def _connection(self) -> sqlite3.Connection:
         local = self._local
         if getattr(local, "generation", None) != self._generation:
+            # mode=rw: a shard removed meanwhile is an error here, never a new empty file.
             opened = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+                self.path.as_uri() + "?mode=rw",
+                uri=True,
+                timeout=BUSY_TIMEOUT_S,
+                isolation_level=None,
+                check_same_thread=False,
             )
             opened.execute("PRAGMA query_only = 1")
             opened.execute(f"PRAGMA mmap_size = {READER_MMAP_BYTES}")

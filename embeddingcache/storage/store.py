@@ -35,6 +35,8 @@ logger = logging.getLogger("embeddingcache.storage")
 # 65,535, and large enough that the per-query cost vanishes next to the rows.
 READ_CHUNK = 2000
 DTYPE = "float32"
+_FIRST = np.zeros(1, dtype=np.intp)  # the positions of a lookup of one key that was found
+_FIRST.flags.writeable = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,8 @@ class Store:
                 rows = self._rows(shard.place, keys)
         except (sa_exc.SQLAlchemyError, sqlite3.Error) as exc:
             raise self._error(f"cannot read the shard of {model!r}", exc) from exc
+        if len(rows) == len(keys) == 1 and len(rows[0][1]) == width:  # one cached text
+            return Lookup(_FIRST, np.frombuffer(bytearray(rows[0][1]), "<f4")[None, :], [])
         where = dict(zip(keys, range(len(keys)), strict=True))
         # Each row goes to its key's slot, so that one join gives the vectors in key order:
         # with every key found, the matrix needs no reordering at all.
