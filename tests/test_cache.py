@@ -129,6 +129,17 @@ def test_the_hashstring_table_holds_the_embedded_string_of_every_key(
     assert lengths == {4 * 32}
 
 
+def test_a_text_with_nul_characters_is_cached_on_every_backend(
+    cache: EmbeddingCache, direct_model: Any, encode_spy: EncodeSpy
+) -> None:
+    texts = ["before\x00after", "\x00"]
+    first = cache.get_embeddings(texts)
+    second = cache.get_embeddings(texts)
+    assert len(encode_spy.texts) == 2 and cache.stats["hits"] == 2
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_allclose(first, direct_model.encode(texts), atol=1e-5)
+
+
 def test_the_sanity_table_names_the_model(
     file_cache: EmbeddingCache, cache_dir: Path, tiny_model: str
 ) -> None:

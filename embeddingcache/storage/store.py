@@ -236,6 +236,8 @@ class Store:
         place = self.layout.text_place()
         self._ready(place, create=True)
         with write_transaction(place.engine) as connection:
+            if connection.dialect.name == "postgresql":
+                rows = [_without_nul(row) for row in rows]
             connection.execute(_insert_ignore(connection, place.hashstring), rows)
 
     def _put_vectors(
@@ -328,6 +330,13 @@ def _checked_matrix(vectors: np.ndarray, n: int) -> np.ndarray:
         bad = int(np.flatnonzero(~finite)[0])
         raise StorageError(f"refusing to store vector {bad}: it holds NaN or infinite values")
     return matrix
+
+
+def _without_nul(row: dict[str, Any]) -> dict[str, Any]:
+    """Postgres text cannot hold NUL: the readable copy of the text gets U+FFFD instead.
+    The key is the hash of the exact text, so the vector is still found by it."""
+    text = row["text"]
+    return {**row, "text": text.replace("\x00", "\ufffd")} if "\x00" in text else row
 
 
 def _insert_ignore(connection: Connection, table: Any) -> Insert:
