@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -195,6 +196,19 @@ class EmbeddingCache:
         ).tolist()
         return vectors
 
+    async def aget_embeddings(
+        self, texts: str | Sequence[str], model: str | None = None, **options: Any
+    ) -> np.ndarray:
+        """:meth:`get_embeddings` for async code: it runs in a worker thread (the cache is
+        thread-safe), so neither a hit nor a model computing blocks the event loop."""
+        return await asyncio.to_thread(self.get_embeddings, texts, model, **options)
+
+    async def aembed(
+        self, text_or_texts: str | Sequence[str], model: str | None = None, **options: Any
+    ) -> list[float] | list[list[float]]:
+        """:meth:`embed` for async code, in a worker thread."""
+        return await asyncio.to_thread(self.embed, text_or_texts, model, **options)
+
     def dimension(self, model: str | None = None) -> int:
         """The dimension of a model's vectors: from its shard, else from loading the model.
 
@@ -316,7 +330,7 @@ class EmbeddingCache:
                 vectors, had = answer
                 if had.any():
                     chosen = [i for i, h in zip(todo, had, strict=True) if h]
-                    self._store_rows(
+                    stored = self._store_rows(
                         spec,
                         [keys[i] for i in chosen],
                         [embedded[i] for i in chosen],
@@ -324,7 +338,7 @@ class EmbeddingCache:
                         damaged,
                     )
                     self._count(remote_hits=len(chosen))
-                    parts.append((missing[had], vectors[had]))
+                    parts.append((missing[had], stored))
                     missing = missing[~had]
 
         if len(missing) and compute:
@@ -338,7 +352,7 @@ class EmbeddingCache:
                 show_progress=show_progress,
                 truncate=truncate,
             )
-            self._store_rows(
+            vectors = self._store_rows(
                 spec, [keys[i] for i in todo], [embedded[i] for i in todo], vectors, damaged
             )
             if self.push and provider == "local" and self.remote_url is not None:
@@ -472,7 +486,13 @@ class EmbeddingCache:
         texts: list[str],
         vectors: np.ndarray,
         damaged: set[bytes],
-    ) -> None:
+    ) -> np.ndarray:
+        """Store fresh vectors (insert-or-ignore); return the vectors as stored.
+
+        Another call may have stored some of these texts first, its vectors computed in
+        another batch and so different in the last bits: the stored ones are returned, so
+        that every caller gets the same vector for a text, always.
+        """
         replaced = damaged.intersection(keys)
         if replaced:
             message = (
@@ -491,6 +511,12 @@ class EmbeddingCache:
                 vectors[start : start + WRITE_BATCH],
                 replace=[key for key in chunk if key in damaged],
             )
+        stored = self._store.lookup(spec.name, keys)
+        if len(stored.positions) == len(keys):
+            return stored.vectors
+        vectors = np.array(vectors, dtype=np.float32)
+        vectors[stored.positions] = stored.vectors
+        return vectors
 
     def _provider(self, name: str) -> Provider | None:
         if name == "remote":

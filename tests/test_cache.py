@@ -277,3 +277,21 @@ def test_one_cache_serves_several_models_in_separate_shards(
     assert file_cache.stats["computed"] == 2
     assert shard_file(cache_dir, tiny_model).exists()
     assert shard_file(cache_dir, str(twin)).exists()
+
+
+def test_the_async_methods_give_what_the_sync_ones_do(file_cache: EmbeddingCache) -> None:
+    import asyncio
+
+    texts = ["async one", "async two", "async three"]
+
+    async def many() -> list[Any]:
+        return await asyncio.gather(
+            file_cache.aget_embeddings(texts),
+            file_cache.aget_embeddings(texts[:1], normalize_embeddings=True),
+            file_cache.aembed("async one"),
+        )
+
+    matrix, unit, listed = asyncio.run(many())
+    np.testing.assert_array_equal(matrix, file_cache.get_embeddings(texts))
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
+    assert listed == file_cache.embed("async one")
