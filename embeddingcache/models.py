@@ -6,7 +6,9 @@ A name that is not in the catalog is used as it is: a Hugging Face id, or a loca
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,8 @@ from .errors import InvalidInputError
 __all__ = ["CATALOG", "DEFAULT_MODEL", "ModelSpec", "resolve_model"]
 
 DEFAULT_MODEL = "nomic-embed-text-v2"
+# Where sentence-transformers keeps a saved model's prompts.
+ST_CONFIG = "config_sentence_transformers.json"
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,26 @@ def resolve_model(model: str) -> ModelSpec:
         return CATALOG[name]
     path = Path(model).expanduser()
     if path.is_dir():
-        resolved = str(path.resolve())
-        return ModelSpec(name=resolved, source=resolved)
+        return _local_spec(str(path.resolve()))
     return ModelSpec(name=model, source=model)
+
+
+@functools.lru_cache(maxsize=64)
+def _local_spec(folder: str) -> ModelSpec:
+    """A local model folder's spec, with the prompts its sentence-transformers config names
+    (read once per process): the cache then embeds what ``model.encode`` would."""
+    prompts: dict[str, str] = {}
+    default: str | None = None
+    try:
+        config = json.loads((Path(folder) / ST_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict):
+        found = config.get("prompts")
+        if isinstance(found, dict):
+            prompts = {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, str)}
+        named = config.get("default_prompt_name")
+        default = named if isinstance(named, str) and named in prompts else None
+    return ModelSpec(
+        name=folder, source=folder, prompts=MappingProxyType(prompts), default_prompt=default
+    )

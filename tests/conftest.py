@@ -29,6 +29,22 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
 
 
+@pytest.fixture(scope="session")
+def prompted_model(tiny_model: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny model, saved with query and document prompts, the document one by default."""
+    import json
+    import shutil
+
+    folder = tmp_path_factory.mktemp("models") / "prompted"
+    shutil.copytree(tiny_model, folder)
+    config_file = folder / "config_sentence_transformers.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["prompts"] = {"query": "query: ", "document": "passage: "}
+    config["default_prompt_name"] = "document"
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    return str(folder)
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test gets its own default cache directory and no ambient configuration."""

@@ -55,7 +55,7 @@ def test_a_failed_call_loses_nothing_already_stored(cache: EmbeddingCache, cache
         ({"normalize": "upper"}, r"unknown normalize policy 'upper'; choose one of strip, lower"),
         ({"dtype": "float16"}, r"unknown dtype 'float16'"),
         ({"batch_size": 0}, r"batch_size must be a positive int"),
-        ({"prompt_name": "query"}, r"has no prompt 'query'; its prompts: none"),
+        ({"prompt_name": "search"}, r"has no prompt 'search'; its prompts: document, query"),
     ],
 )
 def test_bad_options_are_refused_before_anything_happens(
