@@ -1,0 +1,71 @@
+"""A LangChain ``Embeddings`` backed by an :class:`~embeddingcache.EmbeddingCache`.
+
+    from embeddingcache.integrations.langchain import CachedEmbeddings
+
+    embeddings = CachedEmbeddings("all-MiniLM-L6-v2")
+    embeddings.embed_documents(["a document"]), embeddings.embed_query("a question")
+
+Documents and queries are embedded with the model's document and query prompts when it has
+them (nomic-embed-text-v2's ``search_document: `` and ``search_query: ``), so a query is never
+served a document's vector. Needs ``langchain-core`` (``embeddingcache[langchain]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from langchain_core.embeddings import Embeddings
+
+from ..cache import EmbeddingCache
+from ..models import resolve_model
+
+__all__ = ["CachedEmbeddings"]
+
+
+class CachedEmbeddings(Embeddings):
+    """LangChain embeddings that compute each text once, then read it from the cache.
+
+    Args:
+        model: the model (see :class:`~embeddingcache.EmbeddingCache`).
+        cache: an open cache to use; by default one is made from ``model`` and
+            ``cache_options`` (``cache_dir=``, ``db_url=``, ``remote_url=``...) and closed
+            by :meth:`close`.
+    """
+
+    def __init__(
+        self, model: str | None = None, *, cache: EmbeddingCache | None = None, **cache_options: Any
+    ) -> None:
+        self._owned = cache is None
+        self.cache = cache if cache is not None else EmbeddingCache(model, **cache_options)
+        self.model = model if model is not None else self.cache.model
+        prompts = resolve_model(self.model).prompts
+        # A model with no such prompts embeds documents and queries alike.
+        self.document_prompt = "document" if "document" in prompts else None
+        self.query_prompt = "query" if "query" in prompts else None
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        """One vector per document, as lists of floats, in order."""
+        vectors: list[list[float]] = self.cache.get_embeddings(
+            texts, self.model, prompt_name=self.document_prompt
+        ).tolist()
+        return vectors
+
+    def embed_query(self, text: str) -> list[float]:
+        """The vector of a query, with the model's query prompt."""
+        vector: list[float] = self.cache.get_embeddings(
+            text, self.model, prompt_name=self.query_prompt
+        ).tolist()
+        return vector
+
+    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        # The cache is thread-safe: a worker thread keeps the event loop free.
+        return await asyncio.to_thread(self.embed_documents, texts)
+
+    async def aembed_query(self, text: str) -> list[float]:
+        return await asyncio.to_thread(self.embed_query, text)
+
+    def close(self) -> None:
+        """Close the cache, if this object made it."""
+        if self._owned:
+            self.cache.close()
