@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .cache import EmbeddingCache
+from .cache import Dtype, EmbeddingCache
 from .config import (
     ENV_CACHE_DIR,
     ENV_DB_URL,
@@ -94,7 +94,8 @@ def get_embeddings(
     batch_size: int = 32,
     show_progress: bool = False,
     normalize_embeddings: bool = False,
-    dtype: str = "float32",
+    dimensions: int | None = None,
+    dtype: Dtype = "float32",
     truncate: bool = False,
     prompt_name: str | None = None,
 ) -> np.ndarray:
@@ -111,7 +112,8 @@ def get_embeddings(
         batch_size=batch_size,
         show_progress=show_progress,
         normalize_embeddings=normalize_embeddings,
-        dtype=dtype,  # type: ignore[arg-type]
+        dimensions=dimensions,
+        dtype=dtype,
         truncate=truncate,
         prompt_name=prompt_name,
     )

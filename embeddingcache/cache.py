@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -10,7 +11,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
@@ -34,6 +35,8 @@ from .models import ModelSpec, resolve_model
 from .providers import Provider
 
 if TYPE_CHECKING:
+    import torch
+
     from .providers.remote import RemoteProvider
 from .storage import ShardSummary, Store, layout_for
 
@@ -48,6 +51,8 @@ DTYPES: dict[str, type[np.floating[Any]]] = {"float32": np.float32, "float64": n
 WRITE_BATCH = 2000
 
 Dtype = Literal["float32", "float64"]
+Output = Literal["numpy", "list", "torch"]
+OUTPUTS: tuple[str, ...] = ("numpy", "list", "torch")
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ class EmbeddingCache:
 
     # -- public API -----------------------------------------------------------------------
 
+    @overload
     def get_embeddings(
         self,
         texts: str | Sequence[str],
@@ -142,17 +148,71 @@ class EmbeddingCache:
         batch_size: int | None = None,
         show_progress: bool = False,
         normalize_embeddings: bool = False,
+        dimensions: int | None = None,
         dtype: Dtype = "float32",
         truncate: bool = False,
         prompt_name: str | None = None,
-    ) -> np.ndarray:
+        output: Literal["numpy"] = "numpy",
+    ) -> np.ndarray: ...
+
+    @overload
+    def get_embeddings(
+        self,
+        texts: str | Sequence[str],
+        model: str | None = None,
+        *,
+        normalize: str | None = None,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+        normalize_embeddings: bool = False,
+        dimensions: int | None = None,
+        dtype: Dtype = "float32",
+        truncate: bool = False,
+        prompt_name: str | None = None,
+        output: Literal["list"],
+    ) -> list[float] | list[list[float]]: ...
+
+    @overload
+    def get_embeddings(
+        self,
+        texts: str | Sequence[str],
+        model: str | None = None,
+        *,
+        normalize: str | None = None,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+        normalize_embeddings: bool = False,
+        dimensions: int | None = None,
+        dtype: Dtype = "float32",
+        truncate: bool = False,
+        prompt_name: str | None = None,
+        output: Literal["torch"],
+    ) -> torch.Tensor: ...
+
+    def get_embeddings(
+        self,
+        texts: str | Sequence[str],
+        model: str | None = None,
+        *,
+        normalize: str | None = None,
+        batch_size: int | None = None,
+        show_progress: bool = False,
+        normalize_embeddings: bool = False,
+        dimensions: int | None = None,
+        dtype: Dtype = "float32",
+        truncate: bool = False,
+        prompt_name: str | None = None,
+        output: Output = "numpy",
+    ) -> np.ndarray | list[float] | list[list[float]] | torch.Tensor:
         """Embeddings of ``texts``, computed only for what the cache does not hold.
 
         Returns a ``(dim,)`` array for a ``str`` and an ``(n, dim)`` array, in input order,
-        for a sequence. ``normalize_embeddings`` (unit length) and ``dtype`` are applied on
-        read: the stored vector is always the model's raw float32 output. ``prompt_name``
-        picks one of a catalog model's prompts (``"document"``, the default, or ``"query"``
-        for nomic-embed-text-v2).
+        for a sequence; ``output="list"`` gives Python lists instead, ``output="torch"`` a
+        tensor. ``dimensions`` (keep the first ones, for Matryoshka models),
+        ``normalize_embeddings`` (unit length, after ``dimensions``) and ``dtype`` are applied
+        on read: the stored vector is always the model's raw float32 output. ``prompt_name``
+        picks one of the model's prompts (``"document"``, the default, or ``"query"`` for
+        nomic-embed-text-v2).
 
         Raises:
             InvalidInputError: a text is ``None``, empty or whitespace only (a ``ValueError``).
@@ -162,6 +222,12 @@ class EmbeddingCache:
             StorageError: the cache could not be read or written.
         """
         items, single = validate_texts(texts)
+        if output not in OUTPUTS:
+            raise InvalidInputError(
+                f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}"
+            )
+        if dimensions is not None:
+            _positive_int(dimensions, "dimensions")
         spec = resolve_model(model if model is not None else self.model)
         norm = normalizer(normalize if normalize is not None else self.normalize)
         out_dtype = _dtype(dtype)
@@ -179,12 +245,26 @@ class EmbeddingCache:
             show_progress=show_progress,
             truncate=truncate,
         )
+        if dimensions is not None:
+            if dimensions > result.shape[1]:
+                raise InvalidInputError(
+                    f"dimensions={dimensions}, but model {spec.name!r} gives "
+                    f"{result.shape[1]}-d vectors"
+                )
+            result = np.ascontiguousarray(result[:, :dimensions])
         if normalize_embeddings:
             norms = np.linalg.norm(result, axis=1, keepdims=True)
             np.divide(result, norms, out=result, where=norms > 0)
         if out_dtype is not np.float32:
             result = result.astype(out_dtype)
-        return result[0] if single else result
+        if single:
+            result = result[0]
+        if output == "list":
+            listed: list[float] | list[list[float]] = result.tolist()
+            return listed
+        if output == "torch":
+            return _to_torch(result)
+        return result
 
     def embed(
         self, text_or_texts: str | Sequence[str], model: str | None = None, **options: Any
@@ -192,16 +272,19 @@ class EmbeddingCache:
         """Like :meth:`get_embeddings`, as Python floats: a list for a ``str``, a list of
         lists for a sequence."""
         vectors: list[float] | list[list[float]] = self.get_embeddings(
-            text_or_texts, model, **options
-        ).tolist()
+            text_or_texts, model, **options, output="list"
+        )
         return vectors
 
     async def aget_embeddings(
         self, texts: str | Sequence[str], model: str | None = None, **options: Any
-    ) -> np.ndarray:
-        """:meth:`get_embeddings` for async code: it runs in a worker thread (the cache is
-        thread-safe), so neither a hit nor a model computing blocks the event loop."""
-        return await asyncio.to_thread(self.get_embeddings, texts, model, **options)
+    ) -> Any:
+        """:meth:`get_embeddings` for async code, returning what it returns: it runs in a
+        worker thread (the cache is thread-safe), so neither a hit nor a model computing
+        blocks the event loop."""
+        return await asyncio.to_thread(
+            functools.partial(self.get_embeddings, **options), texts, model
+        )
 
     async def aembed(
         self, text_or_texts: str | Sequence[str], model: str | None = None, **options: Any
@@ -558,6 +641,16 @@ class EmbeddingCache:
         with self._lock:
             for name, amount in amounts.items():
                 self._stats[name] += amount
+
+
+def _to_torch(vectors: np.ndarray) -> torch.Tensor:
+    try:
+        import torch
+    except ImportError:
+        raise InvalidInputError(
+            "output='torch' needs torch: pip install torch (or embeddingcache[local])"
+        ) from None
+    return torch.from_numpy(vectors)
 
 
 def _keyed(normalized: list[str], prompt: str) -> tuple[list[str], list[bytes], dict[bytes, int]]:

@@ -284,7 +284,7 @@ def test_the_async_methods_give_what_the_sync_ones_do(file_cache: EmbeddingCache
 
     texts = ["async one", "async two", "async three"]
 
-    async def many() -> list[Any]:
+    async def many() -> tuple[Any, ...]:
         return await asyncio.gather(
             file_cache.aget_embeddings(texts),
             file_cache.aget_embeddings(texts[:1], normalize_embeddings=True),
@@ -295,3 +295,35 @@ def test_the_async_methods_give_what_the_sync_ones_do(file_cache: EmbeddingCache
     np.testing.assert_array_equal(matrix, file_cache.get_embeddings(texts))
     np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
     assert listed == file_cache.embed("async one")
+
+
+def test_output_types_are_numpy_lists_or_torch_in_either_float_width(
+    file_cache: EmbeddingCache,
+) -> None:
+    import torch
+
+    texts = ["output one", "output two"]
+    matrix = file_cache.get_embeddings(texts)
+    assert file_cache.get_embeddings(texts, output="list") == matrix.tolist()
+    assert file_cache.get_embeddings(texts[0], output="list") == matrix[0].tolist()
+    tensor = file_cache.get_embeddings(texts, output="torch")
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32
+    np.testing.assert_array_equal(tensor.numpy(), matrix)
+    wide = file_cache.get_embeddings(texts, output="torch", dtype="float64")
+    assert wide.dtype == torch.float64 and wide.shape == (2, 32)
+    with pytest.raises(ValueError, match="unknown output 'pandas'"):
+        file_cache.get_embeddings(texts, output="pandas")  # type: ignore[call-overload]
+
+
+def test_dimensions_keep_the_first_ones_and_normalization_follows(
+    file_cache: EmbeddingCache,
+) -> None:
+    texts = ["matryoshka one", "matryoshka two"]
+    full = file_cache.get_embeddings(texts)
+    short = file_cache.get_embeddings(texts, dimensions=8)
+    np.testing.assert_array_equal(short, full[:, :8])
+    unit = file_cache.get_embeddings(texts, dimensions=8, normalize_embeddings=True)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_array_equal(file_cache.get_embeddings(texts), full)  # stored as it was
+    with pytest.raises(ValueError, match=r"dimensions=64, but model .* gives 32-d vectors"):
+        file_cache.get_embeddings(texts, dimensions=64)
