@@ -4,8 +4,10 @@ and a non-zero exit here, and only here."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,11 +67,28 @@ def _parser() -> argparse.ArgumentParser:
         description="Embed the lines of FILE (or standard input with -), one text per line; "
         "print how many came from the cache and how many were computed.",
     )
-    embed.add_argument("file", metavar="FILE", help="a UTF-8 text file, or - for standard input")
+    embed.add_argument(
+        "files",
+        metavar="FILE",
+        nargs="+",
+        help="UTF-8 text files, one text per line, read in order; - for standard input",
+    )
     embed.add_argument(
         "--model", "-m", help="model name (default: $EMBEDDING_CACHE_MODEL or nomic-embed-text-v2)"
     )
-    embed.add_argument("--out", "-o", type=Path, help="write the vectors to this .npy file")
+    embed.add_argument(
+        "--out",
+        "-o",
+        type=Path,
+        help="write the vectors here: a .npy matrix in line order, or JSON lines "
+        "(without --out, JSON lines go to standard output)",
+    )
+    embed.add_argument(
+        "--format",
+        choices=["npy", "jsonl"],
+        help='npy, or jsonl: one {"text": ..., "embedding": [...]} per line '
+        "(default: from the --out suffix, else npy)",
+    )
     embed.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     embed.add_argument(
         "--normalize",
@@ -149,6 +168,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(run=_serve)
 
+    info = commands.add_parser(
+        "info",
+        parents=[storage],
+        help="where the cache lives and what its shards hold",
+        description="Show where the cache is (directory or database), its text table, and each "
+        "model shard: the place that holds it, its model, dimension, and who created it.",
+    )
+    info.set_defaults(run=_info)
+
     migrate = commands.add_parser(
         "migrate",
         parents=[storage],
@@ -160,21 +188,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_lines(source: str) -> list[str]:
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-    lines = text.splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            raise EmbeddingCacheError(f"{source}: line {number} is empty; one text per line")
+def _read_lines(sources: Sequence[str]) -> list[str]:
+    lines: list[str] = []
+    for source in sources:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        found = text.splitlines()
+        for number, line in enumerate(found, start=1):
+            if not line.strip():
+                raise EmbeddingCacheError(f"{source}: line {number} is empty; one text per line")
+        lines += found
     return lines
+
+
+def _output_format(args: argparse.Namespace) -> str:
+    if args.format is not None:
+        return str(args.format)
+    if args.out is not None and args.out.suffix.lower() in (".jsonl", ".ndjson"):
+        return "jsonl"
+    return "npy"
 
 
 def _embed(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    texts = _read_lines(args.file)
+    texts = _read_lines(args.files)
     if not texts:
-        raise EmbeddingCacheError(f"{args.file}: no text to embed")
+        raise EmbeddingCacheError(f"{' '.join(args.files)}: no text to embed")
+    kind = _output_format(args)
+    to_stdout = kind == "jsonl" and args.out is None
     with EmbeddingCache(
         args.model,
         cache_dir=args.cache_dir,
@@ -200,16 +241,31 @@ def _embed(args: argparse.Namespace) -> int:
         stats = cache.stats
         model = cache.model
     vectors = np.concatenate(parts)
-    if args.out is not None:
+    if kind == "jsonl" and (to_stdout or args.out is not None):
+        _write_jsonl(texts, vectors, args.out)
+    elif args.out is not None:
         np.save(args.out, vectors)
     distinct = stats["hits"] + stats["misses"]
     print(
         f"{len(texts)} texts ({distinct} distinct) with {model}: "
         f"{stats['hits']} from the cache, {stats['remote_hits']} from the backend, "
         f"{stats['computed']} computed"
-        + (f"; wrote {vectors.shape[0]}x{vectors.shape[1]} to {args.out}" if args.out else "")
+        + (f"; wrote {vectors.shape[0]}x{vectors.shape[1]} to {args.out}" if args.out else ""),
+        # Standard output carries the vectors themselves when no file does.
+        file=sys.stderr if to_stdout else sys.stdout,
     )
     return 0
+
+
+def _write_jsonl(texts: list[str], vectors: np.ndarray, out: Path | None) -> None:
+    stream = open(out, "w", encoding="utf-8") if out is not None else sys.stdout  # noqa: SIM115
+    try:
+        for text, vector in zip(texts, vectors.tolist(), strict=True):
+            stream.write(json.dumps({"text": text, "embedding": vector}, ensure_ascii=False))
+            stream.write("\n")
+    finally:
+        if out is not None:
+            stream.close()
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -225,6 +281,25 @@ def _stats(args: argparse.Namespace) -> int:
                 f"{s.model or '?'}: {s.entries} vectors, {s.dimension or '?'}-d, "
                 f"{s.bytes_on_disk / 1e6:.1f} MB ({s.place})"
             )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    with EmbeddingCache(cache_dir=args.cache_dir, db_url=args.db_url, remote_url=False) as cache:
+        contents = cache.contents()
+    files = cache.db_url is None
+    print(f"cache: {contents.location} ({'SQLite files' if files else 'database'})")
+    table = "hashstring.db" if files else "embeddingcache.hashstring"
+    print(f"texts: {contents.texts} in {table}")
+    if not contents.shards:
+        print("no model shards yet")
+    for s in contents.shards:
+        created = time.strftime("%Y-%m-%d", time.gmtime(s.created_at)) if s.created_at else "?"
+        print(
+            f"{s.place}: model {s.model or '?'}, {s.dimension or '?'}-d float32, "
+            f"{s.entries} vectors, created {created} by embeddingcache "
+            f"{s.library_version or '?'}"
+        )
     return 0
 
 

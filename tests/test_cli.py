@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from embeddingcache import __version__
 from embeddingcache.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,3 +158,45 @@ def test_serve_errors_are_one_line(tiny_model: str, tmp_path: Path, capsys: Any)
         assert main(["serve", "-m", tiny_model, "--port", port, *cache]) == 1
     err = capsys.readouterr().err
     assert "embeddingcache: error:" in err and "in use" in err
+
+
+def test_embed_writes_json_lines_to_a_file_or_to_standard_output(
+    tiny_model: str, cache_dir: Path, tmp_path: Path, direct_model: Any
+) -> None:
+    import json
+
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("alpha\nbeta\n", encoding="utf-8")
+    second.write_text("gamma\n", encoding="utf-8")
+    base = ("embed", str(first), str(second), "-m", tiny_model, "--cache-dir", str(cache_dir))
+    out = tmp_path / "vectors.jsonl"
+    written = cli(*base, "--out", str(out))  # the format follows the suffix
+    assert written.returncode == 0, written.stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [row["text"] for row in rows] == ["alpha", "beta", "gamma"]
+    np.testing.assert_allclose(
+        [row["embedding"] for row in rows],
+        direct_model.encode(["alpha", "beta", "gamma"]),
+        atol=1e-5,
+    )
+    streamed = cli(*base, "--format", "jsonl")
+    assert streamed.returncode == 0, streamed.stderr
+    assert [json.loads(line) for line in streamed.stdout.splitlines()] == rows
+    assert "3 from the cache" in streamed.stderr  # the summary keeps out of the data
+
+
+def test_info_says_where_the_cache_is_and_what_each_shard_holds(
+    tiny_model: str, cache_dir: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "texts.txt"
+    source.write_text("one\ntwo\n", encoding="utf-8")
+    assert (
+        cli("embed", str(source), "-m", tiny_model, "--cache-dir", str(cache_dir)).returncode == 0
+    )
+    result = cli("info", "--cache-dir", str(cache_dir))
+    assert result.returncode == 0, result.stderr
+    assert f"cache: {cache_dir} (SQLite files)" in result.stdout
+    assert "texts: 2 in hashstring.db" in result.stdout
+    assert f"model {tiny_model}, 32-d float32, 2 vectors, created " in result.stdout
+    assert f"by embeddingcache {__version__}" in result.stdout
+    assert cli("info", "--help").returncode == 0

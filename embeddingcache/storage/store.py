@@ -74,6 +74,8 @@ class ShardSummary:
     dimension: int | None
     entries: int
     bytes_on_disk: int
+    library_version: str | None = None  # of the embeddingcache that created the shard
+    created_at: int | None = None  # Unix time
 
 
 @dataclass
@@ -190,6 +192,8 @@ class Store:
                     dimension=row.dimension if row else None,
                     entries=int(entries or 0),
                     bytes_on_disk=self.layout.bytes_on_disk(place),
+                    library_version=row.library_version if row else None,
+                    created_at=row.created_at if row else None,
                 )
             )
         return result
