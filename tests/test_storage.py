@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -240,3 +242,60 @@ def test_a_writer_waits_out_another_process_holding_the_lock(
     holder.close()
     assert len(store.lookup("m", [key_of("a"), key_of("b")]).positions) == 2
     store.close()
+
+
+def test_closing_the_cache_while_other_threads_read_is_safe(
+    tiny_model: str, cache_dir: Path
+) -> None:
+    """A read in flight finishes before its connection is closed (closing it under the read
+    crashed the process), and the next read opens a new one."""
+    script = f"""
+import threading
+from embeddingcache import EmbeddingCache
+cache = EmbeddingCache({tiny_model!r}, cache_dir={str(cache_dir)!r}, device="cpu")
+texts = [f"text {{i}}" for i in range(600)]
+expected = cache.get_embeddings(texts)
+stop = threading.Event()
+errors = []
+def read():
+    while not stop.is_set():
+        try:
+            assert (cache.get_embeddings(texts) == expected).all()
+        except Exception as exc:
+            errors.append(exc)
+threads = [threading.Thread(target=read) for _ in range(4)]
+for t in threads:
+    t.start()
+for _ in range(300):
+    cache.close()
+stop.set()
+for t in threads:
+    t.join()
+assert not errors, errors[:3]
+print("ok")
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"
+
+
+def test_a_shard_removed_by_another_process_is_a_miss_then_recreated(
+    tiny_model: str, cache_dir: Path, encode_spy: EncodeSpy
+) -> None:
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as cache:
+        first = cache.get_embeddings(["kept"])
+        for path in cache_dir.glob(shard_file(cache_dir, tiny_model).name + "*"):
+            path.unlink()
+        results: list[Any] = []
+        # A thread with no connection yet meets the missing file.
+        worker = threading.Thread(target=lambda: results.append(cache.get_embeddings(["kept"])))
+        worker.start()
+        worker.join()
+        np.testing.assert_array_equal(results[0], first)
+        assert cache.stats["computed"] == 2
+        assert shard_file(cache_dir, tiny_model).exists()
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as again:
+        again.get_embeddings(["kept"])
+        assert again.stats["hits"] == 1

@@ -1,7 +1,8 @@
 """The tables, defined once for every backend.
 
 ``hashstring`` maps a key to the embedded string it was computed from, so that
-``sha512(text) == hashid`` holds for every row. A model shard holds ``embedding`` (key to
+``sha512(text) == hashid`` holds for every row (except on Postgres for a text with NUL
+characters, which its text type cannot hold: there they read U+FFFD). A model shard holds ``embedding`` (key to
 float32 little-endian bytes, ``4 * dimension`` long) and ``model_info``, one row naming the
 model the shard belongs to.
 

@@ -104,6 +104,19 @@ def move_aside(path: Path) -> Path:
     return target
 
 
+class _Connection:
+    """One thread's connection, and the lock that keeps ``close`` from pulling it away in
+    the middle of a query (closing a sqlite3 connection another thread is reading from
+    crashes the process)."""
+
+    __slots__ = ("closed", "connection", "lock")
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+        self.lock = threading.Lock()
+        self.closed = False
+
+
 class Reader:
     """Plain ``sqlite3`` connections that only read one file, one per thread, memory-mapped.
 
@@ -118,7 +131,7 @@ class Reader:
         self._select = f"SELECT hashid, vector FROM {table} WHERE hashid IN "
         self._queries: dict[int, str] = {}
         self._local = threading.local()
-        self._opened: list[sqlite3.Connection] = []
+        self._opened: list[_Connection] = []
         self._generation = 0
         self._lock = threading.Lock()
 
@@ -128,17 +141,22 @@ class Reader:
         Raises:
             sqlite3.Error: the file could not be read.
         """
-        connection = self._connection()
-        if len(keys) <= chunk:
-            rows: list[tuple[bytes, bytes]] = connection.execute(
-                self._query(len(keys)), keys
-            ).fetchall()
-            return rows
-        found: list[tuple[bytes, bytes]] = []
-        for start in range(0, len(keys), chunk):
-            part = keys[start : start + chunk]
-            found += connection.execute(self._query(len(part)), part).fetchall()
-        return found
+        while True:
+            entry = self._connection()
+            with entry.lock:
+                if entry.closed:  # closed between the two lines above: open anew
+                    continue
+                connection = entry.connection
+                if len(keys) <= chunk:
+                    rows: list[tuple[bytes, bytes]] = connection.execute(
+                        self._query(len(keys)), keys
+                    ).fetchall()
+                    return rows
+                found: list[tuple[bytes, bytes]] = []
+                for start in range(0, len(keys), chunk):
+                    part = keys[start : start + chunk]
+                    found += connection.execute(self._query(len(part)), part).fetchall()
+                return found
 
     def _query(self, n: int) -> str:
         query = self._queries.get(n)
@@ -146,9 +164,10 @@ class Reader:
             query = self._queries[n] = self._select + "(" + ",".join("?" * n) + ")"
         return query
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self) -> _Connection:
         local = self._local
-        if getattr(local, "generation", None) != self._generation:
+        entry: _Connection | None = getattr(local, "entry", None)
+        if entry is None or entry.closed or local.generation != self._generation:
             # mode=rw: a shard removed meanwhile is an error here, never a new empty file.
             opened = sqlite3.connect(
                 self.path.as_uri() + "?mode=rw",
@@ -159,17 +178,19 @@ class Reader:
             )
             opened.execute("PRAGMA query_only = 1")
             opened.execute(f"PRAGMA mmap_size = {READER_MMAP_BYTES}")
+            entry = _Connection(opened)
             with self._lock:
-                self._opened.append(opened)
-                local.connection, local.generation = opened, self._generation
-        connection: sqlite3.Connection = local.connection
-        return connection
+                self._opened.append(entry)
+                local.entry, local.generation = entry, self._generation
+        return entry
 
     def close(self) -> None:
-        """Close every thread's connection; the next read opens a new one (after a file was
-        moved aside, say)."""
+        """Close every thread's connection, each once its current query ends; the next
+        read opens a new one (after a file was moved aside, say)."""
         with self._lock:
             opened, self._opened = self._opened, []
             self._generation += 1
-        for connection in opened:
-            connection.close()
+        for entry in opened:
+            with entry.lock:
+                entry.closed = True
+                entry.connection.close()

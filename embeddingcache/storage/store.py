@@ -114,6 +114,10 @@ class Store:
             else:
                 rows = self._rows(shard.place, keys)
         except (sa_exc.SQLAlchemyError, sqlite3.Error) as exc:
+            if _vanished(exc):
+                # Another process removed the file: nothing is stored; a write recreates it.
+                self._forget(model, shard)
+                return Lookup.empty(dimension)
             raise self._error(f"cannot read the shard of {model!r}", exc) from exc
         if len(rows) == len(keys) == 1 and len(rows[0][1]) == width:  # one cached text
             return Lookup(_FIRST, np.frombuffer(bytearray(rows[0][1]), "<f4")[None, :], [])
@@ -311,6 +315,15 @@ class Store:
             self._prepared.add(token)
         return ready
 
+    def _forget(self, model: str, shard: _Shard) -> None:
+        """Drop what this process knows of a shard, so that the next use opens it anew."""
+        with self._lock:
+            self._shards.pop(model, None)
+            self._prepared.discard((shard.place.path, shard.place.schema))
+        if shard.reader is not None:
+            shard.reader.close()
+        shard.place.engine.dispose()
+
     def _error(self, action: str, exc: BaseException) -> StorageError:
         """A StorageError naming the cache, its password masked, and the driver's reason."""
         reason = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
@@ -334,6 +347,14 @@ def _checked_matrix(vectors: np.ndarray, n: int) -> np.ndarray:
         bad = int(np.flatnonzero(~finite)[0])
         raise StorageError(f"refusing to store vector {bad}: it holds NaN or infinite values")
     return matrix
+
+
+def _vanished(exc: BaseException) -> bool:
+    """Whether a SQLite shard file is gone (or was replaced by an empty one)."""
+    message = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "unable to open database file" in message or "no such table" in message
+    )
 
 
 def _without_nul(row: dict[str, Any]) -> dict[str, Any]:
