@@ -245,7 +245,7 @@ class EmbeddingCache:
             show_progress=show_progress,
             truncate=truncate,
         )
-        if dimensions is not None:
+        if dimensions is not None and result.size:
             if dimensions > result.shape[1]:
                 raise InvalidInputError(
                     f"dimensions={dimensions}, but model {spec.name!r} gives "
@@ -271,6 +271,10 @@ class EmbeddingCache:
     ) -> list[float] | list[list[float]]:
         """Like :meth:`get_embeddings`, as Python floats: a list for a ``str``, a list of
         lists for a sequence."""
+        if "output" in options:
+            raise InvalidInputError(
+                "embed() always returns lists; for another output use get_embeddings(output=...)"
+            )
         vectors: list[float] | list[list[float]] = self.get_embeddings(
             text_or_texts, model, **options, output="list"
         )

@@ -244,7 +244,8 @@ def _embed(args: argparse.Namespace) -> int:
     if kind == "jsonl" and (to_stdout or args.out is not None):
         _write_jsonl(texts, vectors, args.out)
     elif args.out is not None:
-        np.save(args.out, vectors)
+        with open(args.out, "wb") as file:  # np.save(path) would add ".npy" to other names
+            np.save(file, vectors)
     distinct = stats["hits"] + stats["misses"]
     print(
         f"{len(texts)} texts ({distinct} distinct) with {model}: "

@@ -103,14 +103,21 @@ def resolve_model(model: str) -> ModelSpec:
         return CATALOG[name]
     path = Path(model).expanduser()
     if path.is_dir():
-        return _local_spec(str(path.resolve()))
+        folder = path.resolve()
+        try:
+            config = (folder / ST_CONFIG).stat()
+            stamp: tuple[int, int] | None = (config.st_mtime_ns, config.st_size)
+        except OSError:
+            stamp = None
+        return _local_spec(str(folder), stamp)
     return ModelSpec(name=model, source=model)
 
 
 @functools.lru_cache(maxsize=64)
-def _local_spec(folder: str) -> ModelSpec:
+def _local_spec(folder: str, stamp: tuple[int, int] | None) -> ModelSpec:
     """A local model folder's spec, with the prompts its sentence-transformers config names
-    (read once per process): the cache then embeds what ``model.encode`` would."""
+    (read again when the config file changes, ``stamp``): the cache then embeds what
+    ``model.encode`` would."""
     prompts: dict[str, str] = {}
     default: str | None = None
     try:

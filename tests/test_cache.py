@@ -311,6 +311,8 @@ def test_output_types_are_numpy_lists_or_torch_in_either_float_width(
     np.testing.assert_array_equal(tensor.numpy(), matrix)
     wide = file_cache.get_embeddings(texts, output="torch", dtype="float64")
     assert wide.dtype == torch.float64 and wide.shape == (2, 32)
+    with pytest.raises(ValueError, match=r"embed\(\) always returns lists"):
+        file_cache.embed(texts, output="numpy")
     with pytest.raises(ValueError, match="unknown output 'pandas'"):
         file_cache.get_embeddings(texts, output="pandas")  # type: ignore[call-overload]
 

@@ -179,6 +179,9 @@ def test_embed_writes_json_lines_to_a_file_or_to_standard_output(
         direct_model.encode(["alpha", "beta", "gamma"]),
         atol=1e-5,
     )
+    odd = tmp_path / "vectors.bin"  # --format npy writes exactly the file it was given
+    assert cli(*base, "--out", str(odd)).returncode == 0
+    assert np.load(odd).shape == (3, 32) and not odd.with_name("vectors.bin.npy").exists()
     streamed = cli(*base, "--format", "jsonl")
     assert streamed.returncode == 0, streamed.stderr
     assert [json.loads(line) for line in streamed.stdout.splitlines()] == rows
