@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import unicodedata
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -125,7 +126,7 @@ class LocalProvider:
         # the special ones. Texts that short cannot be too long; only the rest are tokenized.
         # This keeps cold misses within a few percent of the model's own time.
         embedded = [prompt + text for text in texts]
-        suspects = [i for i, s in enumerate(embedded) if 2 * len(s.encode()) + 8 > limit]
+        suspects = [i for i, s in enumerate(embedded) if 2 * _bytes_at_most(s) + 8 > limit]
         if not suspects:
             return
         encoded = tokenizer(
@@ -171,6 +172,14 @@ class LocalProvider:
     def close(self) -> None:
         with self._lock:
             self._models.clear()
+
+
+def _bytes_at_most(text: str) -> int:
+    """UTF-8 bytes of the text after the largest normalization a tokenizer may apply: NFKD
+    spells compatibility characters out (U+FDFA is 3 bytes, and 33 once decomposed)."""
+    if text.isascii():
+        return len(text)
+    return max(len(text.encode()), len(unicodedata.normalize("NFKD", text).encode()))
 
 
 def _free_accelerator_memory() -> None:
