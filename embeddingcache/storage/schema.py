@@ -2,9 +2,9 @@
 
 ``hashstring`` maps a key to the embedded string it was computed from, so that
 ``sha512(text) == hashid`` holds for every row (except on Postgres for a text with NUL
-characters, which its text type cannot hold: there they read U+FFFD). A model shard holds ``embedding`` (key to
-float32 little-endian bytes, ``4 * dimension`` long) and ``model_info``, one row naming the
-model the shard belongs to.
+characters, which its text type cannot hold: there they read U+FFFD). A model shard holds
+``embedding`` (key to float32 little-endian bytes, ``4 * dimension`` long) and
+``model_info``, one row naming the model the shard belongs to.
 
 ``hashstring.text`` has no index of its own: ``hashid`` is its digest and already unique, and an
 index over texts of any length would cost more than the vectors (and Postgres refuses B-tree
