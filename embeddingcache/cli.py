@@ -63,9 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     embed = commands.add_parser(
         "embed",
         parents=[storage],
-        help="embed a file, one text per line",
-        description="Embed the lines of FILE (or standard input with -), one text per line; "
-        "print how many came from the cache and how many were computed.",
+        help="embed text files, one text per line",
+        description="Embed the lines of each FILE (or of standard input, -), one text per "
+        "line; print how many came from the cache, the backend, or were computed.",
     )
     embed.add_argument(
         "files",
