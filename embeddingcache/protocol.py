@@ -178,6 +178,7 @@ def decode_vectors(
     width = 4 * dimension
     present = np.ones(len(items), dtype=bool)
     matrix = np.zeros((len(items), dimension), dtype=np.float32)
+    blobs: list[bytes] = []  # msgpack rows, copied into the matrix at once below
     for i, item in enumerate(items):
         if item is None and allow_missing:
             present[i] = False
@@ -187,7 +188,7 @@ def decode_vectors(
                     422,
                     f"{field}[{i}] is {len(item)} bytes; a {dimension}-d float32 vector is {width}",
                 )
-            matrix[i] = np.frombuffer(item, dtype="<f4")
+            blobs.append(item)
         elif kind == JSON and isinstance(item, list):
             if len(item) != dimension or not all(_is_number(x) for x in item):
                 raise ProtocolError(422, f"{field}[{i}] must be a list of {dimension} numbers")
@@ -200,6 +201,13 @@ def decode_vectors(
         else:
             expected = "float32 bytes" if kind == MSGPACK else "a list of numbers"
             raise ProtocolError(422, f"{field}[{i}] must be {expected}, not {_kind_of(item)}")
+    if blobs:
+        # One join instead of a numpy assignment per row; a bytearray keeps it writable.
+        rows = np.frombuffer(bytearray().join(blobs), dtype="<f4").reshape(len(blobs), dimension)
+        if len(blobs) == len(items):
+            matrix = rows
+        else:
+            matrix[present] = rows
     finite = np.isfinite(matrix).all(axis=1)
     if not finite.all():
         bad = int(np.flatnonzero(~finite)[0])
