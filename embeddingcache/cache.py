@@ -10,6 +10,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
     from .providers.remote import RemoteProvider
 from .storage import ShardSummary, Store, layout_for
+from .storage.evict import PruneReport, prune
+from .transfer import ExportReport, ImportReport, export_shard, import_file
 
 __all__ = ["EmbeddingCache"]
 
@@ -49,6 +52,9 @@ DTYPES: dict[str, type[np.floating[Any]]] = {"float32": np.float32, "float64": n
 # Rows per write transaction: big enough to amortize the commit, small enough that a writer
 # holds the SQLite lock for a short while only.
 WRITE_BATCH = 2000
+# With max_size, a cache that outgrows it is pruned to this share of it, so that pruning
+# (and compacting the files) happens once per tenth of the budget written, not per write.
+LOW_WATER = 0.9
 
 Dtype = Literal["float32", "float64"]
 Output = Literal["numpy", "list", "torch"]
@@ -57,7 +63,7 @@ OUTPUTS: tuple[str, ...] = ("numpy", "list", "torch")
 
 @dataclass(frozen=True)
 class CacheContents:
-    """What :meth:`EmbeddingCache.contents` reports."""
+    """What `EmbeddingCache.contents` reports."""
 
     location: str
     texts: int
@@ -87,9 +93,13 @@ class EmbeddingCache:
             ``--allow-push``); a failed push is logged, never raised.
         batch_size: texts per forward pass of the local model.
         device: ``"cpu"``, ``"cuda"``, ``"mps"``...; default: the best one available.
+        max_size: a budget in bytes on disk for a SQLite cache directory: when a write takes
+            the cache over it, the least recently used entries are removed until it takes
+            90% of it (see `prune`).
 
     Raises:
-        InvalidInputError: an unknown provider or normalization policy.
+        InvalidInputError: an unknown provider or normalization policy, or ``max_size``
+            with a database URL.
     """
 
     def __init__(
@@ -106,6 +116,7 @@ class EmbeddingCache:
         push: bool = False,
         batch_size: int = 32,
         device: str | None = None,
+        max_size: int | None = None,
     ) -> None:
         self.model = resolve_model_name(model)
         self.cache_dir = resolve_cache_dir(cache_dir)
@@ -129,6 +140,15 @@ class EmbeddingCache:
         self.push = bool(push)
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.device = device
+        if max_size is not None:
+            _positive_int(max_size, "max_size")
+            if self.db_url is not None:
+                raise InvalidInputError(
+                    "max_size needs a SQLite cache directory; a shared database is pruned "
+                    "by whoever runs it (embeddingcache prune --older-than / --model)"
+                )
+        self.max_size = max_size
+        self._pruning = threading.Lock()
         self._store = Store(layout_for(self.cache_dir, self.db_url))
         self._providers: dict[str, Provider] = {}
         self._remote_provider: RemoteProvider | None = None
@@ -269,7 +289,7 @@ class EmbeddingCache:
     def embed(
         self, text_or_texts: str | Sequence[str], model: str | None = None, **options: Any
     ) -> list[float] | list[list[float]]:
-        """Like :meth:`get_embeddings`, as Python floats: a list for a ``str``, a list of
+        """Like `get_embeddings`, as Python floats: a list for a ``str``, a list of
         lists for a sequence."""
         if "output" in options:
             raise InvalidInputError(
@@ -283,7 +303,7 @@ class EmbeddingCache:
     async def aget_embeddings(
         self, texts: str | Sequence[str], model: str | None = None, **options: Any
     ) -> Any:
-        """:meth:`get_embeddings` for async code, returning what it returns: it runs in a
+        """`get_embeddings` for async code, returning what it returns: it runs in a
         worker thread (the cache is thread-safe), so neither a hit nor a model computing
         blocks the event loop."""
         return await asyncio.to_thread(
@@ -293,7 +313,7 @@ class EmbeddingCache:
     async def aembed(
         self, text_or_texts: str | Sequence[str], model: str | None = None, **options: Any
     ) -> list[float] | list[list[float]]:
-        """:meth:`embed` for async code, in a worker thread."""
+        """`embed` for async code, in a worker thread."""
         return await asyncio.to_thread(self.embed, text_or_texts, model, **options)
 
     def dimension(self, model: str | None = None) -> int:
@@ -333,6 +353,69 @@ class EmbeddingCache:
             texts=self._store.text_count(),
             shards=self._store.summaries(),
         )
+
+    def prune(
+        self,
+        *,
+        model: str | None = None,
+        older_than: float | timedelta | None = None,
+        max_size: int | None = None,
+        dry_run: bool = False,
+    ) -> PruneReport:
+        """Remove entries, and the texts no model refers to any longer.
+
+        ``model`` alone removes all of that model's vectors (and frees its name for a model of
+        another dimension); with another option it limits the removal to that model.
+        ``older_than`` (seconds, or a ``timedelta``) removes entries unused for that long; last
+        use is known to the day. ``max_size`` then removes the least recently used entries
+        until the cache takes at most that many bytes on disk (SQLite only). SQLite files are
+        compacted afterwards. ``dry_run`` says what would go and removes nothing.
+
+        Raises:
+            InvalidInputError: nothing to prune by, a model with nothing stored, a negative
+                age, or ``max_size`` on a database.
+            StorageError: the cache could not be read or written.
+        """
+        age = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+        if age is not None and (
+            isinstance(age, bool) or not isinstance(age, (int, float)) or age < 0
+        ):
+            raise InvalidInputError(f"older_than must be a non-negative age, not {older_than!r}")
+        if max_size is not None:
+            _positive_int(max_size, "max_size")
+        name = resolve_model(model).name if model is not None else None
+        with self._pruning:
+            return prune(
+                self._store, model=name, older_than_s=age, max_size=max_size, dry_run=dry_run
+            )
+
+    def export_to(self, path: str | os.PathLike[str], model: str | None = None) -> ExportReport:
+        """Write one model's texts and vectors to a portable file (JSON lines; gzip when the
+        name ends in ``.gz``); see `embeddingcache.transfer` for the format.
+
+        Raises:
+            InvalidInputError: nothing is stored for the model.
+            StorageError: the cache could not be read.
+            OSError: the file could not be written.
+        """
+        spec = resolve_model(model if model is not None else self.model)
+        return export_shard(self._store, spec.name, path)
+
+    def import_from(self, path: str | os.PathLike[str]) -> ImportReport:
+        """Add the entries of a file written by `export_to` that this cache lacks. The
+        whole file is checked before anything is written; a stored vector is never replaced.
+
+        Raises:
+            InvalidInputError: the file is not a sound export (the message names the line).
+            ShardMismatchError: the cache holds another model under that model's slug.
+            DimensionMismatchError: the cache holds vectors of another dimension for it.
+            StorageError: the cache could not be written.
+            OSError: the file could not be read.
+        """
+        report = import_file(self._store, path)
+        if self.max_size is not None:
+            self._keep_within(self.max_size)
+        return report
 
     @property
     def stats(self) -> dict[str, int]:
@@ -396,7 +479,7 @@ class EmbeddingCache:
             inverse = np.fromiter((where[key] for key in keys), dtype=np.intp, count=len(keys))
 
         found = self._store.lookup(spec.name, unique_keys)
-        self._count_lookup(len(found.positions), len(unique_keys) - len(found.positions))
+        self._count_lookup(spec.name, len(found.positions), len(unique_keys) - len(found.positions))
         if len(found.positions) == len(unique_keys) and unique_keys:
             # All stored: the lookup's rows are already in key order (the hot path).
             return (found.vectors if inverse is None else found.vectors[inverse]), None
@@ -599,11 +682,31 @@ class EmbeddingCache:
                 replace=[key for key in chunk if key in damaged],
             )
         stored = self._store.lookup(spec.name, keys)
-        if len(stored.positions) == len(keys):
-            return stored.vectors
-        vectors = np.array(vectors, dtype=np.float32)
-        vectors[stored.positions] = stored.vectors
+        if len(stored.positions) != len(keys):
+            vectors = np.array(vectors, dtype=np.float32)
+            vectors[stored.positions] = stored.vectors
+        else:
+            vectors = stored.vectors
+        if self.max_size is not None:
+            self._keep_within(self.max_size)
         return vectors
+
+    def _keep_within(self, budget: int) -> None:
+        """Prune the least recently used entries once the files outgrow ``budget``."""
+        if self._store.total_bytes() <= budget:
+            return
+        with self._pruning:  # one thread prunes; the others find the cache within budget
+            if self._store.total_bytes() <= budget:
+                return
+            report = prune(self._store, max_size=int(budget * LOW_WATER), sweep_all_texts=False)
+        logger.info(
+            "the cache outgrew max_size=%d: removed the %d least recently used vector(s), "
+            "%d -> %d bytes",
+            budget,
+            report.vectors_removed,
+            report.bytes_before,
+            report.bytes_after,
+        )
 
     def _provider(self, name: str) -> Provider | None:
         if name == "remote":
@@ -635,11 +738,12 @@ class EmbeddingCache:
             return info.dimension
         return self._dimensions.get(spec.name) or spec.dimension or 0
 
-    def _count_lookup(self, hits: int, misses: int) -> None:
+    def _count_lookup(self, model: str, hits: int, misses: int) -> None:
         with self._lock:
             stats = self._stats
             stats["hits"] += hits
             stats["misses"] += misses
+        self._store.record(model, hits, misses)
 
     def _count(self, **amounts: int) -> None:
         with self._lock:

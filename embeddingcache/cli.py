@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -40,15 +42,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake on one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="embeddingcache",
         description="Compute each text embedding once; read it from the cache after that.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    storage = argparse.ArgumentParser(add_help=False)
+    storage = _Parser(add_help=False)
     where = storage.add_mutually_exclusive_group()
     where.add_argument(
         "--cache-dir",
@@ -114,7 +123,9 @@ def _parser() -> argparse.ArgumentParser:
         "stats",
         parents=[storage],
         help="what the cache holds",
-        description="List the cache's model shards: entries, dimension and bytes on disk.",
+        description="List the cache's model shards: entries, dimension, bytes on disk, and "
+        "the hits and misses counted across every run since the shard was created (each "
+        "process adds its counts about once a minute and when it closes).",
     )
     stats.set_defaults(run=_stats)
 
@@ -176,6 +187,61 @@ def _parser() -> argparse.ArgumentParser:
         "model shard: the place that holds it, its model, dimension, and who created it.",
     )
     info.set_defaults(run=_info)
+
+    prune = commands.add_parser(
+        "prune",
+        parents=[storage],
+        help="remove entries by size budget, age or model",
+        description="Remove cached vectors: with --model, all of that model's (or, with another "
+        "option, only that model's); with --older-than, those unused for that long; with "
+        "--max-size, the least recently used until the cache fits. Texts no model refers to "
+        "any longer go too, and SQLite files are compacted. Last use is known to the day.",
+    )
+    prune.add_argument(
+        "--max-size",
+        type=_size,
+        metavar="SIZE",
+        help="bytes on disk to keep the cache within: 500MB, 2GiB... (SQLite caches)",
+    )
+    prune.add_argument(
+        "--older-than",
+        type=_age,
+        metavar="AGE",
+        help="remove entries unused for this long: 30d, 12h, 2w, 90m, 45s",
+    )
+    prune.add_argument("--model", "-m", help="remove this model's entries (only)")
+    prune.add_argument(
+        "--dry-run", action="store_true", help="say what would be removed; remove nothing"
+    )
+    prune.set_defaults(run=_prune)
+
+    export = commands.add_parser(
+        "export",
+        parents=[storage],
+        help="write one model's vectors and texts to a portable file",
+        description="Write every vector of one model, with the text it was computed from, to "
+        "FILE: JSON lines, gzip-compressed when FILE ends in .gz. `embeddingcache import` reads "
+        "it into another cache. See docs/cli.md for the format.",
+    )
+    export.add_argument("file", metavar="FILE", type=Path, help="the file to write")
+    export.add_argument(
+        "--model",
+        "-m",
+        help="the model whose shard to export "
+        "(default: $EMBEDDING_CACHE_MODEL or nomic-embed-text-v2)",
+    )
+    export.set_defaults(run=_export)
+
+    import_ = commands.add_parser(
+        "import",
+        parents=[storage],
+        help="add the vectors of an exported file that the cache lacks",
+        description="Read a file written by `embeddingcache export` and store the vectors the "
+        "cache lacks, in the shard of the model the file names. The whole file is checked "
+        "before anything is written; vectors already stored are kept as they are.",
+    )
+    import_.add_argument("file", metavar="FILE", type=Path, help="the file to read")
+    import_.set_defaults(run=_import)
 
     migrate = commands.add_parser(
         "migrate",
@@ -278,9 +344,15 @@ def _stats(args: argparse.Namespace) -> int:
         if not summaries:
             print("no model shards yet")
         for s in summaries:
+            lookups = s.hits + s.misses
+            use = (
+                f"{s.hits} hits, {s.misses} misses ({s.hits / lookups:.0%} hits)"
+                if lookups
+                else "no lookups recorded"
+            )
             print(
-                f"{s.model or '?'}: {s.entries} vectors, {s.dimension or '?'}-d, "
-                f"{s.bytes_on_disk / 1e6:.1f} MB ({s.place})"
+                f"{s.model or '(emptied)'}: {s.entries} vectors, {s.dimension or '?'}-d, "
+                f"{_megabytes(s.bytes_on_disk)}, {use} ({s.place})"
             )
     return 0
 
@@ -301,6 +373,103 @@ def _info(args: argparse.Namespace) -> int:
             f"{s.entries} vectors, created {created} by embeddingcache "
             f"{s.library_version or '?'}"
         )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    with EmbeddingCache(
+        args.model, cache_dir=args.cache_dir, db_url=args.db_url, remote_url=False
+    ) as cache:
+        report = cache.export_to(args.file)
+    skipped = [
+        f"{count} {why}"
+        for count, why in (
+            (report.skipped_no_text, "without a stored text"),
+            (report.skipped_inexact, "whose text is not stored exactly (NUL on Postgres)"),
+            (report.skipped_damaged, "damaged"),
+        )
+        if count
+    ]
+    print(
+        f"exported {report.written} vectors of {report.model} ({report.dimension}-d) "
+        f"to {args.file}" + (f"; skipped {', '.join(skipped)}" if skipped else "")
+    )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    with EmbeddingCache(cache_dir=args.cache_dir, db_url=args.db_url, remote_url=False) as cache:
+        report = cache.import_from(args.file)
+    print(
+        f"imported {report.read} vectors of {report.model} ({report.dimension}-d) "
+        f"from {args.file}: {report.added} new, {report.already_present} already stored"
+    )
+    return 0
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+    "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+    "tib": 2**40,
+}  # fmt: skip
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _size(value: str) -> int:
+    """``500MB``, ``1.5G``, ``2GiB`` or a number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+    unit = _SIZE_UNITS.get(match.group(2).lower()) if match else None
+    if match is None or unit is None or float(match.group(1)) * unit < 1:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a size; write a number and a unit: 500MB, 1.5GB, 2GiB"
+        )
+    return int(float(match.group(1)) * unit)
+
+
+def _age(value: str) -> float:
+    """``30d``, ``12h``, ``2w``, ``90m`` or ``45s``."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw])\s*", value.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an age; write a number and a unit: 30d, 12h, 2w, 90m, 45s"
+        )
+    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _prune(args: argparse.Namespace) -> int:
+    if args.max_size is None and args.older_than is None and args.model is None:
+        raise EmbeddingCacheError("say what to prune: --max-size, --older-than or --model")
+    with EmbeddingCache(cache_dir=args.cache_dir, db_url=args.db_url, remote_url=False) as cache:
+        report = cache.prune(
+            model=args.model,
+            older_than=args.older_than,
+            max_size=args.max_size,
+            dry_run=args.dry_run,
+        )
+    per_model = ", ".join(f"{name}: {n}" for name, n in sorted(report.removed.items()))
+    if report.dry_run:
+        if not report.vectors_removed:
+            print(f"nothing to remove; the cache takes {_megabytes(report.bytes_before)}")
+        else:
+            print(
+                f"would remove {report.vectors_removed} vectors ({per_model}) and the texts "
+                f"only they use; the cache would take about {_megabytes(report.bytes_after)} "
+                f"(now {_megabytes(report.bytes_before)})"
+            )
+        return 0
+    if not report.vectors_removed and not report.texts_removed:
+        print(f"nothing to remove; the cache takes {_megabytes(report.bytes_after)}")
+        return 0
+    print(
+        f"removed {report.vectors_removed} vectors"
+        + (f" ({per_model})" if per_model else "")
+        + f" and {report.texts_removed} texts; the cache takes "
+        f"{_megabytes(report.bytes_after)} (was {_megabytes(report.bytes_before)})"
+    )
     return 0
 
 

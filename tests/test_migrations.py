@@ -73,9 +73,9 @@ def test_a_cache_of_the_first_schema_is_upgraded_in_place_with_its_data(tmp_path
     assert store.text_count() == 5
     store.close()
     with sqlite3.connect(old / "legacy-model.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0002",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0003",)]
         columns = [row[1] for row in db.execute("PRAGMA table_info(model_info)")]
-        assert columns[-1] == "revision"
+        assert columns[-3:] == ["revision", "hits", "misses"]
         assert db.execute("SELECT model, dimension, revision FROM model_info").fetchall() == [
             ("legacy-model", 8, None)
         ]
@@ -134,7 +134,7 @@ def test_an_older_postgres_schema_is_upgraded_in_place(pg_url: str) -> None:
             text(f'SELECT version_num FROM "{place.schema}".alembic_version')
         )
     engine.dispose()
-    assert version == "s0002"
+    assert version == "s0003"
 
 
 OPENER = """
@@ -217,4 +217,4 @@ def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(site))
     with sqlite3.connect(cache / "m.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0002",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0003",)]

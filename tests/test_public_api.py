@@ -56,10 +56,11 @@ def test_the_cache_class_has_the_documented_signature() -> None:
         "timeout": 5.0,
         "batch_size": 32,
         "device": None,
+        "max_size": None,
     }
     assert params["model"].default is None
     for name, default in expected.items():
         assert params[name].default == default, name
-    for method in ("embed", "get_embeddings", "close", "__enter__", "__exit__"):
+    for method in ("embed", "get_embeddings", "prune", "close", "__enter__", "__exit__"):
         assert callable(getattr(embeddingcache.EmbeddingCache, method))
     assert isinstance(inspect.getattr_static(embeddingcache.EmbeddingCache, "stats"), property)

@@ -66,9 +66,12 @@ def test_the_hit_path_only_reads(
         again.get_embeddings(texts)
         again.get_embeddings(texts[3])
         assert again.stats["hits"] == 11
+        assert {f: f.read_bytes() for f in before} == before
     assert any(s.startswith("SELECT hashid, vector") for s in statements), statements
     assert all(s.lstrip().upper().startswith(("SELECT", "PRAGMA")) for s in statements), statements
-    assert {f: f.read_bytes() for f in before} == before
+    # Closing adds the counts in one write; the first cache's 10 misses are there too.
+    with sqlite3.connect(shard_file(cache_dir, tiny_model)) as db:
+        assert db.execute("SELECT hits, misses FROM model_info").fetchall() == [(11, 10)]
 
 
 def test_a_damaged_vector_is_a_miss_recomputed_and_replaced(

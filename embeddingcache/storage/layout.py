@@ -18,7 +18,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from sqlalchemy import URL, Engine, MetaData, Table, create_engine, func, inspect, make_url, select
 from sqlalchemy import exc as sa_exc
@@ -86,7 +86,7 @@ class Layout(Protocol):
     def shard_place(self, model: str) -> ShardPlace: ...
     def may_exist(self, place: Place) -> bool: ...
     def shard_places(self) -> list[ShardPlace]: ...
-    def bytes_on_disk(self, place: ShardPlace) -> int: ...
+    def bytes_on_disk(self, place: Place) -> int: ...
     def prepare(self) -> None: ...
     def reader(self, place: ShardPlace) -> Reader | None: ...
     def close(self) -> None: ...
@@ -127,8 +127,8 @@ class SQLiteLayout:
         paths = sorted(p for p in self.directory.glob("*.db") if p.name != TEXT_FILE)
         return [self._shard_at(p) for p in paths]
 
-    def bytes_on_disk(self, place: ShardPlace) -> int:
-        """A shard file's size with its write-ahead log."""
+    def bytes_on_disk(self, place: Place) -> int:
+        """A file's size with its write-ahead log."""
         if place.path is None:
             return 0
         files = [place.path, place.path.with_name(place.path.name + "-wal")]
@@ -224,10 +224,13 @@ class ServerLayout:
             if s.startswith(SHARD_SCHEMA_PREFIX)
         ]
 
-    def bytes_on_disk(self, place: ShardPlace) -> int:
+    def bytes_on_disk(self, place: Place) -> int:
+        table = (
+            place.embedding if isinstance(place, ShardPlace) else cast(TextPlace, place).hashstring
+        )
         with self.engine.connect() as connection:
             size = connection.scalar(
-                select(func.pg_total_relation_size(f"{place.schema}.embedding"))
+                select(func.pg_total_relation_size(f"{place.schema}.{table.name}"))
             )
         return int(size or 0)
 

@@ -14,6 +14,7 @@ entries over a few kilobytes).
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     Column,
     Integer,
@@ -60,4 +61,8 @@ def model_info_table(metadata: MetaData, name: str = "model_info") -> Table:
         Column("library_version", Text, nullable=False),
         Column("created_at", Integer, nullable=False),
         Column("revision", Text, nullable=True),  # the model's commit, when known
+        # Lookups of the model's vectors over every run since the shard was created (or
+        # upgraded to schema s0003), counted in memory and added in batches.
+        Column("hits", BigInteger, nullable=False, server_default="0"),
+        Column("misses", BigInteger, nullable=False, server_default="0"),
     )

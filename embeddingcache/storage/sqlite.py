@@ -18,7 +18,15 @@ from sqlalchemy import exc as sa_exc
 
 from ..errors import EmbeddingCacheWarning
 
-__all__ = ["BUSY_TIMEOUT_S", "Reader", "is_not_a_database", "move_aside", "sqlite_engine"]
+__all__ = [
+    "BUSY_TIMEOUT_S",
+    "Reader",
+    "compact",
+    "is_not_a_database",
+    "move_aside",
+    "sqlite_engine",
+    "write_transaction",
+]
 
 logger = logging.getLogger("embeddingcache.storage")
 
@@ -68,12 +76,37 @@ def sqlite_engine(path: Path, *, page_size: int | None = None) -> Engine:
 
 
 @contextmanager
-def write_transaction(engine: Engine) -> Iterator[Connection]:
-    """A connection inside one write transaction, committed on success."""
+def write_transaction(engine: Engine, *, wait_s: float | None = None) -> Iterator[Connection]:
+    """A connection inside one write transaction, committed on success.
+
+    ``wait_s`` bounds the wait for another writer's lock (default: the busy timeout on
+    SQLite, no bound on Postgres), for writes that had better give up than wait: recording
+    last use, say.
+    """
     with engine.connect() as connection:
-        connection.execution_options(**{WRITE: True})
-        with connection.begin():
-            yield connection
+        sqlite = connection.dialect.name == "sqlite"
+        raw = connection.connection.driver_connection if sqlite and wait_s is not None else None
+        if raw is not None:
+            # Set on the driver's connection: through SQLAlchemy it would begin a transaction.
+            raw.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")  # type: ignore[operator]
+        try:
+            connection.execution_options(**{WRITE: True})
+            with connection.begin():
+                if wait_s is not None and not sqlite:
+                    connection.exec_driver_sql(f"SET LOCAL lock_timeout = {int(wait_s * 1000)}")
+                yield connection
+        finally:
+            if raw is not None:
+                raw.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+
+
+def compact(engine: Engine) -> None:
+    """Give a SQLite file's free space back to the file system: ``VACUUM`` rewrites it
+    (through the write-ahead log, so readers keep reading), then a checkpoint empties the log,
+    which the rewrite filled with a copy of the whole file."""
+    with engine.connect() as connection:
+        connection.exec_driver_sql("VACUUM")
+        connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def is_not_a_database(exc: BaseException) -> bool:
@@ -128,15 +161,16 @@ class Reader:
 
     def __init__(self, path: Path, table: str) -> None:
         self.path = path
-        self._select = f"SELECT hashid, vector FROM {table} WHERE hashid IN "
+        self._select = f"SELECT hashid, vector, last_used FROM {table} WHERE hashid IN "
         self._queries: dict[int, str] = {}
         self._local = threading.local()
         self._opened: list[_Connection] = []
         self._generation = 0
         self._lock = threading.Lock()
 
-    def rows(self, keys: Sequence[bytes], chunk: int) -> list[tuple[bytes, bytes]]:
-        """``(hashid, vector)`` of the stored ``keys``, one query per ``chunk`` keys.
+    def rows(self, keys: Sequence[bytes], chunk: int) -> list[tuple[bytes, bytes, int]]:
+        """``(hashid, vector, last_used)`` of the stored ``keys``, one query per ``chunk``
+        keys.
 
         Raises:
             sqlite3.Error: the file could not be read.
@@ -148,11 +182,11 @@ class Reader:
                     continue
                 connection = entry.connection
                 if len(keys) <= chunk:
-                    rows: list[tuple[bytes, bytes]] = connection.execute(
+                    rows: list[tuple[bytes, bytes, int]] = connection.execute(
                         self._query(len(keys)), keys
                     ).fetchall()
                     return rows
-                found: list[tuple[bytes, bytes]] = []
+                found: list[tuple[bytes, bytes, int]] = []
                 for start in range(0, len(keys), chunk):
                     part = keys[start : start + chunk]
                     found += connection.execute(self._query(len(part)), part).fetchall()

@@ -3,20 +3,27 @@
 Reads are one ``IN (...)`` query per chunk of keys and one numpy reassembly. Writes are
 insert-or-ignore in one transaction per batch, retried on transient errors. Nothing here
 creates an ORM object, and a read never writes.
+
+Use is recorded the way ``relatime`` records file access: a hit rewrites a row's
+``last_used`` only when the stored one is a day old or more, and those rewrites, with the
+counts of hits and misses per model, wait in memory for one batched write a minute (sooner
+once 10,000 rows wait; and at ``close`` or exit). A hit costs one comparison, never a write.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import Connection, bindparam, delete, func, insert, select
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.dml import Insert
 
@@ -37,6 +44,22 @@ READ_CHUNK = 2000
 DTYPE = "float32"
 _FIRST = np.zeros(1, dtype=np.intp)  # the positions of a lookup of one key that was found
 _FIRST.flags.writeable = False
+
+TOUCH_RESOLUTION_S = 24 * 3600  # last_used is kept to the day, like relatime
+FLUSH_INTERVAL_S = 60.0
+FLUSH_ROWS = 10_000  # rows waiting for a new last_used that bring the write forward
+# Last use is advisory: when recording it keeps failing (a writer holding the lock for long,
+# a read-only directory), what waits is capped and the rest is dropped.
+MAX_WAITING_ROWS = 200_000
+FLUSH_WAIT_S = 0.25  # a flush gives up on another writer's lock sooner than a store does
+
+_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for store in list(_stores):
+        store.flush()
 
 
 @dataclass(frozen=True)
@@ -67,15 +90,26 @@ class Lookup(NamedTuple):
 
 @dataclass(frozen=True)
 class ShardSummary:
-    """What ``stats`` reports of one model shard."""
+    """One model shard, as `EmbeddingCache.contents` reports it."""
 
-    place: str  # the file, or the schema, that holds the shard
+    place: str
+    """The file, or the Postgres schema, that holds the shard."""
     model: str | None
+    """Its model (``None`` once `prune` emptied it)."""
     dimension: int | None
+    """The length of its vectors."""
     entries: int
+    """The vectors it holds."""
     bytes_on_disk: int
-    library_version: str | None = None  # of the embeddingcache that created the shard
-    created_at: int | None = None  # Unix time
+    """The file and its write-ahead log, or the Postgres relation size."""
+    library_version: str | None = None
+    """The embeddingcache that created the shard."""
+    created_at: int | None = None
+    """When it was created, in Unix seconds."""
+    hits: int = 0
+    """Lookups that found a vector, counted across every run (see docs/storage.md)."""
+    misses: int = 0
+    """Lookups that did not."""
 
 
 @dataclass
@@ -83,6 +117,15 @@ class _Shard:
     place: ShardPlace
     info: ModelInfo | None
     reader: Reader | None = None  # the SQLite hit path
+
+
+@dataclass
+class _Use:
+    """What waits to be recorded of one model's use."""
+
+    hits: int = 0
+    misses: int = 0
+    stale: set[bytes] | None = None  # keys hit whose stored last_used is a day old or more
 
 
 class Store:
@@ -93,6 +136,11 @@ class Store:
         self._shards: dict[str, _Shard] = {}
         self._prepared: set[object] = set()  # places this process found at the current schema
         self._lock = threading.Lock()
+        self._use: dict[str, _Use] = {}
+        self._waiting_rows = 0
+        self._flush_due = time.monotonic() + FLUSH_INTERVAL_S
+        self._flushing = threading.Lock()
+        _stores.add(self)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -119,18 +167,26 @@ class Store:
                 self._forget(model, shard)
                 return Lookup.empty(dimension)
             raise self._error(f"cannot read the shard of {model!r}", exc) from exc
+        stale_before = int(time.time()) - TOUCH_RESOLUTION_S
         if len(rows) == len(keys) == 1 and len(rows[0][1]) == width:  # one cached text
+            if rows[0][2] < stale_before:
+                self._touch(model, [rows[0][0]])
             return Lookup(_FIRST, np.frombuffer(bytearray(rows[0][1]), "<f4")[None, :], [])
         where = dict(zip(keys, range(len(keys)), strict=True))
         # Each row goes to its key's slot, so that one join gives the vectors in key order:
         # with every key found, the matrix needs no reordering at all.
         slots: list[bytes | None] = [None] * len(keys)
         damaged: list[int] = []
-        for hashid, vector in rows:
+        stale: list[bytes] = []
+        for hashid, vector, last_used in rows:
             if len(vector) == width:
                 slots[where[hashid]] = vector
+                if last_used < stale_before:
+                    stale.append(hashid)
             else:
                 damaged.append(where[hashid])
+        if stale:
+            self._touch(model, stale)
         if len(rows) == len(keys) and not damaged:
             positions = np.arange(len(keys), dtype=np.intp)
             data = bytearray().join(slots)  # type: ignore[arg-type]  # no None left
@@ -143,7 +199,7 @@ class Store:
 
     def _rows(self, place: ShardPlace, keys: Sequence[bytes]) -> list[Any]:
         table = place.embedding
-        query = select(table.c.hashid, table.c.vector).where(
+        query = select(table.c.hashid, table.c.vector, table.c.last_used).where(
             table.c.hashid.in_(bindparam("keys", expanding=True))
         )
         rows: list[Any] = []
@@ -198,9 +254,92 @@ class Store:
                     bytes_on_disk=self.layout.bytes_on_disk(place),
                     library_version=row.library_version if row else None,
                     created_at=row.created_at if row else None,
+                    hits=row.hits if row else 0,
+                    misses=row.misses if row else 0,
                 )
             )
         return result
+
+    # -- use ------------------------------------------------------------------------------
+
+    def record(self, model: str, hits: int, misses: int) -> None:
+        """Count a lookup's hits and misses; writes what waits when it is due."""
+        with self._lock:
+            use = self._use.get(model)
+            if use is None:
+                use = self._use[model] = _Use()
+            use.hits += hits
+            use.misses += misses
+            due = self._waiting_rows >= FLUSH_ROWS or time.monotonic() >= self._flush_due
+        if due:
+            self.flush()
+
+    def _touch(self, model: str, keys: list[bytes]) -> None:
+        with self._lock:
+            use = self._use.get(model)
+            if use is None:
+                use = self._use[model] = _Use()
+            if use.stale is None:
+                use.stale = set()
+            if self._waiting_rows < MAX_WAITING_ROWS:
+                before = len(use.stale)
+                use.stale.update(keys)
+                self._waiting_rows += len(use.stale) - before
+
+    def flush(self) -> None:
+        """Write the counts and last-use times that wait, in one short transaction per
+        model shard. Best effort: a shard that is locked for more than a moment, or cannot be
+        written, keeps its rows waiting for the next flush (within a bound)."""
+        if not self._flushing.acquire(blocking=False):
+            return  # another thread is at it
+        try:
+            with self._lock:
+                waiting, self._use = self._use, {}
+                self._waiting_rows = 0
+                self._flush_due = time.monotonic() + FLUSH_INTERVAL_S
+            now = int(time.time())
+            for model, use in waiting.items():
+                try:
+                    self._write_use(model, use, now)
+                except (sa_exc.SQLAlchemyError, sqlite3.Error, StorageError, OSError) as exc:
+                    logger.debug("could not record the use of %r yet: %s", model, exc)
+                    self._requeue(model, use)
+        finally:
+            self._flushing.release()
+
+    def _write_use(self, model: str, use: _Use, now: int) -> None:
+        shard = self._open_shard(model)
+        if shard is None:
+            # Its first vectors are on their way (a call counts before it computes): the
+            # counts wait for the shard.
+            self._requeue(model, use)
+            return
+        place = shard.place
+        info, table = place.model_info, place.embedding
+        stale = sorted(use.stale or ())  # one order for every writer: no deadlock on Postgres
+        with write_transaction(place.engine, wait_s=FLUSH_WAIT_S) as connection:
+            if use.hits or use.misses:
+                connection.execute(
+                    update(info).values(
+                        hits=info.c.hits + use.hits, misses=info.c.misses + use.misses
+                    )
+                )
+            touch = (
+                update(table)
+                .where(table.c.hashid.in_(bindparam("keys", expanding=True)))
+                .where(table.c.last_used < now - TOUCH_RESOLUTION_S)
+                .values(last_used=now)
+            )
+            for start in range(0, len(stale), READ_CHUNK):
+                connection.execute(touch, {"keys": stale[start : start + READ_CHUNK]})
+
+    def _requeue(self, model: str, use: _Use) -> None:
+        with self._lock:
+            again = self._use.setdefault(model, _Use())
+            again.hits += use.hits
+            again.misses += use.misses
+        if use.stale:
+            self._touch(model, list(use.stale))
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -315,6 +454,30 @@ class Store:
             self._prepared.add(token)
         return ready
 
+    def exists(self, place: Place) -> bool:
+        """Whether a place holds tables (brought to the current schema if it does)."""
+        try:
+            return self._ready(place, create=False)
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._error(f"cannot open {place.name}", exc) from exc
+
+    def forget(self, model: str) -> None:
+        """Drop what this process knows of a model's shard (after its rows were removed)."""
+        shard = self._shards.get(model)
+        if shard is not None:
+            with self._lock:
+                self._shards.pop(model, None)
+            if shard.reader is not None:
+                shard.reader.close()
+
+    def total_bytes(self) -> int:
+        """Bytes on disk of the whole cache: the texts and every shard."""
+        places: list[Place] = [self.layout.text_place(), *self.layout.shard_places()]
+        try:
+            return sum(self.layout.bytes_on_disk(p) for p in places if self.exists(p))
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._error("cannot measure the cache", exc) from exc
+
     def _forget(self, model: str, shard: _Shard) -> None:
         """Drop what this process knows of a shard, so that the next use opens it anew."""
         with self._lock:
@@ -330,6 +493,7 @@ class Store:
         return StorageError(f"{action} at {self.layout.describe()}: {reason}")
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             self._shards.clear()
             self._prepared.clear()

@@ -1,0 +1,366 @@
+"""Removing entries: a model's, those unused for a while, or the least recently used ones
+until the cache fits a size budget; then the texts no shard refers to any longer and, on
+SQLite, the freed space.
+
+Last use is known to the day (see ``store.py``); entries last used on the same day go
+oldest-created first. Sizes are bytes on disk, write-ahead logs included. On Postgres freed
+space stays with the database for reuse (autovacuum), so a size budget applies to SQLite
+caches only.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy import exc as sa_exc
+
+from ..errors import InvalidInputError, StorageError
+from .layout import ShardPlace, SQLiteLayout
+from .retry import retry_write
+from .sqlite import compact, write_transaction
+from .store import READ_CHUNK, Store
+
+__all__ = ["PruneReport", "prune"]
+
+# Rounds of remove-then-measure for a size budget: the first removes by an estimate of
+# each entry's share of the files, the next ones correct it with the measured sizes.
+MAX_ROUNDS = 4
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What `prune` removed (or, on a dry run, would remove)."""
+
+    removed: dict[str, int] = field(default_factory=dict)
+    """The vectors removed, per model."""
+    texts_removed: int = 0
+    """The texts removed because no shard refers to them any longer."""
+    bytes_before: int = 0
+    """The cache's bytes on disk before."""
+    bytes_after: int = 0
+    """Its bytes on disk after: measured, or on a dry run estimated."""
+    dry_run: bool = False
+    """Whether nothing was removed, only counted."""
+
+    @property
+    def vectors_removed(self) -> int:
+        """The vectors removed, all models together."""
+        return sum(self.removed.values())
+
+
+@dataclass
+class _Shard:
+    place: ShardPlace
+    model: str
+    entries: int
+    bytes: int
+
+
+def prune(
+    store: Store,
+    *,
+    model: str | None = None,
+    older_than_s: float | None = None,
+    max_size: int | None = None,
+    dry_run: bool = False,
+    sweep_all_texts: bool = True,
+) -> PruneReport:
+    """Remove entries from the cache.
+
+    ``model`` limits the removal to that model's shard, and alone removes all of it.
+    ``older_than_s`` removes entries not used for that many seconds. ``max_size`` then removes
+    the least recently used entries until the cache takes at most that many bytes on disk.
+    Texts that no shard refers to any longer go too (all of them, or with
+    ``sweep_all_texts=False`` only those of the removed entries); SQLite files are compacted.
+
+    Raises:
+        InvalidInputError: nothing to prune by, an unknown model, or a size budget for a
+            database other than SQLite.
+        StorageError: the cache could not be read or written.
+    """
+    if model is None and older_than_s is None and max_size is None:
+        raise InvalidInputError("say what to prune: a model, a maximum age or a maximum size")
+    if max_size is not None and not isinstance(store.layout, SQLiteLayout):
+        raise InvalidInputError(
+            "a size budget needs a SQLite cache directory: a database keeps the space of "
+            "removed rows for reuse, so its size does not fall; prune it by model or by age"
+        )
+    store.flush()  # last use that waits in memory counts
+    try:
+        return _prune(store, model, older_than_s, max_size, dry_run, sweep_all_texts)
+    except sa_exc.SQLAlchemyError as exc:
+        reason = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+        raise StorageError(
+            f"cannot prune the cache at {store.layout.describe()}: {reason}"
+        ) from exc
+
+
+def _prune(
+    store: Store,
+    model: str | None,
+    older_than_s: float | None,
+    max_size: int | None,
+    dry_run: bool,
+    sweep_all_texts: bool,
+) -> PruneReport:
+    shards = _shards(store)
+    scope = [s for s in shards if model is None or s.model == model]
+    if model is not None and not scope:
+        raise InvalidInputError(f"nothing is stored for model {model!r}")
+    bytes_before = store.total_bytes()
+    share = _text_share(store)
+
+    if model is not None and older_than_s is None and max_size is None:
+        shard = scope[0]
+        if dry_run:
+            freed = shard.bytes + int(share * shard.entries)
+            return PruneReport(
+                {shard.model: shard.entries}, 0, bytes_before, max(bytes_before - freed, 0), True
+            )
+        keys = [] if sweep_all_texts else _keys(shard.place)
+        _empty(store, shard)
+        texts = _drop_orphan_texts(store, keys)
+        _compact(store, [shard.place], texts=False)
+        return _finish(
+            store, {}, texts, bytes_before, sweep_all_texts, {shard.model: shard.entries}
+        )
+
+    chosen: dict[str, list[bytes]] = {}
+    if older_than_s is not None:
+        cutoff = int(time.time() - older_than_s)
+        for shard in scope:
+            if keys := _unused_since(shard.place, cutoff):
+                chosen[shard.model] = keys
+    if dry_run:
+        # An estimate by each entry's share of the files as they are now.
+        estimate = bytes_before - _estimate(shards, chosen, share)
+        if max_size is not None and estimate > max_size:
+            more = _least_recently_used(scope, chosen, estimate - max_size, shards, share)
+            for name, keys in more.items():
+                chosen.setdefault(name, []).extend(keys)
+            estimate -= _estimate(shards, more, share)
+        would = {name: len(keys) for name, keys in chosen.items() if keys}
+        return PruneReport(would, 0, bytes_before, max(estimate, 0), dry_run=True)
+
+    removed: dict[str, int] = {}
+    texts = _remove(store, scope, chosen, removed)
+    if max_size is not None:
+        # Files of randomly placed keys are about a third free space, so the entries' share
+        # of them is measured on compacted files: compact, measure, remove the least recently
+        # used by that measure, and again if removing texts freed less than estimated.
+        for _ in range(MAX_ROUNDS):
+            if store.total_bytes() <= max_size:
+                break
+            _compact(store, [s.place for s in _shards(store)], texts=True)
+            shards = _shards(store)
+            scope = [s for s in shards if model is None or s.model == model]
+            excess = store.total_bytes() - max_size
+            if excess <= 0 or not any(s.entries for s in scope):
+                break
+            lru = _least_recently_used(scope, {}, excess, shards, _text_share(store))
+            texts += _remove(store, scope, lru, removed)
+    return _finish(store, removed, texts, bytes_before, sweep_all_texts)
+
+
+def _remove(
+    store: Store, scope: Sequence[_Shard], chosen: dict[str, list[bytes]], removed: dict[str, int]
+) -> int:
+    """Delete the chosen vectors (counting them in ``removed``), then the texts only they
+    used; the number of texts removed."""
+    gone: list[bytes] = []
+    for shard in scope:
+        keys = chosen.get(shard.model, [])
+        if keys:
+            _delete(shard, keys)
+            removed[shard.model] = removed.get(shard.model, 0) + len(keys)
+            gone += keys
+    return _drop_orphan_texts(store, gone) if gone else 0
+
+
+def _finish(
+    store: Store,
+    removed: dict[str, int],
+    texts: int,
+    bytes_before: int,
+    sweep_all_texts: bool,
+    emptied: dict[str, int] | None = None,
+) -> PruneReport:
+    """Remove every text left without a vector, if asked, and compact what changed."""
+    if sweep_all_texts:
+        texts += _drop_orphan_texts(store, None)
+    changed = [s.place for s in _shards(store) if s.model in removed]
+    _compact(store, changed, texts=texts > 0)
+    return PruneReport({**removed, **(emptied or {})}, texts, bytes_before, store.total_bytes())
+
+
+def _shards(store: Store) -> list[_Shard]:
+    found = []
+    for place in store.layout.shard_places():
+        if not store.exists(place):
+            continue
+        with place.engine.connect() as connection:
+            name = connection.scalar(select(place.model_info.c.model))
+            entries = connection.scalar(select(func.count()).select_from(place.embedding))
+        if name is not None:
+            found.append(_Shard(place, name, int(entries or 0), store.layout.bytes_on_disk(place)))
+    return found
+
+
+def _text_share(store: Store) -> float:
+    """The bytes on disk of one text, on average (0 with no texts)."""
+    texts = store.text_count()
+    return store.layout.bytes_on_disk(store.layout.text_place()) / texts if texts else 0.0
+
+
+def _estimate(shards: Sequence[_Shard], chosen: dict[str, list[bytes]], share: float) -> int:
+    """Bytes that removing ``chosen`` frees, by each shard's bytes per entry and each text's."""
+    return int(
+        sum(
+            (s.bytes / s.entries + share) * len(chosen.get(s.model, ()))
+            for s in shards
+            if s.entries
+        )
+    )
+
+
+def _keys(place: ShardPlace) -> list[bytes]:
+    with place.engine.connect() as connection:
+        return list(connection.scalars(select(place.embedding.c.hashid)))
+
+
+def _unused_since(place: ShardPlace, cutoff: int) -> list[bytes]:
+    table = place.embedding
+    with place.engine.connect() as connection:
+        return list(connection.scalars(select(table.c.hashid).where(table.c.last_used < cutoff)))
+
+
+def _least_recently_used(
+    scope: Sequence[_Shard],
+    chosen: dict[str, list[bytes]],
+    excess: int,
+    shards: Sequence[_Shard],
+    share: float,
+) -> dict[str, list[bytes]]:
+    """Keys to remove, least recently used first across the shards, until about ``excess``
+    bytes are freed."""
+    cost = {s.model: s.bytes / s.entries + share for s in shards if s.entries}
+    taken = {name: set(keys) for name, keys in chosen.items()}
+    more: dict[str, list[bytes]] = {}
+    freed = 0.0
+    streams = [_by_use(s) for s in scope]
+    try:
+        for _last_used, _created_at, name, key in heapq.merge(*streams):
+            if key in taken.get(name, ()):
+                continue
+            more.setdefault(name, []).append(key)
+            freed += cost[name]
+            if freed >= excess:
+                break
+    finally:
+        for stream in streams:
+            stream.close()  # ends each shard's read now, before anything is deleted
+    return more
+
+
+def _by_use(shard: _Shard) -> Generator[tuple[int, int, str, bytes], None, None]:
+    table = shard.place.embedding
+    query = select(table.c.last_used, table.c.created_at, table.c.hashid).order_by(
+        table.c.last_used, table.c.created_at, table.c.hashid
+    )
+    with shard.place.engine.connect() as connection:
+        for last_used, created_at, key in connection.execution_options(
+            yield_per=READ_CHUNK
+        ).execute(query):
+            yield last_used, created_at, shard.model, key
+
+
+def _delete(shard: _Shard, keys: Sequence[bytes]) -> None:
+    table = shard.place.embedding
+    statement = delete(table).where(table.c.hashid.in_(bindparam("keys", expanding=True)))
+    for start in range(0, len(keys), READ_CHUNK):
+        part = list(keys[start : start + READ_CHUNK])
+
+        def run(part: list[bytes] = part) -> None:
+            with write_transaction(shard.place.engine) as connection:
+                connection.execute(statement, {"keys": part})
+
+        retry_write(run)
+
+
+def _empty(store: Store, shard: _Shard) -> None:
+    """Remove every vector of a shard and its model row: the name is free for a model of
+    another dimension. The file or schema stays, so that other processes using it keep
+    working (a deleted file would keep its readers and writers on a vanished inode)."""
+
+    def run() -> None:
+        with write_transaction(shard.place.engine) as connection:
+            connection.execute(delete(shard.place.embedding))
+            connection.execute(delete(shard.place.model_info))
+
+    retry_write(run)
+    store.forget(shard.model)
+
+
+def _drop_orphan_texts(store: Store, candidates: Sequence[bytes] | None) -> int:
+    """Remove texts that no shard refers to: among ``candidates``, or all of them."""
+    place = store.layout.text_place()
+    if not store.exists(place):
+        return 0
+    shards = [p for p in store.layout.shard_places() if store.exists(p)]
+    table = place.hashstring
+    removed = 0
+    for keys in _chunks(store, candidates):
+        referred: set[bytes] = set()
+        for shard in shards:
+            column = shard.embedding.c.hashid
+            with shard.engine.connect() as connection:
+                referred.update(connection.scalars(select(column).where(column.in_(keys))))
+        orphans = [key for key in keys if key not in referred]
+        if orphans:
+
+            def run(orphans: list[bytes] = orphans) -> None:
+                with write_transaction(place.engine) as connection:
+                    connection.execute(
+                        delete(table).where(table.c.hashid.in_(bindparam("keys", expanding=True))),
+                        {"keys": orphans},
+                    )
+
+            retry_write(run)
+            removed += len(orphans)
+    return removed
+
+
+def _chunks(store: Store, candidates: Sequence[bytes] | None) -> Iterator[list[bytes]]:
+    if candidates is not None:
+        for start in range(0, len(candidates), READ_CHUNK):
+            yield list(candidates[start : start + READ_CHUNK])
+        return
+    # Every text, in key order, a chunk at a time (keyset pagination: the deletes between
+    # chunks do not shift it).
+    place = store.layout.text_place()
+    column = place.hashstring.c.hashid
+    last = b""
+    while True:
+        with place.engine.connect() as connection:
+            keys = list(
+                connection.scalars(
+                    select(column).where(column > last).order_by(column).limit(READ_CHUNK)
+                )
+            )
+        if not keys:
+            return
+        last = keys[-1]
+        yield keys
+
+
+def _compact(store: Store, places: Sequence[ShardPlace], *, texts: bool) -> None:
+    if not isinstance(store.layout, SQLiteLayout):
+        return  # Postgres: autovacuum makes the space reusable
+    for place in places:
+        compact(place.engine)
+    if texts:
+        compact(store.layout.text_place().engine)
