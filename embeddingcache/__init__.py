@@ -102,7 +102,7 @@ def get_embeddings(
     """Embeddings of ``texts``: ``(n, dim)`` for a sequence, ``(dim,)`` for one ``str``.
 
     Each distinct text is computed once per model, ever; later calls read it from the cache.
-    See :meth:`EmbeddingCache.get_embeddings` for the options and the errors raised.
+    See `EmbeddingCache.get_embeddings` for the options and the errors raised.
     """
     cache = _shared_cache(cache_dir, db_url)
     return cache.get_embeddings(

@@ -1,8 +1,8 @@
 """The exceptions and warnings of embeddingcache.
 
-Every error the library raises on purpose derives from :class:`EmbeddingCacheError`.
+Every error the library raises on purpose derives from `EmbeddingCacheError`.
 Errors about the caller's input also derive from the built-in they refine, so that
-``except ValueError`` keeps working::
+``except ValueError`` keeps working:
 
     EmbeddingCacheError
     ├── InvalidInputError (ValueError)       empty, whitespace-only or None text, bad option

@@ -78,7 +78,7 @@ def validate_texts(texts: object) -> tuple[list[str], bool]:
 
 
 def _all_valid(items: list[Any]) -> bool:
-    """Whether every item passes :func:`_check_one`, in a few passes of C code: the hit path
+    """Whether every item passes `_check_one`, in a few passes of C code: the hit path
     validates every text, so this runs per call; the per-item check runs only on failure to
     name the first bad one."""
     if not set(map(type, items)) <= {str} or not all(items) or any(map(str.isspace, items)):

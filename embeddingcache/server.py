@@ -1,7 +1,7 @@
-"""The backend: ``embeddingcache serve``, a FastAPI app over one :class:`EmbeddingCache`.
+"""The backend: ``embeddingcache serve``, a FastAPI app over one `EmbeddingCache`.
 
 The cache behind the app computes with the local model and never calls another backend.
-Everything a client sends is checked by :mod:`embeddingcache.protocol`; what it gets wrong is
+Everything a client sends is checked by `embeddingcache.protocol`; what it gets wrong is
 answered with a 4xx naming the mistake, so that no input produces a 5xx. A 503 means the
 server's own storage or model failed.
 

@@ -1,4 +1,4 @@
-"""A LangChain ``Embeddings`` backed by an :class:`~embeddingcache.EmbeddingCache`.
+"""A LangChain ``Embeddings`` backed by an `embeddingcache.EmbeddingCache`.
 
     from embeddingcache.integrations.langchain import CachedEmbeddings
 
@@ -27,10 +27,10 @@ class CachedEmbeddings(Embeddings):
     """LangChain embeddings that compute each text once, then read it from the cache.
 
     Args:
-        model: the model (see :class:`~embeddingcache.EmbeddingCache`).
+        model: the model (see `embeddingcache.EmbeddingCache`).
         cache: an open cache to use; by default one is made from ``model`` and
             ``cache_options`` (``cache_dir=``, ``db_url=``, ``remote_url=``...) and closed
-            by :meth:`close`.
+            by `close`.
     """
 
     def __init__(
@@ -59,10 +59,11 @@ class CachedEmbeddings(Embeddings):
         return vector
 
     async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
-        # The cache is thread-safe: a worker thread keeps the event loop free.
+        """`embed_documents` for async code, in a worker thread (the cache is thread-safe)."""
         return await asyncio.to_thread(self.embed_documents, texts)
 
     async def aembed_query(self, text: str) -> list[float]:
+        """`embed_query` for async code, in a worker thread."""
         return await asyncio.to_thread(self.embed_query, text)
 
     def close(self) -> None:

@@ -66,8 +66,8 @@ class BackendError(ProviderError):
 
 
 class RemoteProvider:
-    """Asks a backend for vectors: stored ones only (:meth:`lookup`), or computed
-    (:meth:`compute`), and offers it vectors computed here (:meth:`push`)."""
+    """Asks a backend for vectors: stored ones only (`lookup`), or computed
+    (`compute`), and offers it vectors computed here (`push`)."""
 
     name = "remote"
 
