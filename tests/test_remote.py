@@ -112,7 +112,9 @@ def test_a_backend_slower_than_the_timeout_is_given_up_within_it(
         elapsed = time.monotonic() - started
         np.testing.assert_array_equal(vectors, direct_model.encode(TEXTS))
         assert c.stats["remote_hits"] == 0 and c.stats["computed"] == 4
-    assert elapsed < timeout + 0.5, f"fell back after {elapsed:.2f} s"
+    # Behaviour, not speed: the client gave up before the backend's answer came (5 s late);
+    # the bound leaves room for a loaded machine (1.52 s once, beside a stress test).
+    assert elapsed < 4.0, f"waited {elapsed:.2f} s: the timeout did not cut the request off"
 
 
 def test_the_token_is_sent_and_a_wrong_one_means_fallback(
