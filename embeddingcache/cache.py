@@ -29,6 +29,8 @@ from .errors import (
     EmbeddingCacheWarning,
     InvalidInputError,
     ProviderError,
+    ShardMismatchError,
+    StorageError,
     TextTooLongError,
 )
 from .keys import keys_of, normalizer, validate_texts
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     import torch
 
     from .providers.remote import RemoteProvider
-from .storage import ShardSummary, Store, layout_for
+from .storage import Lookup, ShardSummary, Store, layout_for
 from .storage.evict import PruneReport, prune
 from .transfer import ExportReport, ImportReport, export_shard, import_file
 
@@ -149,6 +151,7 @@ class EmbeddingCache:
                 )
         self.max_size = max_size
         self._pruning = threading.Lock()
+        self._storage_worked = False  # it was read from or written to: see _degrades
         self._store = Store(layout_for(self.cache_dir, self.db_url))
         self._providers: dict[str, Provider] = {}
         self._remote_provider: RemoteProvider | None = None
@@ -239,7 +242,9 @@ class EmbeddingCache:
             InvalidInputTypeError: a text is not a ``str`` (a ``TypeError``).
             TextTooLongError: a text is longer than the model accepts, ``truncate`` false.
             AllProvidersFailedError: vectors were missing and nobody could compute them.
-            StorageError: the cache could not be read or written.
+            StorageError: the cache could not be read or written, and never could in this
+                process (once it has worked, a fault is an ``EmbeddingCacheWarning`` and the
+                call returns computed vectors); or a shard of another model or dimension.
         """
         items, single = validate_texts(texts)
         if output not in OUTPUTS:
@@ -478,8 +483,18 @@ class EmbeddingCache:
             where = {key: u for u, key in enumerate(unique_keys)}
             inverse = np.fromiter((where[key] for key in keys), dtype=np.intp, count=len(keys))
 
-        found = self._store.lookup(spec.name, unique_keys)
+        try:
+            found = self._store.lookup(spec.name, unique_keys)
+        except StorageError as exc:
+            if not self._degrades(exc):
+                raise
+            # The storage that worked cannot be read now (a database gone, a file system
+            # remounted): the caller still gets its vectors, computed; the next call tries again.
+            _degraded(f"cannot read the cache ({exc}); computing the texts instead")
+            found = Lookup.empty(self._known_dimension(spec))
         self._count_lookup(spec.name, len(found.positions), len(unique_keys) - len(found.positions))
+        if len(found.positions) and not self._storage_worked:
+            self._storage_worked = True
         if len(found.positions) == len(unique_keys) and unique_keys:
             # All stored: the lookup's rows are already in key order (the hot path).
             return (found.vectors if inverse is None else found.vectors[inverse]), None
@@ -672,24 +687,47 @@ class EmbeddingCache:
             logger.warning(message)
             # get_embeddings -> _resolve -> here: point at the caller's line.
             warnings.warn(message, EmbeddingCacheWarning, stacklevel=4)
-        for start in range(0, len(keys), WRITE_BATCH):
-            chunk = keys[start : start + WRITE_BATCH]
-            self._store.put(
-                spec.name,
-                chunk,
-                texts[start : start + WRITE_BATCH],
-                vectors[start : start + WRITE_BATCH],
-                replace=[key for key in chunk if key in damaged],
+        finite = np.isfinite(vectors).all(axis=1)
+        if not finite.all():
+            bad = int(np.flatnonzero(~finite)[0])
+            raise StorageError(
+                f"model {spec.name!r} gave a vector with NaN or infinite values for "
+                f"{texts[bad][:80]!r}; refusing to store or return it"
             )
-        stored = self._store.lookup(spec.name, keys)
-        if len(stored.positions) != len(keys):
-            vectors = np.array(vectors, dtype=np.float32)
-            vectors[stored.positions] = stored.vectors
-        else:
-            vectors = stored.vectors
-        if self.max_size is not None:
-            self._keep_within(self.max_size)
+        try:
+            for start in range(0, len(keys), WRITE_BATCH):
+                chunk = keys[start : start + WRITE_BATCH]
+                self._store.put(
+                    spec.name,
+                    chunk,
+                    texts[start : start + WRITE_BATCH],
+                    vectors[start : start + WRITE_BATCH],
+                    replace=[key for key in chunk if key in damaged],
+                )
+            stored = self._store.lookup(spec.name, keys)
+            self._storage_worked = True
+            if self.max_size is not None:
+                self._keep_within(self.max_size)
+        except StorageError as exc:
+            if not self._degrades(exc):
+                raise
+            # Each batch is one transaction: what was not stored is simply not there.
+            _degraded(f"could not store {len(keys)} vector(s) ({exc}); returning them as computed")
+            return np.asarray(vectors, dtype=np.float32)
+        if len(stored.positions) == len(keys):
+            return stored.vectors
+        vectors = np.array(vectors, dtype=np.float32)
+        vectors[stored.positions] = stored.vectors
         return vectors
+
+    def _degrades(self, exc: StorageError) -> bool:
+        """Whether a call goes on without its storage after ``exc``: only when the storage
+        worked before in this cache (a fault that came up, which may pass). A storage that never
+        worked is more likely misconfigured (a wrong URL or password, a read-only directory):
+        that is an error to fix. A shard of another model or dimension is always an error."""
+        return self._storage_worked and not isinstance(
+            exc, (ShardMismatchError, DimensionMismatchError)
+        )
 
     def _keep_within(self, budget: int) -> None:
         """Prune the least recently used entries once the files outgrow ``budget``."""
@@ -749,6 +787,13 @@ class EmbeddingCache:
         with self._lock:
             for name, amount in amounts.items():
                 self._stats[name] += amount
+
+
+def _degraded(message: str) -> None:
+    """Say that the cache could not do its part of a call that still succeeds."""
+    logger.warning(message)
+    # get_embeddings -> _resolve -> (_store_rows ->) here: close enough to the caller's line.
+    warnings.warn(message, EmbeddingCacheWarning, stacklevel=4)
 
 
 def _to_torch(vectors: np.ndarray) -> torch.Tensor:

@@ -18,6 +18,7 @@ from .models import catalog_name
 __all__ = [
     "NORMALIZATION_POLICIES",
     "NormalizePolicy",
+    "check_model_name",
     "key_of",
     "keys_of",
     "model_slug",
@@ -127,6 +128,24 @@ _RESERVED = frozenset(
 )
 
 
+def check_model_name(model: object) -> str:
+    """The model name, if a table can record it: a non-empty ``str`` without NUL (which
+    Postgres text cannot hold) or lone surrogates (which have no UTF-8).
+
+    Raises:
+        InvalidInputError: any other name.
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidInputError(f"model must be a non-empty str, not {model!r}")
+    if "\x00" in model:
+        raise InvalidInputError(f"model name {model!r} contains a NUL character")
+    try:
+        model.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInputError(f"model name {model!r} is not valid Unicode") from None
+    return model
+
+
 def model_slug(model: str) -> str:
     """A file-name-safe, bounded slug for a model name.
 
@@ -138,8 +157,7 @@ def model_slug(model: str) -> str:
     slug never contains a path separator and never starts with a dot, so it cannot name a
     parent directory or a hidden file. Collisions are still caught by the shard's sanity table.
     """
-    if not isinstance(model, str) or not model.strip():
-        raise InvalidInputError(f"model must be a non-empty str, not {model!r}")
+    check_model_name(model)
     if catalog_name(model) == model:
         # Catalog names are known and distinct in lower case: readable file names.
         return model.lower()

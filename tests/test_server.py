@@ -444,3 +444,111 @@ def test_a_body_announcing_millions_of_items_is_refused_before_building_them(
     announced = b"\x81\xa5texts\xdd\x03\x93\x87\x00" + b"\x90" * 1000  # an array of 60M
     response = httpx.post(f"{server.url}/embed", content=announced, headers=MSGPACK)
     assert response.status_code == 400 and "malformed msgpack" in response.json()["detail"]
+
+
+# -- hostile paths, headers and slow clients ---------------------------------------------------
+
+header_values = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
+    max_size=200,
+)
+header_names = st.sampled_from(
+    [
+        "Content-Type",
+        "Content-Length",
+        "Content-Encoding",
+        "Transfer-Encoding",
+        "Authorization",
+        "Accept",
+        "Expect",
+        "X-Anything",
+    ]
+)
+paths = st.one_of(
+    st.sampled_from(["/embed", "/push", "/models", "/stats", "/healthz", "/", "//embed"]),
+    st.text(
+        st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters="#?"),
+        max_size=60,
+    ).map(lambda p: "/" + p),
+)
+
+
+def test_random_paths_methods_and_headers_never_get_a_5xx_nor_stop_the_server(
+    push_server: Any,
+) -> None:
+    """Any method, path and header values (Latin-1, as HTTP carries them) get a 4xx at worst."""
+    import socket
+
+    host, port = push_server.url.removeprefix("http://").split(":")
+    answered: list[int] = []
+
+    @settings(max_examples=200, deadline=None)
+    @given(
+        method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]),
+        path=paths,
+        headers=st.dictionaries(header_names, header_values, max_size=4),
+        body=bodies,
+    )
+    def throw(method: str, path: str, headers: dict[str, str], body: bytes) -> None:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        if "Content-Length" not in headers and "Transfer-Encoding" not in headers:
+            lines.append(f"Content-Length: {len(body)}")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            connection.sendall(request)
+            connection.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        # uvicorn may close a connection whose request it cannot parse without a word.
+        if answer:
+            status = int(answer.split(b" ", 2)[1])
+            assert status < 500, answer[:300]
+            answered.append(status)
+
+    throw()
+    assert len(answered) >= 100
+    assert httpx.get(f"{push_server.url}/healthz").status_code == 200
+    assert post(push_server.url, {"texts": ["still here"]}).status_code == 200
+
+
+def test_a_client_sending_its_body_byte_by_byte_blocks_no_one(
+    start_server: Any, direct_model: Any
+) -> None:
+    """A body trickling in one byte at a time is read without holding up other clients, and
+    is answered correctly when it is complete."""
+    import socket
+    import threading
+    import time
+
+    server, _ = start_server(limits=Limits(body_timeout_s=30.0))
+    host, port = server.url.removeprefix("http://").split(":")
+    text = "trickled in, " * 5  # a body of 80 bytes: 8 s at one byte per 0.1 s
+    body = msgpack.packb({"texts": [text]})
+    answer: list[bytes] = []
+
+    def trickle() -> None:
+        with socket.create_connection((host, int(port)), timeout=60) as slow:
+            slow.sendall(
+                b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/msgpack\r\n"
+                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            )
+            for byte in body:
+                slow.sendall(bytes([byte]))
+                time.sleep(0.1)
+            while chunk := slow.recv(65536):
+                answer.append(chunk)
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    served = 0
+    while sender.is_alive() and served < 20:
+        assert post(server.url, {"texts": [f"meanwhile {served}"]}).status_code == 200
+        served += 1
+    sender.join(timeout=60)
+    assert served == 20  # all while the slow body was still arriving
+    response = b"".join(answer)
+    assert response.startswith(b"HTTP/1.1 200")
+    vectors = vectors_of(msgpack.unpackb(response.split(b"\r\n\r\n", 1)[1]))
+    np.testing.assert_array_equal(vectors, direct_model.encode([text.strip()]))

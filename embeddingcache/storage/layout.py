@@ -24,7 +24,7 @@ from sqlalchemy import URL, Engine, MetaData, Table, create_engine, func, inspec
 from sqlalchemy import exc as sa_exc
 
 from ..errors import InvalidInputError
-from ..keys import model_slug
+from ..keys import check_model_name, model_slug
 from ..models import catalog_name
 from .schema import embedding_table, hashstring_table, model_info_table
 from .sqlite import SHARD_PAGE_SIZE, Reader, sqlite_engine
@@ -166,6 +166,7 @@ class SQLiteLayout:
 
 def server_schema(model: str) -> str:
     """The schema of a model's shard in a server database: ``ec_`` and a valid identifier."""
+    check_model_name(model)
     if catalog_name(model) == model:
         return SHARD_SCHEMA_PREFIX + re.sub(r"[^a-z0-9]+", "_", model.lower())
     digest = hashlib.sha256(model.encode("utf-8", "surrogatepass")).hexdigest()[:12]
