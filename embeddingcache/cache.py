@@ -57,6 +57,7 @@ WRITE_BATCH = 2000
 # With max_size, a cache that outgrows it is pruned to this share of it, so that pruning
 # (and compacting the files) happens once per tenth of the budget written, not per write.
 LOW_WATER = 0.9
+MAX_AGE_S = 1000 * 365 * 86400  # an age beyond this means "everything", and overflows dates
 
 Dtype = Literal["float32", "float64"]
 Output = Literal["numpy", "list", "torch"]
@@ -383,9 +384,13 @@ class EmbeddingCache:
         """
         age = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
         if age is not None and (
-            isinstance(age, bool) or not isinstance(age, (int, float)) or age < 0
+            isinstance(age, bool)
+            or not isinstance(age, (int, float))
+            or not 0 <= age <= MAX_AGE_S  # NaN fails this too
         ):
-            raise InvalidInputError(f"older_than must be a non-negative age, not {older_than!r}")
+            raise InvalidInputError(
+                f"older_than must be an age from 0 to 1000 years, not {older_than!r}"
+            )
         if max_size is not None:
             _positive_int(max_size, "max_size")
         name = resolve_model(model).name if model is not None else None
@@ -706,14 +711,14 @@ class EmbeddingCache:
                 )
             stored = self._store.lookup(spec.name, keys)
             self._storage_worked = True
-            if self.max_size is not None:
-                self._keep_within(self.max_size)
         except StorageError as exc:
             if not self._degrades(exc):
                 raise
             # Each batch is one transaction: what was not stored is simply not there.
             _degraded(f"could not store {len(keys)} vector(s) ({exc}); returning them as computed")
             return np.asarray(vectors, dtype=np.float32)
+        if self.max_size is not None:
+            self._keep_within(self.max_size)
         if len(stored.positions) == len(keys):
             return stored.vectors
         vectors = np.array(vectors, dtype=np.float32)
@@ -730,13 +735,19 @@ class EmbeddingCache:
         )
 
     def _keep_within(self, budget: int) -> None:
-        """Prune the least recently used entries once the files outgrow ``budget``."""
-        if self._store.total_bytes() <= budget:
-            return
-        with self._pruning:  # one thread prunes; the others find the cache within budget
-            if self._store.total_bytes() <= budget:
+        """Prune the least recently used entries once the stored data outgrows ``budget``.
+        A failure is a warning: the caller's vectors are stored, and the next write tries
+        again."""
+        try:
+            if self._store.live_bytes() <= budget:
                 return
-            report = prune(self._store, max_size=int(budget * LOW_WATER), sweep_all_texts=False)
+            with self._pruning:  # one thread prunes; the others find the cache within budget
+                if self._store.live_bytes() <= budget:
+                    return
+                report = prune(self._store, max_size=int(budget * LOW_WATER))
+        except StorageError as exc:
+            _degraded(f"could not prune the cache to max_size={budget} ({exc})")
+            return
         logger.info(
             "the cache outgrew max_size=%d: removed the %d least recently used vector(s), "
             "%d -> %d bytes",

@@ -427,8 +427,9 @@ def _size(value: str) -> int:
 
 
 def _age(value: str) -> float:
-    """``30d``, ``12h``, ``2w``, ``90m`` or ``45s``."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhdw])\s*", value.lower())
+    """``30d``, ``12h``, ``2w``, ``90m`` or ``45s``: lowercase units only, so that ``6M``
+    (months?) is an error rather than six minutes."""
+    match = re.fullmatch(r"\s*([0-9]{1,9}(?:\.[0-9]+)?)\s*([smhdw])\s*", value)
     if match is None:
         raise argparse.ArgumentTypeError(
             f"{value!r} is not an age; write a number and a unit: 30d, 12h, 2w, 90m, 45s"

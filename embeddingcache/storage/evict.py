@@ -21,7 +21,7 @@ from sqlalchemy import exc as sa_exc
 from ..errors import InvalidInputError, StorageError
 from .layout import ShardPlace, SQLiteLayout
 from .retry import retry_write
-from .sqlite import compact, write_transaction
+from .sqlite import SHARD_PAGE_SIZE, compact, write_transaction
 from .store import READ_CHUNK, Store
 
 __all__ = ["PruneReport", "prune"]
@@ -137,7 +137,7 @@ def _prune(
                 chosen[shard.model] = keys
     if dry_run:
         # An estimate by each entry's share of the files as they are now.
-        estimate = bytes_before - _estimate(shards, chosen, share)
+        estimate = store.live_bytes() - _estimate(shards, chosen, share)
         if max_size is not None and estimate > max_size:
             more = _least_recently_used(scope, chosen, estimate - max_size, shards, share)
             for name, keys in more.items():
@@ -149,19 +149,27 @@ def _prune(
     removed: dict[str, int] = {}
     texts = _remove(store, scope, chosen, removed)
     if max_size is not None:
-        # Files of randomly placed keys are about a third free space, so the entries' share
-        # of them is measured on compacted files: compact, measure, remove the least recently
-        # used by that measure, and again if removing texts freed less than estimated.
+        # Texts no model uses any longer take room that costs no vector: they go first.
+        texts += _drop_orphan_texts(store, None)
+        # The budget counts pages in use, write-ahead logs left out (see Layout.live_bytes).
+        # Files of randomly placed keys are about a third free space inside their pages, so
+        # each entry's share is measured on compacted files: compact the shards that may
+        # lose entries, measure, remove the least recently used by that measure, and again
+        # if a text shared with another model freed less than its share.
         for _ in range(MAX_ROUNDS):
-            if store.total_bytes() <= max_size:
+            if store.live_bytes() <= max_size:
                 break
-            _compact(store, [s.place for s in _shards(store)], texts=True)
+            _compact(store, [s.place for s in scope], texts=True)
             shards = _shards(store)
             scope = [s for s in shards if model is None or s.model == model]
-            excess = store.total_bytes() - max_size
+            excess = store.live_bytes() - max_size
             if excess <= 0 or not any(s.entries for s in scope):
                 break
-            lru = _least_recently_used(scope, {}, excess, shards, _text_share(store))
+            # Files shrink by whole pages: ask for two pages more than the excess, or the
+            # last rounds free entries that fit in a page's slack and nothing else.
+            lru = _least_recently_used(
+                scope, {}, excess + 2 * SHARD_PAGE_SIZE, shards, _text_share(store)
+            )
             texts += _remove(store, scope, lru, removed)
     return _finish(store, removed, texts, bytes_before, sweep_all_texts)
 
@@ -206,14 +214,14 @@ def _shards(store: Store) -> list[_Shard]:
             name = connection.scalar(select(place.model_info.c.model))
             entries = connection.scalar(select(func.count()).select_from(place.embedding))
         if name is not None:
-            found.append(_Shard(place, name, int(entries or 0), store.layout.bytes_on_disk(place)))
+            found.append(_Shard(place, name, int(entries or 0), store.layout.live_bytes(place)))
     return found
 
 
 def _text_share(store: Store) -> float:
     """The bytes on disk of one text, on average (0 with no texts)."""
     texts = store.text_count()
-    return store.layout.bytes_on_disk(store.layout.text_place()) / texts if texts else 0.0
+    return store.layout.live_bytes(store.layout.text_place()) / texts if texts else 0.0
 
 
 def _estimate(shards: Sequence[_Shard], chosen: dict[str, list[bytes]], share: float) -> int:
@@ -314,24 +322,36 @@ def _drop_orphan_texts(store: Store, candidates: Sequence[bytes] | None) -> int:
     table = place.hashstring
     removed = 0
     for keys in _chunks(store, candidates):
-        referred: set[bytes] = set()
-        for shard in shards:
-            column = shard.embedding.c.hashid
-            with shard.engine.connect() as connection:
-                referred.update(connection.scalars(select(column).where(column.in_(keys))))
+        referred = _referred(shards, keys)
         orphans = [key for key in keys if key not in referred]
         if orphans:
 
-            def run(orphans: list[bytes] = orphans) -> None:
+            def run(orphans: list[bytes] = orphans) -> int:
                 with write_transaction(place.engine) as connection:
-                    connection.execute(
-                        delete(table).where(table.c.hashid.in_(bindparam("keys", expanding=True))),
-                        {"keys": orphans},
-                    )
+                    # Again under the texts' write lock: a writer may have stored a vector
+                    # since; it puts its texts back only after, and must wait for this lock.
+                    still = set(orphans).difference(_referred(shards, orphans))
+                    if still:
+                        connection.execute(
+                            delete(table).where(
+                                table.c.hashid.in_(bindparam("keys", expanding=True))
+                            ),
+                            {"keys": list(still)},
+                        )
+                    return len(still)
 
-            retry_write(run)
-            removed += len(orphans)
+            removed += retry_write(run)
     return removed
+
+
+def _referred(shards: Sequence[ShardPlace], keys: list[bytes]) -> set[bytes]:
+    """The keys of ``keys`` that some shard holds a vector for."""
+    referred: set[bytes] = set()
+    for shard in shards:
+        column = shard.embedding.c.hashid
+        with shard.engine.connect() as connection:
+            referred.update(connection.scalars(select(column).where(column.in_(keys))))
+    return referred
 
 
 def _chunks(store: Store, candidates: Sequence[bytes] | None) -> Iterator[list[bytes]]:

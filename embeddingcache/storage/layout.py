@@ -87,6 +87,7 @@ class Layout(Protocol):
     def may_exist(self, place: Place) -> bool: ...
     def shard_places(self) -> list[ShardPlace]: ...
     def bytes_on_disk(self, place: Place) -> int: ...
+    def live_bytes(self, place: Place) -> int: ...
     def prepare(self) -> None: ...
     def reader(self, place: ShardPlace) -> Reader | None: ...
     def close(self) -> None: ...
@@ -133,6 +134,17 @@ class SQLiteLayout:
             return 0
         files = [place.path, place.path.with_name(place.path.name + "-wal")]
         return sum(f.stat().st_size for f in files if f.exists())
+
+    def live_bytes(self, place: Place) -> int:
+        """The bytes of a file's pages in use, as its latest state has them: free pages and
+        the write-ahead log left out (a log is emptied at checkpoints, and while a reader
+        holds an old snapshot the file keeps its old size; neither is data)."""
+        with place.engine.connect() as connection:
+            size, pages, free = (
+                connection.exec_driver_sql(f"PRAGMA {name}").scalar_one()
+                for name in ("page_size", "page_count", "freelist_count")
+            )
+        return int(size) * (int(pages) - int(free))
 
     def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -234,6 +246,9 @@ class ServerLayout:
                 select(func.pg_total_relation_size(f"{place.schema}.{table.name}"))
             )
         return int(size or 0)
+
+    def live_bytes(self, place: Place) -> int:
+        return self.bytes_on_disk(place)  # no size budget on Postgres: see storage/evict.py
 
     def prepare(self) -> None:
         pass

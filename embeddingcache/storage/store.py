@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -60,6 +61,15 @@ _stores: weakref.WeakSet[Store] = weakref.WeakSet()
 def _flush_at_exit() -> None:
     for store in list(_stores):
         store.flush()
+
+
+def _forget_use_after_fork() -> None:
+    # A forked child inherits what its parent counted: the parent writes it, not the child.
+    for store in list(_stores):
+        store._use, store._waiting_rows = {}, 0
+
+
+os.register_at_fork(after_in_child=_forget_use_after_fork)
 
 
 @dataclass(frozen=True)
@@ -139,6 +149,7 @@ class Store:
         self._use: dict[str, _Use] = {}
         self._waiting_rows = 0
         self._flush_due = time.monotonic() + FLUSH_INTERVAL_S
+        self._failed_at = -FLUSH_INTERVAL_S  # when a flush last failed (monotonic)
         self._flushing = threading.Lock()
         _stores.add(self)
 
@@ -270,7 +281,12 @@ class Store:
                 use = self._use[model] = _Use()
             use.hits += hits
             use.misses += misses
-            due = self._waiting_rows >= FLUSH_ROWS or time.monotonic() >= self._flush_due
+            now = time.monotonic()
+            # Many rows waiting bring the write forward, but not sooner than an interval
+            # after a write that failed: a hit never keeps waiting on another's lock.
+            due = now >= self._flush_due or (
+                self._waiting_rows >= FLUSH_ROWS and now >= self._failed_at + FLUSH_INTERVAL_S
+            )
         if due:
             self.flush()
 
@@ -303,6 +319,7 @@ class Store:
                     self._write_use(model, use, now)
                 except (sa_exc.SQLAlchemyError, sqlite3.Error, StorageError, OSError) as exc:
                     logger.debug("could not record the use of %r yet: %s", model, exc)
+                    self._failed_at = time.monotonic()
                     self._requeue(model, use)
         finally:
             self._flushing.release()
@@ -356,7 +373,8 @@ class Store:
 
         Keys in ``replace`` are overwritten: their stored vectors were found damaged.
         Texts go in first: a crash between the two transactions leaves a text without a
-        vector (a miss, recomputed), never a vector without its text.
+        vector (a miss, recomputed), never a vector without its text; and once more after
+        the vectors, in case a prune took them in between.
 
         Raises:
             DimensionMismatchError: the vectors' dimension differs from the shard's.
@@ -376,6 +394,10 @@ class Store:
         try:
             retry_write(lambda: self._put_texts(text_rows))
             retry_write(lambda: self._put_vectors(model, matrix.shape[1], vector_rows, replace))
+            # Again, now that the vectors are in: a prune that removed texts without a vector
+            # between the two transactions removed these (its check and its delete are one
+            # transaction, so the texts are either seen with their vectors or put back here).
+            retry_write(lambda: self._put_texts(text_rows))
         except sa_exc.SQLAlchemyError as exc:
             raise self._error("cannot write to the cache", exc) from exc
 
@@ -469,6 +491,15 @@ class Store:
                 self._shards.pop(model, None)
             if shard.reader is not None:
                 shard.reader.close()
+
+    def live_bytes(self) -> int:
+        """The bytes the cache's data takes (see ``Layout.live_bytes``): what a size budget
+        counts."""
+        places: list[Place] = [self.layout.text_place(), *self.layout.shard_places()]
+        try:
+            return sum(self.layout.live_bytes(p) for p in places if self.exists(p))
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._error("cannot measure the cache", exc) from exc
 
     def total_bytes(self) -> int:
         """Bytes on disk of the whole cache: the texts and every shard."""
