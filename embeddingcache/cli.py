@@ -369,7 +369,7 @@ def _info(args: argparse.Namespace) -> int:
     for s in contents.shards:
         created = time.strftime("%Y-%m-%d", time.gmtime(s.created_at)) if s.created_at else "?"
         print(
-            f"{s.place}: model {s.model or '?'}, {s.dimension or '?'}-d float32, "
+            f"{s.place}: model {s.model or '(emptied)'}, {s.dimension or '?'}-d float32, "
             f"{s.entries} vectors, created {created} by embeddingcache "
             f"{s.library_version or '?'}"
         )
