@@ -67,15 +67,14 @@ def prune(
     older_than_s: float | None = None,
     max_size: int | None = None,
     dry_run: bool = False,
-    sweep_all_texts: bool = True,
 ) -> PruneReport:
     """Remove entries from the cache.
 
     ``model`` limits the removal to that model's shard, and alone removes all of it.
     ``older_than_s`` removes entries not used for that many seconds. ``max_size`` then removes
     the least recently used entries until the cache takes at most that many bytes on disk.
-    Texts that no shard refers to any longer go too (all of them, or with
-    ``sweep_all_texts=False`` only those of the removed entries); SQLite files are compacted.
+    Texts that no shard refers to any longer go too; the SQLite files that changed are
+    compacted.
 
     Raises:
         InvalidInputError: nothing to prune by, an unknown model, or a size budget for a
@@ -91,7 +90,7 @@ def prune(
         )
     store.flush()  # last use that waits in memory counts
     try:
-        return _prune(store, model, older_than_s, max_size, dry_run, sweep_all_texts)
+        return _prune(store, model, older_than_s, max_size, dry_run)
     except sa_exc.SQLAlchemyError as exc:
         reason = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
         raise StorageError(
@@ -105,7 +104,6 @@ def _prune(
     older_than_s: float | None,
     max_size: int | None,
     dry_run: bool,
-    sweep_all_texts: bool,
 ) -> PruneReport:
     shards = _shards(store)
     scope = [s for s in shards if model is None or s.model == model]
@@ -121,13 +119,9 @@ def _prune(
             return PruneReport(
                 {shard.model: shard.entries}, 0, bytes_before, max(bytes_before - freed, 0), True
             )
-        keys = [] if sweep_all_texts else _keys(shard.place)
         _empty(store, shard)
-        texts = _drop_orphan_texts(store, keys)
-        _compact(store, [shard.place], texts=False)
-        return _finish(
-            store, {}, texts, bytes_before, sweep_all_texts, {shard.model: shard.entries}
-        )
+        texts = _drop_orphan_texts(store, None)
+        return _finish(store, {shard.model: shard.entries}, texts, bytes_before, [shard.place])
 
     chosen: dict[str, list[bytes]] = {}
     if older_than_s is not None:
@@ -147,10 +141,12 @@ def _prune(
         return PruneReport(would, 0, bytes_before, max(estimate, 0), dry_run=True)
 
     removed: dict[str, int] = {}
-    texts = _remove(store, scope, chosen, removed)
+    dirty = _remove(scope, chosen, removed)  # shards changed since they were compacted
+    # Every text left without a vector: those of the entries just removed, and any earlier
+    # ones (a crash between a writer's two transactions). Under a size budget they go before
+    # any vector, since they take room that costs none.
+    texts = _drop_orphan_texts(store, None)
     if max_size is not None:
-        # Texts no model uses any longer take room that costs no vector: they go first.
-        texts += _drop_orphan_texts(store, None)
         # The budget counts pages in use, write-ahead logs left out (see Layout.live_bytes).
         # Files of randomly placed keys are about a third free space inside their pages, so
         # each entry's share is measured on compacted files: compact the shards that may
@@ -160,6 +156,7 @@ def _prune(
             if store.live_bytes() <= max_size:
                 break
             _compact(store, [s.place for s in scope], texts=True)
+            dirty = {}
             shards = _shards(store)
             scope = [s for s in shards if model is None or s.model == model]
             excess = store.live_bytes() - max_size
@@ -170,23 +167,23 @@ def _prune(
             lru = _least_recently_used(
                 scope, {}, excess + 2 * SHARD_PAGE_SIZE, shards, _text_share(store)
             )
-            texts += _remove(store, scope, lru, removed)
-    return _finish(store, removed, texts, bytes_before, sweep_all_texts)
+            dirty = _remove(scope, lru, removed)
+            texts += _drop_orphan_texts(store, [k for keys in lru.values() for k in keys])
+    return _finish(store, removed, texts, bytes_before, list(dirty.values()))
 
 
 def _remove(
-    store: Store, scope: Sequence[_Shard], chosen: dict[str, list[bytes]], removed: dict[str, int]
-) -> int:
-    """Delete the chosen vectors (counting them in ``removed``), then the texts only they
-    used; the number of texts removed."""
-    gone: list[bytes] = []
+    scope: Sequence[_Shard], chosen: dict[str, list[bytes]], removed: dict[str, int]
+) -> dict[str, ShardPlace]:
+    """Delete the chosen vectors, counting them in ``removed``; the shards that changed."""
+    changed = {}
     for shard in scope:
         keys = chosen.get(shard.model, [])
         if keys:
             _delete(shard, keys)
             removed[shard.model] = removed.get(shard.model, 0) + len(keys)
-            gone += keys
-    return _drop_orphan_texts(store, gone) if gone else 0
+            changed[shard.model] = shard.place
+    return changed
 
 
 def _finish(
@@ -194,15 +191,11 @@ def _finish(
     removed: dict[str, int],
     texts: int,
     bytes_before: int,
-    sweep_all_texts: bool,
-    emptied: dict[str, int] | None = None,
+    changed: Sequence[ShardPlace],
 ) -> PruneReport:
-    """Remove every text left without a vector, if asked, and compact what changed."""
-    if sweep_all_texts:
-        texts += _drop_orphan_texts(store, None)
-    changed = [s.place for s in _shards(store) if s.model in removed]
+    """Compact what changed since it was last compacted, and say what was done."""
     _compact(store, changed, texts=texts > 0)
-    return PruneReport({**removed, **(emptied or {})}, texts, bytes_before, store.total_bytes())
+    return PruneReport(removed, texts, bytes_before, store.total_bytes())
 
 
 def _shards(store: Store) -> list[_Shard]:
@@ -233,11 +226,6 @@ def _estimate(shards: Sequence[_Shard], chosen: dict[str, list[bytes]], share: f
             if s.entries
         )
     )
-
-
-def _keys(place: ShardPlace) -> list[bytes]:
-    with place.engine.connect() as connection:
-        return list(connection.scalars(select(place.embedding.c.hashid)))
 
 
 def _unused_since(place: ShardPlace, cutoff: int) -> list[bytes]:
