@@ -7,7 +7,6 @@ import functools
 import logging
 import os
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
+from ._util import first_non_finite, positive_int, warn
 from .config import (
     resolve_cache_dir,
     resolve_db_url,
@@ -26,7 +26,6 @@ from .config import (
 from .errors import (
     AllProvidersFailedError,
     DimensionMismatchError,
-    EmbeddingCacheWarning,
     InvalidInputError,
     ProviderError,
     ShardMismatchError,
@@ -141,10 +140,10 @@ class EmbeddingCache:
         self.timeout = float(timeout)
         self.token = resolve_token(token)
         self.push = bool(push)
-        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.batch_size = positive_int(batch_size, "batch_size")
         self.device = device
         if max_size is not None:
-            _positive_int(max_size, "max_size")
+            positive_int(max_size, "max_size")
             if self.db_url is not None:
                 raise InvalidInputError(
                     "max_size needs a SQLite cache directory; a shared database is pruned "
@@ -253,12 +252,12 @@ class EmbeddingCache:
                 f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}"
             )
         if dimensions is not None:
-            _positive_int(dimensions, "dimensions")
+            positive_int(dimensions, "dimensions")
         spec = resolve_model(model if model is not None else self.model)
         norm = normalizer(normalize if normalize is not None else self.normalize)
         out_dtype = _dtype(dtype)
         batch = (
-            _positive_int(batch_size, "batch_size") if batch_size is not None else self.batch_size
+            positive_int(batch_size, "batch_size") if batch_size is not None else self.batch_size
         )
         prompt = spec.prompt(prompt_name)
 
@@ -392,7 +391,7 @@ class EmbeddingCache:
                 f"older_than must be an age from 0 to 1000 years, not {older_than!r}"
             )
         if max_size is not None:
-            _positive_int(max_size, "max_size")
+            positive_int(max_size, "max_size")
         name = resolve_model(model).name if model is not None else None
         with self._pruning:
             return prune(
@@ -690,11 +689,9 @@ class EmbeddingCache:
                 "length; recomputed and replaced them"
             )
             logger.warning(message)
-            # get_embeddings -> _resolve -> here: point at the caller's line.
-            warnings.warn(message, EmbeddingCacheWarning, stacklevel=4)
-        finite = np.isfinite(vectors).all(axis=1)
-        if not finite.all():
-            bad = int(np.flatnonzero(~finite)[0])
+            warn(message)
+        bad = first_non_finite(vectors)
+        if bad is not None:
             raise StorageError(
                 f"model {spec.name!r} gave a vector with NaN or infinite values for "
                 f"{texts[bad][:80]!r}; refusing to store or return it"
@@ -803,8 +800,7 @@ class EmbeddingCache:
 def _degraded(message: str) -> None:
     """Say that the cache could not do its part of a call that still succeeds."""
     logger.warning(message)
-    # get_embeddings -> _resolve -> (_store_rows ->) here: close enough to the caller's line.
-    warnings.warn(message, EmbeddingCacheWarning, stacklevel=4)
+    warn(message)
 
 
 def _to_torch(vectors: np.ndarray) -> torch.Tensor:
@@ -834,9 +830,3 @@ def _dtype(dtype: str) -> type[np.floating[Any]]:
         raise InvalidInputError(
             f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}"
         ) from None
-
-
-def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInputError(f"{name} must be a positive int, not {value!r}")
-    return value

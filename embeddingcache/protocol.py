@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from ._util import first_non_finite
 from .errors import EmbeddingCacheError, InvalidInputError
 from .keys import validate_texts
 
@@ -208,9 +209,8 @@ def decode_vectors(
             matrix = rows
         else:
             matrix[present] = rows
-    finite = np.isfinite(matrix).all(axis=1)
-    if not finite.all():
-        bad = int(np.flatnonzero(~finite)[0])
+    bad = first_non_finite(matrix)
+    if bad is not None:
         raise ProtocolError(422, f"{field}[{bad}] holds NaN or infinite values")
     return matrix, present
 

@@ -36,6 +36,7 @@ import numpy as np
 from sqlalchemy import bindparam, select
 from sqlalchemy import exc as sa_exc
 
+from ._util import finite_rows, first_non_finite
 from ._version import __version__
 from .errors import DimensionMismatchError, InvalidInputError, ShardMismatchError, StorageError
 from .keys import keys_of
@@ -213,7 +214,7 @@ def _sound(rows: list[tuple[bytes, bytes]], width: int) -> list[bool]:
     holding any other would be refused whole by an import."""
     ok = [len(vector) == width for _, vector in rows]
     good = b"".join(vector for (_, vector), fits in zip(rows, ok, strict=True) if fits)
-    finite = iter(np.isfinite(np.frombuffer(good, "<f4").reshape(-1, width // 4)).all(axis=1))
+    finite = iter(finite_rows(np.frombuffer(good, "<f4").reshape(-1, width // 4)))
     return [fits and bool(next(finite)) for fits in ok]
 
 
@@ -430,7 +431,7 @@ def _entry(line: bytes, where: str, width: int) -> tuple[str, bytes]:
 def _check_finite(numbers: list[int], blobs: list[bytes], dimension: int, source: Path) -> None:
     """One numpy pass per batch rather than one per line; the first bad line is named."""
     matrix = np.frombuffer(b"".join(blobs), "<f4").reshape(len(blobs), dimension)
-    finite = np.isfinite(matrix).all(axis=1)
-    if not finite.all():
-        number = numbers[int(np.flatnonzero(~finite)[0])]
+    bad = first_non_finite(matrix)
+    if bad is not None:
+        number = numbers[bad]
         raise InvalidInputError(f"{source}: line {number}: 'vector' holds NaN or infinite values")

@@ -7,7 +7,6 @@ import logging
 import sqlite3
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 from sqlalchemy import URL, Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 
-from ..errors import EmbeddingCacheWarning
+from .._util import warn
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -149,7 +148,7 @@ def move_aside(path: Path) -> Path:
             sidecar.rename(target.with_name(target.name + suffix))
     message = f"cache file {path} is not a readable SQLite database; moved it to {target}"
     logger.warning(message)
-    warnings.warn(message, EmbeddingCacheWarning, stacklevel=4)
+    warn(message)
     return target
 
 

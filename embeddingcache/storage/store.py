@@ -28,6 +28,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, select, upda
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql.dml import Insert
 
+from .._util import first_non_finite
 from .._version import __version__
 from ..errors import DimensionMismatchError, ShardMismatchError, StorageError
 from . import migrate
@@ -537,9 +538,8 @@ def _checked_matrix(vectors: np.ndarray, n: int) -> np.ndarray:
         raise DimensionMismatchError(
             f"expected {n} vectors as an (n, dim) array, got shape {np.shape(vectors)}"
         )
-    finite = np.isfinite(matrix).all(axis=1)
-    if not finite.all():
-        bad = int(np.flatnonzero(~finite)[0])
+    bad = first_non_finite(matrix)
+    if bad is not None:
         raise StorageError(f"refusing to store vector {bad}: it holds NaN or infinite values")
     return matrix
 
