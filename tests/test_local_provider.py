@@ -261,3 +261,14 @@ def _advises_only(message: str, cause: str, fix: str) -> None:
     assert f"To fix: {fix}" in message
     assert "remote_url" not in message
     assert "embeddingcache[local]" not in message
+
+
+def test_a_path_to_no_folder_is_said_so_without_backend_advice(tmp_path: Path) -> None:
+    from embeddingcache.models import resolve_model
+
+    missing = tmp_path / "no" / "such-model"
+    with pytest.raises(ModelLoadError) as raised:
+        LocalProvider(device="cpu").model(resolve_model(str(missing)))
+    assert "no such folder, and not a Hub id" in str(raised.value)
+    assert raised.value.fix == "check the path"
+    assert not raised.value.backend_helps
