@@ -592,6 +592,8 @@ class EmbeddingCache:
         truncate: bool,
     ) -> tuple[np.ndarray, str]:
         tried: list[str] = []
+        fixes: list[str] = []  # what each failure's own cause calls for
+        backend_helps = True
         for name in self.fallback_providers:
             provider = self._provider(name)
             if provider is None:
@@ -610,15 +612,14 @@ class EmbeddingCache:
                 raise TextTooLongError(exc.detail, index=origins[exc.index]) from None
             except ProviderError as exc:
                 logger.debug("provider %s failed: %s", name, exc)
-                tried.append(f"{name} ({exc})")
+                tried.append(f"{name} ({exc.reason})")
+                fixes += [exc.fix] if exc.fix else []
+                backend_helps = backend_helps and exc.backend_helps
                 continue
             self._count(computed=len(texts))
             return vectors, name
-        here = (
-            "install embeddingcache[local] to compute them here"
-            if "local" in self.fallback_providers
-            else "add 'local' to fallback_providers to compute them here"
-        )
+        if "local" not in self.fallback_providers:
+            fixes.append("add 'local' to fallback_providers to compute them here")
         there = (
             f"check the backend at {self.remote_url}"
             if self.remote_url is not None
@@ -626,7 +627,8 @@ class EmbeddingCache:
         )
         raise AllProvidersFailedError(
             f"cannot compute embeddings for model {spec.name!r}; tried: "
-            f"{'; '.join(tried) or 'no provider'}. To fix: {here}, or {there}."
+            f"{'; '.join(tried) or 'no provider'}. To fix: "
+            f"{', or '.join([*fixes, there] if backend_helps else fixes)}."
         )
 
     def _remote_lookup(

@@ -75,7 +75,17 @@ class DimensionMismatchError(StorageError):
 
 
 class ProviderError(EmbeddingCacheError):
-    """A provider could not compute embeddings."""
+    """A provider could not compute embeddings.
+
+    ``reason`` says why; ``fix``, when known, what would make it work; ``backend_helps`` is
+    false where a backend could not compute it either (a model name that does not exist).
+    """
+
+    def __init__(self, reason: str, *, fix: str | None = None, backend_helps: bool = True) -> None:
+        super().__init__(f"{reason}; to fix: {fix}" if fix else reason)
+        self.reason = reason
+        self.fix = fix
+        self.backend_helps = backend_helps
 
 
 class ModelLoadError(ProviderError):

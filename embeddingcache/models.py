@@ -29,7 +29,9 @@ class ModelSpec:
 
     ``name`` is the model's identity: it names the shard and is written in its sanity table.
     ``prompts`` maps prompt names to the prefix the model expects; ``default_prompt`` is the
-    one applied when the caller names none.
+    one applied when the caller names none. ``requires`` names the packages (as pip names
+    them) the model needs beyond sentence-transformers and torch, such as those its own code
+    imports: the ``local`` extra installs them for every catalog model (a test checks it).
     """
 
     name: str
@@ -39,6 +41,7 @@ class ModelSpec:
     default_prompt: str | None = None
     dimension: int | None = None
     offline_package: str | None = None
+    requires: tuple[str, ...] = ()
 
     def prompt(self, prompt_name: str | None) -> str:
         """The prefix for ``prompt_name`` (the default one when ``None``)."""
@@ -72,6 +75,8 @@ CATALOG: Mapping[str, ModelSpec] = MappingProxyType(
             prompts=_NOMIC_PROMPTS,
             default_prompt="document",
             dimension=768,
+            # Its code (nomic-ai/nomic-bert-2048, modeling_hf_nomic_bert.py) imports einops.
+            requires=("einops",),
         ),
         "all-MiniLM-L6-v2": ModelSpec(
             name="all-MiniLM-L6-v2",

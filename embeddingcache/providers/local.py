@@ -7,10 +7,12 @@ never before: a process that only reads the cache does not pay for it.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import unicodedata
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,7 @@ import numpy as np
 from ..errors import ModelLoadError, ProviderError, TextTooLongError
 from ..models import ModelSpec
 
-__all__ = ["LocalProvider", "pick_device"]
+__all__ = ["LocalProvider", "load_error", "pick_device"]
 
 logger = logging.getLogger("embeddingcache.providers.local")
 
@@ -33,6 +35,70 @@ def pick_device() -> str:
     if mps is not None and mps.is_available():
         return "mps"
     return "cpu"
+
+
+# What transformers' check_imports raises for a model's own code (dynamic_module_utils.py).
+_MISSING_PACKAGES = re.compile(r"not found in your environment: ([^.]+)\.")
+
+
+def load_error(spec: ModelSpec, source: str, exc: BaseException) -> ModelLoadError:
+    """The error for sentence-transformers failing to load ``spec`` from ``source``: what
+    went wrong, what fixes it, and whether a backend could compute the vectors instead."""
+    chain = list(_causes(exc))
+    names = {type(e).__name__ for e in chain}
+    prefix = f"cannot load model {spec.name!r} from {source}"
+    for error in chain:
+        found = _MISSING_PACKAGES.search(str(error)) if isinstance(error, ImportError) else None
+        missing = found.group(1).split(", ") if found else []
+        if not missing and isinstance(error, ModuleNotFoundError) and error.name:
+            missing = [error.name.partition(".")[0]]
+        if missing:
+            return ModelLoadError(
+                f"{prefix}: its code needs {', '.join(missing)}, not installed here",
+                fix=f"pip install {' '.join(missing)}",
+            )
+    if Path(source).is_dir():
+        return ModelLoadError(
+            f"{prefix}: the folder is not a sentence-transformers model ({exc})",
+            fix="name a folder saved by SentenceTransformer.save() or a Hugging Face model "
+            "folder (with its config.json), or a catalog name or Hub id",
+            backend_helps=False,
+        )
+    if "RepositoryNotFoundError" in names:
+        return ModelLoadError(
+            f"{prefix}: no model {source!r} on the Hugging Face Hub",
+            fix="check the name (catalog names, Hub ids and local folders work); a private "
+            "or gated model needs HF_TOKEN",
+            backend_helps=False,
+        )
+    if names & {"LocalEntryNotFoundError", "OfflineModeIsEnabled"}:
+        from huggingface_hub import constants
+
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        return ModelLoadError(
+            f"{prefix}: {source!r} cannot be downloaded ({why}) and is not in the local "
+            f"Hugging Face cache ({constants.HF_HUB_CACHE})",
+            fix=f'load it once where the Hub can be reached (python -c "from '
+            f"sentence_transformers import SentenceTransformer as S; S('{source}', "
+            f'trust_remote_code={spec.trust_remote_code})") to fill that cache, or pass '
+            "model= a local folder that holds it",
+        )
+    if isinstance(exc, FileNotFoundError):
+        return ModelLoadError(
+            f"{prefix}: no such folder, and not a Hub id ({exc})",
+            fix="check the path",
+            backend_helps=False,
+        )
+    return ModelLoadError(f"{prefix}: {exc}")
+
+
+def _causes(exc: BaseException | None) -> Iterator[BaseException]:
+    """The exception and what it was raised from or during, innermost last."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -71,7 +137,8 @@ class LocalProvider:
                 from sentence_transformers import SentenceTransformer
             except ImportError as exc:
                 raise ProviderError(
-                    "sentence-transformers is not installed: pip install 'embeddingcache[local]'"
+                    "sentence-transformers is not installed",
+                    fix="pip install 'embeddingcache[local]' to compute them here",
                 ) from exc
             source = spec.load_source()
             device = self.device or pick_device()
@@ -81,9 +148,7 @@ class LocalProvider:
                     source, device=device, trust_remote_code=spec.trust_remote_code
                 )
             except Exception as exc:  # any failure to load is this one error to the caller
-                raise ModelLoadError(
-                    f"cannot load model {spec.name!r} from {source}: {exc}"
-                ) from exc
+                raise load_error(spec, source, exc) from exc
             self._models[spec.name] = loaded
             return loaded
 
