@@ -50,9 +50,6 @@ logger = logging.getLogger("embeddingcache")
 
 PROVIDERS = ("local", "remote")
 DTYPES: dict[str, type[np.floating[Any]]] = {"float32": np.float32, "float64": np.float64}
-# Rows per write transaction: big enough to amortize the commit, small enough that a writer
-# holds the SQLite lock for a short while only.
-WRITE_BATCH = 2000
 # With max_size, a cache that outgrows it is pruned to this share of it, so that pruning
 # (and compacting the files) happens once per tenth of the budget written, not per write.
 LOW_WATER = 0.9
@@ -699,21 +696,15 @@ class EmbeddingCache:
                 f"{texts[bad][:80]!r}; refusing to store or return it"
             )
         try:
-            for start in range(0, len(keys), WRITE_BATCH):
-                chunk = keys[start : start + WRITE_BATCH]
-                self._store.put(
-                    spec.name,
-                    chunk,
-                    texts[start : start + WRITE_BATCH],
-                    vectors[start : start + WRITE_BATCH],
-                    replace=[key for key in chunk if key in damaged],
-                )
+            self._store.put(
+                spec.name, keys, texts, vectors, replace=[key for key in keys if key in damaged]
+            )
             stored = self._store.lookup(spec.name, keys)
             self._storage_worked = True
         except StorageError as exc:
             if not self._degrades(exc):
                 raise
-            # Each batch is one transaction: what was not stored is simply not there.
+            # Each write batch is one transaction: what was not stored is simply not there.
             _degraded(f"could not store {len(keys)} vector(s) ({exc}); returning them as computed")
             return np.asarray(vectors, dtype=np.float32)
         if self.max_size is not None:

@@ -33,14 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import bindparam, select
-from sqlalchemy import exc as sa_exc
 
 from ._util import finite_rows, first_non_finite
 from ._version import __version__
-from .errors import DimensionMismatchError, InvalidInputError, ShardMismatchError, StorageError
+from .errors import DimensionMismatchError, InvalidInputError, ShardMismatchError
 from .keys import keys_of
 from .storage import Store
+from .storage.tables import WRITE_BATCH
 
 __all__ = ["FORMAT", "VERSION", "ExportReport", "ImportReport", "export_shard", "import_file"]
 
@@ -49,9 +48,6 @@ logger = logging.getLogger("embeddingcache.transfer")
 FORMAT = "embeddingcache-export"
 VERSION = 1
 DTYPE = "float32"
-# Rows per read of the shard and per write transaction of an import: as many keys as one
-# IN (...) query of the store binds, well under SQLite's and Postgres's parameter limits.
-BATCH = 2000
 
 
 @dataclass(frozen=True)
@@ -125,7 +121,7 @@ def export_shard(store: Store, model: str, path: str | os.PathLike[str]) -> Expo
     try:
         with _writer(target, partial) as out:
             out.write(_json_line(header))
-            for rows, texts in _shard_chunks(store, model):
+            for rows, texts in store.entries(model):
                 sound = _sound(rows, width)
                 lines = []
                 for (key, vector), ok in zip(rows, sound, strict=True):
@@ -161,52 +157,6 @@ def _nothing_stored(store: Store, model: str) -> str:
     models = sorted(s.model for s in store.summaries() if s.model)
     held = f"it holds {', '.join(map(repr, models))}" if models else "it holds no model yet"
     return f"nothing stored for model {model!r} in {store.layout.describe()}; {held}"
-
-
-def _shard_chunks(store: Store, model: str) -> Iterator[tuple[list[Any], dict[bytes, str]]]:
-    """The shard's ``(hashid, vector)`` rows in key order, a chunk at a time, with the texts
-    of each chunk's keys.
-
-    Keyset pagination (``hashid > last``) reads each chunk through the primary key, however
-    far in, and a row another writer adds meanwhile is neither lost behind nor read twice.
-    """
-    shard = store.layout.shard_place(model)
-    table = shard.embedding
-    chunk_query = (
-        select(table.c.hashid, table.c.vector)
-        .where(table.c.hashid > bindparam("last"))
-        .order_by(table.c.hashid)
-        .limit(BATCH)
-    )
-    text_place = store.layout.text_place()
-    hashstring = text_place.hashstring
-    text_query = select(hashstring.c.hashid, hashstring.c.text).where(
-        hashstring.c.hashid.in_(bindparam("keys", expanding=True))
-    )
-    # Brings the text table to the current schema, or says it is not there (0 texts) without
-    # creating it: an export only reads.
-    have_texts = store.text_count() > 0
-    last = b""  # sorts before every 64-byte key
-    try:
-        with shard.engine.connect() as vectors, text_place.engine.connect() as text_rows:
-            while True:
-                rows = [
-                    (bytes(key), bytes(vector))
-                    for key, vector in vectors.execute(chunk_query, {"last": last})
-                ]
-                if not rows:
-                    return
-                last = rows[-1][0]
-                texts: dict[bytes, str] = {}
-                if have_texts:
-                    keys = [key for key, _ in rows]
-                    texts = {bytes(k): t for k, t in text_rows.execute(text_query, {"keys": keys})}
-                yield rows, texts
-    except sa_exc.SQLAlchemyError as exc:
-        reason = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
-        raise StorageError(
-            f"cannot read the shard of {model!r} at {store.layout.describe()}: {reason}"
-        ) from exc
 
 
 def _sound(rows: list[tuple[bytes, bytes]], width: int) -> list[bool]:
@@ -333,7 +283,7 @@ def _batches(source: Path, model: str, dimension: int) -> Iterator[tuple[list[st
             numbers.append(number)
             texts.append(text)
             blobs.append(blob)
-            if len(texts) == BATCH:
+            if len(texts) == WRITE_BATCH:  # one write transaction of the store
                 _check_finite(numbers, blobs, dimension, source)
                 yield texts, blobs
                 numbers, texts, blobs = [], [], []

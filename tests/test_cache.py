@@ -254,8 +254,8 @@ def test_a_text_at_the_limit_is_accepted(cache: EmbeddingCache) -> None:
 def test_many_texts_span_several_read_chunks_and_write_batches(
     cache: EmbeddingCache, monkeypatch: pytest.MonkeyPatch, direct_model: Any
 ) -> None:
-    monkeypatch.setattr("embeddingcache.storage.store.READ_CHUNK", 7)
-    monkeypatch.setattr("embeddingcache.cache.WRITE_BATCH", 5)
+    monkeypatch.setattr("embeddingcache.storage.tables.READ_CHUNK", 7)
+    monkeypatch.setattr("embeddingcache.storage.tables.WRITE_BATCH", 5)
     texts = [f"text {i}" for i in range(23)]
     cold = cache.get_embeddings(texts[:11])
     warm = cache.get_embeddings(texts)

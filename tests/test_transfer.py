@@ -22,7 +22,6 @@ from embeddingcache import (
     ShardMismatchError,
     StorageError,
 )
-from embeddingcache import transfer as transfer_module
 from embeddingcache.cli import main
 from embeddingcache.keys import key_of, keys_of, model_slug
 from embeddingcache.models import resolve_model
@@ -311,15 +310,15 @@ def test_an_export_that_fails_midway_leaves_the_previous_file_and_no_partial_one
     path = tmp_path / "exports" / "shard.jsonl"
     path.parent.mkdir()
     path.write_text("the previous export\n", encoding="utf-8")
-    real_chunks = transfer_module._shard_chunks
+    real_entries = Store.entries
 
-    def failing_chunks(store: Store, model: str) -> Iterator[Any]:
-        chunks = real_chunks(store, model)
+    def failing_entries(store: Store, model: str) -> Iterator[Any]:
+        chunks = real_entries(store, model)
         yield next(chunks)
         raise StorageError("the disk went away")  # the fault to inject
 
-    monkeypatch.setattr(transfer_module, "BATCH", 10)
-    monkeypatch.setattr(transfer_module, "_shard_chunks", failing_chunks)
+    monkeypatch.setattr("embeddingcache.storage.tables.READ_CHUNK", 10)
+    monkeypatch.setattr(Store, "entries", failing_entries)
     with pytest.raises(StorageError, match="the disk went away"):
         export_shard(cache._store, shard_name(tiny_model), path)
     assert [p.name for p in path.parent.iterdir()] == ["shard.jsonl"]
@@ -331,7 +330,7 @@ def test_an_export_in_small_chunks_writes_every_vector_once(
 ) -> None:
     """Keyset pagination over many chunks neither loses nor repeats a row."""
     cache.get_embeddings(TEXTS)
-    monkeypatch.setattr(transfer_module, "BATCH", 7)
+    monkeypatch.setattr("embeddingcache.storage.tables.READ_CHUNK", 7)
     path = tmp_path / "shard.jsonl"
     assert export_shard(cache._store, shard_name(tiny_model), path).written == len(TEXTS)
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

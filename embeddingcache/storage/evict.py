@@ -15,14 +15,14 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy import exc as sa_exc
 
 from ..errors import InvalidInputError, StorageError
 from .layout import ShardPlace, SQLiteLayout
 from .retry import retry_write
 from .sqlite import SHARD_PAGE_SIZE, compact, write_transaction
-from .store import READ_CHUNK, Store
+from .store import Store
+from .tables import READ_CHUNK, ShardTable, TextTable
 
 __all__ = ["PruneReport", "prune"]
 
@@ -203,11 +203,12 @@ def _shards(store: Store) -> list[_Shard]:
     for place in store.layout.shard_places():
         if not store.exists(place):
             continue
+        table = ShardTable(place)
         with place.engine.connect() as connection:
-            name = connection.scalar(select(place.model_info.c.model))
-            entries = connection.scalar(select(func.count()).select_from(place.embedding))
-        if name is not None:
-            found.append(_Shard(place, name, int(entries or 0), store.layout.live_bytes(place)))
+            info = table.info(connection)
+            entries = table.count(connection)
+        if info is not None:
+            found.append(_Shard(place, info.model, entries, store.layout.live_bytes(place)))
     return found
 
 
@@ -229,9 +230,8 @@ def _estimate(shards: Sequence[_Shard], chosen: dict[str, list[bytes]], share: f
 
 
 def _unused_since(place: ShardPlace, cutoff: int) -> list[bytes]:
-    table = place.embedding
     with place.engine.connect() as connection:
-        return list(connection.scalars(select(table.c.hashid).where(table.c.last_used < cutoff)))
+        return ShardTable(place).unused_since(connection, cutoff)
 
 
 def _least_recently_used(
@@ -263,26 +263,20 @@ def _least_recently_used(
 
 
 def _by_use(shard: _Shard) -> Generator[tuple[int, int, str, bytes], None, None]:
-    table = shard.place.embedding
-    query = select(table.c.last_used, table.c.created_at, table.c.hashid).order_by(
-        table.c.last_used, table.c.created_at, table.c.hashid
-    )
     with shard.place.engine.connect() as connection:
-        for last_used, created_at, key in connection.execution_options(
-            yield_per=READ_CHUNK
-        ).execute(query):
+        for last_used, created_at, key in ShardTable(shard.place).by_use(connection):
             yield last_used, created_at, shard.model, key
 
 
 def _delete(shard: _Shard, keys: Sequence[bytes]) -> None:
-    table = shard.place.embedding
-    statement = delete(table).where(table.c.hashid.in_(bindparam("keys", expanding=True)))
+    table = ShardTable(shard.place)
+    # One short transaction per chunk: a writer waits for the lock a moment only.
     for start in range(0, len(keys), READ_CHUNK):
         part = list(keys[start : start + READ_CHUNK])
 
         def run(part: list[bytes] = part) -> None:
             with write_transaction(shard.place.engine) as connection:
-                connection.execute(statement, {"keys": part})
+                table.delete(connection, part)
 
         retry_write(run)
 
@@ -294,8 +288,7 @@ def _empty(store: Store, shard: _Shard) -> None:
 
     def run() -> None:
         with write_transaction(shard.place.engine) as connection:
-            connection.execute(delete(shard.place.embedding))
-            connection.execute(delete(shard.place.model_info))
+            ShardTable(shard.place).empty(connection)
 
     retry_write(run)
     store.forget(shard.model)
@@ -307,7 +300,7 @@ def _drop_orphan_texts(store: Store, candidates: Sequence[bytes] | None) -> int:
     if not store.exists(place):
         return 0
     shards = [p for p in store.layout.shard_places() if store.exists(p)]
-    table = place.hashstring
+    table = TextTable(place)
     removed = 0
     for keys in _chunks(store, candidates):
         referred = _referred(shards, keys)
@@ -320,12 +313,7 @@ def _drop_orphan_texts(store: Store, candidates: Sequence[bytes] | None) -> int:
                     # since; it puts its texts back only after, and must wait for this lock.
                     still = set(orphans).difference(_referred(shards, orphans))
                     if still:
-                        connection.execute(
-                            delete(table).where(
-                                table.c.hashid.in_(bindparam("keys", expanding=True))
-                            ),
-                            {"keys": list(still)},
-                        )
+                        table.delete(connection, list(still))
                     return len(still)
 
             removed += retry_write(run)
@@ -336,9 +324,8 @@ def _referred(shards: Sequence[ShardPlace], keys: list[bytes]) -> set[bytes]:
     """The keys of ``keys`` that some shard holds a vector for."""
     referred: set[bytes] = set()
     for shard in shards:
-        column = shard.embedding.c.hashid
         with shard.engine.connect() as connection:
-            referred.update(connection.scalars(select(column).where(column.in_(keys))))
+            referred |= ShardTable(shard).holding(connection, keys)
     return referred
 
 
@@ -350,15 +337,11 @@ def _chunks(store: Store, candidates: Sequence[bytes] | None) -> Iterator[list[b
     # Every text, in key order, a chunk at a time (keyset pagination: the deletes between
     # chunks do not shift it).
     place = store.layout.text_place()
-    column = place.hashstring.c.hashid
+    table = TextTable(place)
     last = b""
     while True:
         with place.engine.connect() as connection:
-            keys = list(
-                connection.scalars(
-                    select(column).where(column > last).order_by(column).limit(READ_CHUNK)
-                )
-            )
+            keys = table.keys_after(connection, last, READ_CHUNK)
         if not keys:
             return
         last = keys[-1]

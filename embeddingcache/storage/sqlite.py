@@ -16,6 +16,7 @@ from sqlalchemy import URL, Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 
 from .._util import warn
+from .tables import sqlite_get_sql
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -176,7 +177,7 @@ class Reader:
 
     def __init__(self, path: Path, table: str) -> None:
         self.path = path
-        self._select = f"SELECT hashid, vector, last_used FROM {table} WHERE hashid IN "
+        self._table = table
         self._queries: dict[int, str] = {}
         self._local = threading.local()
         self._opened: list[_Connection] = []
@@ -210,7 +211,7 @@ class Reader:
     def _query(self, n: int) -> str:
         query = self._queries.get(n)
         if query is None:
-            query = self._queries[n] = self._select + "(" + ",".join("?" * n) + ")"
+            query = self._queries[n] = sqlite_get_sql(self._table, n)
         return query
 
     def _connection(self) -> _Connection:

@@ -19,30 +19,27 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.sql.dml import Insert
 
 from .._util import first_non_finite
 from .._version import __version__
 from ..errors import DimensionMismatchError, ShardMismatchError, StorageError
-from . import migrate
+from . import migrate, tables
 from .layout import Layout, Place, ShardPlace
 from .retry import retry_write
 from .sqlite import Reader, is_not_a_database, move_aside, write_transaction
+from .tables import READ_CHUNK, WRITE_BATCH, ShardTable, TextTable
 
-__all__ = ["READ_CHUNK", "Lookup", "ModelInfo", "ShardSummary", "Store"]
+__all__ = ["READ_CHUNK", "WRITE_BATCH", "Lookup", "ModelInfo", "ShardSummary", "Store"]
 
 logger = logging.getLogger("embeddingcache.storage")
 
-# Keys per SELECT ... IN (...): well under SQLite's 32,766 bound parameters and Postgres's
-# 65,535, and large enough that the per-query cost vanishes next to the rows.
-READ_CHUNK = 2000
 DTYPE = "float32"
 _FIRST = np.zeros(1, dtype=np.intp)  # the positions of a lookup of one key that was found
 _FIRST.flags.writeable = False
@@ -125,9 +122,13 @@ class ShardSummary:
 
 @dataclass
 class _Shard:
-    place: ShardPlace
+    table: ShardTable
     info: ModelInfo | None
     reader: Reader | None = None  # the SQLite hit path
+
+    @property
+    def place(self) -> ShardPlace:
+        return self.table.place
 
 
 @dataclass
@@ -170,9 +171,10 @@ class Store:
         width = 4 * dimension
         try:
             if shard.reader is not None:
-                rows = shard.reader.rows(keys, READ_CHUNK)
+                rows = shard.reader.rows(keys, tables.READ_CHUNK)
             else:
-                rows = self._rows(shard.place, keys)
+                with shard.place.engine.connect() as connection:
+                    rows = shard.table.get(connection, keys)
         except (sa_exc.SQLAlchemyError, sqlite3.Error) as exc:
             if _vanished(exc):
                 # Another process removed the file: nothing is stored; a write recreates it.
@@ -209,16 +211,29 @@ class Store:
         vectors = np.frombuffer(data, dtype="<f4").reshape(len(positions), dimension)
         return Lookup(positions, vectors, damaged)
 
-    def _rows(self, place: ShardPlace, keys: Sequence[bytes]) -> list[Any]:
-        table = place.embedding
-        query = select(table.c.hashid, table.c.vector, table.c.last_used).where(
-            table.c.hashid.in_(bindparam("keys", expanding=True))
-        )
-        rows: list[Any] = []
-        with place.engine.connect() as connection:
-            for start in range(0, len(keys), READ_CHUNK):
-                rows += connection.execute(query, {"keys": keys[start : start + READ_CHUNK]})
-        return rows
+    def entries(self, model: str) -> Iterator[tuple[list[tuple[bytes, bytes]], dict[bytes, str]]]:
+        """Every ``(hashid, vector)`` row of a model's shard in key order, ``READ_CHUNK`` at a
+        time, each chunk with the texts of its keys; read-only.
+
+        Raises:
+            StorageError: the shard or the texts could not be read.
+        """
+        place = self.layout.shard_place(model)
+        table = ShardTable(place)
+        text_place = self.layout.text_place()
+        texts = TextTable(text_place)
+        # Brings the text table to the current schema, or says it is not there (0 texts)
+        # without creating it: reading all of a shard only reads.
+        have_texts = self.text_count() > 0
+        last = b""  # sorts before every 64-byte key
+        try:
+            with place.engine.connect() as vectors, text_place.engine.connect() as text_rows:
+                while rows := table.after(vectors, last, tables.READ_CHUNK):
+                    last = rows[-1][0]
+                    found = texts.texts(text_rows, [k for k, _ in rows]) if have_texts else {}
+                    yield rows, found
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._error(f"cannot read the shard of {model!r}", exc) from exc
 
     def text_count(self) -> int:
         """Rows in the hashstring table (0 when it does not exist yet)."""
@@ -227,10 +242,9 @@ class Store:
             if not self._ready(place, create=False):
                 return 0
             with place.engine.connect() as connection:
-                count = connection.scalar(select(func.count()).select_from(place.hashstring))
+                return TextTable(place).count(connection)
         except sa_exc.SQLAlchemyError as exc:
             raise self._error("cannot read the texts", exc) from exc
-        return int(count or 0)
 
     def migrate(self) -> list[str]:
         """Bring every place present to the current schema; the names of the places."""
@@ -251,9 +265,10 @@ class Store:
             try:
                 if not self._ready(place, create=False):
                     continue
+                table = ShardTable(place)
                 with place.engine.connect() as connection:
-                    row = connection.execute(select(place.model_info)).first()
-                    entries = connection.scalar(select(func.count()).select_from(place.embedding))
+                    row = table.info(connection)
+                    entries = table.count(connection)
             except (sa_exc.DBAPIError, StorageError) as exc:
                 logger.warning("skipping shard %s: %s", place.name, exc)
                 continue
@@ -262,7 +277,7 @@ class Store:
                     place=place.name,
                     model=row.model if row else None,
                     dimension=row.dimension if row else None,
-                    entries=int(entries or 0),
+                    entries=entries,
                     bytes_on_disk=self.layout.bytes_on_disk(place),
                     library_version=row.library_version if row else None,
                     created_at=row.created_at if row else None,
@@ -332,24 +347,11 @@ class Store:
             # counts wait for the shard.
             self._requeue(model, use)
             return
-        place = shard.place
-        info, table = place.model_info, place.embedding
         stale = sorted(use.stale or ())  # one order for every writer: no deadlock on Postgres
-        with write_transaction(place.engine, wait_s=FLUSH_WAIT_S) as connection:
+        with write_transaction(shard.place.engine, wait_s=FLUSH_WAIT_S) as connection:
             if use.hits or use.misses:
-                connection.execute(
-                    update(info).values(
-                        hits=info.c.hits + use.hits, misses=info.c.misses + use.misses
-                    )
-                )
-            touch = (
-                update(table)
-                .where(table.c.hashid.in_(bindparam("keys", expanding=True)))
-                .where(table.c.last_used < now - TOUCH_RESOLUTION_S)
-                .values(last_used=now)
-            )
-            for start in range(0, len(stale), READ_CHUNK):
-                connection.execute(touch, {"keys": stale[start : start + READ_CHUNK]})
+                shard.table.add_use(connection, use.hits, use.misses)
+            shard.table.touch(connection, stale, now, now - TOUCH_RESOLUTION_S)
 
     def _requeue(self, model: str, use: _Use) -> None:
         with self._lock:
@@ -375,7 +377,9 @@ class Store:
         Keys in ``replace`` are overwritten: their stored vectors were found damaged.
         Texts go in first: a crash between the two transactions leaves a text without a
         vector (a miss, recomputed), never a vector without its text; and once more after
-        the vectors, in case a prune took them in between.
+        the vectors, in case a prune took them in between. Rows go in write transactions of
+        ``WRITE_BATCH``, so a writer holds the SQLite lock for a short while only, however
+        many rows a call stores.
 
         Raises:
             DimensionMismatchError: the vectors' dimension differs from the shard's.
@@ -385,6 +389,19 @@ class Store:
         if not keys:
             return
         matrix = _checked_matrix(vectors, len(keys))
+        batch = tables.WRITE_BATCH
+        if len(keys) > batch:
+            for start in range(0, len(keys), batch):
+                end = start + batch
+                part = set(keys[start:end])
+                self.put(
+                    model,
+                    keys[start:end],
+                    texts[start:end],
+                    matrix[start:end],
+                    replace=[k for k in replace if k in part],
+                )
+            return
         now = int(time.time())
         text_rows = [{"hashid": k, "text": t} for k, t in zip(keys, texts, strict=True)]
         blobs = [row.tobytes() for row in matrix]
@@ -406,26 +423,21 @@ class Store:
         place = self.layout.text_place()
         self._ready(place, create=True)
         with write_transaction(place.engine) as connection:
-            if connection.dialect.name == "postgresql":
-                rows = [_without_nul(row) for row in rows]
-            connection.execute(_insert_ignore(connection, place.hashstring), rows)
+            TextTable(place).put_new(connection, rows)
 
     def _put_vectors(
         self, model: str, dimension: int, rows: list[dict[str, Any]], replace: Sequence[bytes]
     ) -> None:
         place = self.layout.shard_place(model)
         self._ready(place, create=True)
+        table = ShardTable(place)
         with write_transaction(place.engine) as connection:
-            info = _ensure_info(connection, place, model, dimension)
+            info = _ensure_info(connection, table, model, dimension)
             if replace:
-                table = place.embedding
-                connection.execute(
-                    delete(table).where(table.c.hashid.in_(bindparam("keys", expanding=True))),
-                    {"keys": list(replace)},
-                )
-            connection.execute(_insert_ignore(connection, place.embedding), rows)
+                table.delete(connection, replace)
+            table.put_new(connection, rows)
         with self._lock:
-            self._shards[model] = _Shard(place, info, self.layout.reader(place))
+            self._shards[model] = _Shard(table, info, self.layout.reader(place))
 
     # -- opening --------------------------------------------------------------------------
 
@@ -434,18 +446,19 @@ class Store:
         if shard is not None and shard.info is not None:
             return shard
         place = self.layout.shard_place(model)
+        table = ShardTable(place)
         try:
             if not self._ready(place, create=False):
                 return None
             with place.engine.connect() as connection:
-                row = connection.execute(select(place.model_info)).first()
+                row = table.info(connection)
         except sa_exc.SQLAlchemyError as exc:
             raise self._error(f"cannot read the shard of {model!r}", exc) from exc
         if row is None:
             return None
         info = ModelInfo(row.model, row.dimension, row.dtype, row.library_version)
         _check_model(info, model, place)
-        shard = _Shard(place, info, self.layout.reader(place))
+        shard = _Shard(table, info, self.layout.reader(place))
         with self._lock:
             self._shards[model] = shard
         return shard
@@ -552,50 +565,22 @@ def _vanished(exc: BaseException) -> bool:
     )
 
 
-def _without_nul(row: dict[str, Any]) -> dict[str, Any]:
-    """Postgres text cannot hold NUL: the readable copy of the text gets U+FFFD instead.
-    The key is the hash of the exact text, so the vector is still found by it."""
-    text = row["text"]
-    return {**row, "text": text.replace("\x00", "\ufffd")} if "\x00" in text else row
-
-
-def _insert_ignore(connection: Connection, table: Any) -> Insert:
-    """An INSERT that skips rows whose key is already stored, in the dialect's words."""
-    dialect = connection.dialect.name
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert(table).on_conflict_do_nothing()
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(table).on_conflict_do_nothing()
-    if dialect in ("mysql", "mariadb"):
-        return insert(table).prefix_with("IGNORE")
-    raise StorageError(f"unsupported database dialect {dialect!r}")
-
-
 def _ensure_info(
-    connection: Connection, place: ShardPlace, model: str, dimension: int
+    connection: Connection, table: ShardTable, model: str, dimension: int
 ) -> ModelInfo:
-    row = connection.execute(select(place.model_info)).first()
-    if row is None:
-        # Another writer may be claiming the shard at this moment: insert-or-ignore, then
-        # read back whoever won, and check it as if it had been there before.
-        connection.execute(
-            _insert_ignore(connection, place.model_info),
-            {
-                "id": 1,
-                "model": model,
-                "dimension": dimension,
-                "dtype": DTYPE,
-                "library_version": __version__,
-                "created_at": int(time.time()),
-            },
-        )
-        row = connection.execute(select(place.model_info)).one()
+    row = table.claim(
+        connection,
+        {
+            "model": model,
+            "dimension": dimension,
+            "dtype": DTYPE,
+            "library_version": __version__,
+            "created_at": int(time.time()),
+        },
+    )
+    # Whoever claimed the shard, it is checked as if it had been there before.
     info = ModelInfo(row.model, row.dimension, row.dtype, row.library_version)
-    _check_model(info, model, place)
+    _check_model(info, model, table.place)
     if info.dimension != dimension:
         raise DimensionMismatchError(
             f"model {model!r} gave {dimension}-d vectors, but its shard holds "

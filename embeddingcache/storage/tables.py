@@ -1,0 +1,228 @@
+"""Every statement against the cache's tables, written once for every backend.
+
+The store, eviction, export and import, and the SQLite hit path all reach the tables through
+`ShardTable` (a model shard's ``embedding`` and ``model_info``) and `TextTable` (``hashstring``):
+nothing outside this module writes SQL against them, and a new shard layout changes this module
+and ``layout.py`` only. Each method runs on a connection its caller holds, so the caller decides
+what one transaction covers; keys go in chunks of ``READ_CHUNK`` (``IN (...)`` lists) and rows in
+writes of ``WRITE_BATCH``.
+
+The operations: ``get`` stored rows by key, ``put_new`` rows (keeping those already stored, and
+saying how many were), iterate ``after`` a key in key order and ``by_use`` in order of last use,
+``delete`` by key, and the bookkeeping a shard needs (its model row, its use counts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy.sql.dml import Insert
+
+from ..errors import StorageError
+
+if TYPE_CHECKING:
+    from .layout import ShardPlace, TextPlace
+
+__all__ = ["READ_CHUNK", "WRITE_BATCH", "ShardTable", "TextTable", "sqlite_get_sql"]
+
+# Keys per SELECT ... IN (...): well under SQLite's 32,766 bound parameters and Postgres's
+# 65,535, and large enough that the per-query cost vanishes next to the rows.
+READ_CHUNK = 2000
+# Rows per write transaction: big enough to amortize the commit, small enough that a writer
+# holds the SQLite lock for a short while only.
+WRITE_BATCH = 2000
+
+
+def sqlite_get_sql(table: str, n: int) -> str:
+    """``get``'s statement for ``n`` keys in plain sqlite3 (the hit path, see ``sqlite.Reader``)."""
+    return f"SELECT hashid, vector, last_used FROM {table} WHERE hashid IN ({','.join('?' * n)})"
+
+
+def _keys_in(column: Any) -> Any:
+    return column.in_(bindparam("keys", expanding=True))
+
+
+def insert_ignore(connection: Connection, table: Any) -> Insert:
+    """An INSERT that skips rows whose key is already stored, in the dialect's words."""
+    dialect = connection.dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).on_conflict_do_nothing()
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).on_conflict_do_nothing()
+    if dialect in ("mysql", "mariadb"):
+        return insert(table).prefix_with("IGNORE")
+    raise StorageError(f"unsupported database dialect {dialect!r}")
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _put_new(connection: Connection, table: Any, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert the rows whose key is not stored yet; how many were already there."""
+    kept = 0
+    statement = insert_ignore(connection, table)
+    for part in _chunks(rows, WRITE_BATCH):
+        inserted = connection.execute(statement, list(part)).rowcount
+        # A driver that cannot count an executemany says -1: no conflict is reported then.
+        kept += len(part) - inserted if inserted >= 0 else 0
+    return kept
+
+
+class ShardTable:
+    """The statements against one model shard: its vectors and its model row."""
+
+    def __init__(self, place: ShardPlace) -> None:
+        self.place = place
+        self.embedding = table = place.embedding
+        self.model_info = place.model_info
+        self._get = select(table.c.hashid, table.c.vector, table.c.last_used).where(
+            _keys_in(table.c.hashid)
+        )
+        self._holding = select(table.c.hashid).where(_keys_in(table.c.hashid))
+        self._delete = delete(table).where(_keys_in(table.c.hashid))
+
+    def get(self, connection: Connection, keys: Sequence[bytes]) -> list[Any]:
+        """``(hashid, vector, last_used)`` of the stored ``keys``, in no particular order."""
+        rows: list[Any] = []
+        for part in _chunks(keys, READ_CHUNK):
+            rows += connection.execute(self._get, {"keys": list(part)})
+        return rows
+
+    def holding(self, connection: Connection, keys: Sequence[bytes]) -> set[bytes]:
+        """The keys of ``keys`` this shard holds a vector for."""
+        found: set[bytes] = set()
+        for part in _chunks(keys, READ_CHUNK):
+            found.update(bytes(k) for k in connection.scalars(self._holding, {"keys": list(part)}))
+        return found
+
+    def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+        """Store vector rows, keeping any already stored under their key; how many were."""
+        return _put_new(connection, self.embedding, rows)
+
+    def delete(self, connection: Connection, keys: Sequence[bytes]) -> None:
+        for part in _chunks(keys, READ_CHUNK):
+            connection.execute(self._delete, {"keys": list(part)})
+
+    def empty(self, connection: Connection) -> None:
+        """Remove every vector and the model row: the shard then belongs to no model."""
+        connection.execute(delete(self.embedding))
+        connection.execute(delete(self.model_info))
+
+    def after(self, connection: Connection, last: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+        """``(hashid, vector)`` of the next ``limit`` keys after ``last``, in key order.
+
+        Keyset pagination reads each chunk through the primary key however far in, and a row
+        another writer adds or removes meanwhile neither shifts nor repeats the rest.
+        """
+        table = self.embedding
+        query = (
+            select(table.c.hashid, table.c.vector)
+            .where(table.c.hashid > last)
+            .order_by(table.c.hashid)
+            .limit(limit)
+        )
+        return [(bytes(k), bytes(v)) for k, v in connection.execute(query)]
+
+    def by_use(self, connection: Connection) -> Iterator[tuple[int, int, bytes]]:
+        """``(last_used, created_at, hashid)`` of every vector, least recently used first
+        (then oldest created), streamed."""
+        table = self.embedding
+        query = select(table.c.last_used, table.c.created_at, table.c.hashid).order_by(
+            table.c.last_used, table.c.created_at, table.c.hashid
+        )
+        for last_used, created_at, key in connection.execution_options(
+            yield_per=READ_CHUNK
+        ).execute(query):
+            yield last_used, created_at, bytes(key)
+
+    def unused_since(self, connection: Connection, cutoff: int) -> list[bytes]:
+        table = self.embedding
+        return [
+            bytes(k)
+            for k in connection.scalars(select(table.c.hashid).where(table.c.last_used < cutoff))
+        ]
+
+    def touch(self, connection: Connection, keys: Sequence[bytes], now: int, older: int) -> None:
+        """Set ``last_used`` to ``now`` on the keys whose stored one is before ``older``."""
+        table = self.embedding
+        statement = (
+            update(table)
+            .where(_keys_in(table.c.hashid))
+            .where(table.c.last_used < older)
+            .values(last_used=now)
+        )
+        for part in _chunks(keys, READ_CHUNK):
+            connection.execute(statement, {"keys": list(part)})
+
+    def count(self, connection: Connection) -> int:
+        return int(connection.scalar(select(func.count()).select_from(self.embedding)) or 0)
+
+    def info(self, connection: Connection) -> Any | None:
+        """The model row, or ``None`` when the shard belongs to no model yet."""
+        return connection.execute(select(self.model_info)).first()
+
+    def claim(self, connection: Connection, row: dict[str, Any]) -> Any:
+        """The model row, written first if there is none. Another writer may be claiming the
+        shard at this moment: insert-or-ignore, then read back whoever won."""
+        found = self.info(connection)
+        if found is None:
+            connection.execute(insert_ignore(connection, self.model_info), {"id": 1, **row})
+            found = connection.execute(select(self.model_info)).one()
+        return found
+
+    def add_use(self, connection: Connection, hits: int, misses: int) -> None:
+        info = self.model_info
+        connection.execute(
+            update(info).values(hits=info.c.hits + hits, misses=info.c.misses + misses)
+        )
+
+
+class TextTable:
+    """The statements against the texts: key to the exact string it was computed from."""
+
+    def __init__(self, place: TextPlace) -> None:
+        self.place = place
+        self.hashstring = table = place.hashstring
+        self._texts = select(table.c.hashid, table.c.text).where(_keys_in(table.c.hashid))
+        self._delete = delete(table).where(_keys_in(table.c.hashid))
+
+    def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+        if connection.dialect.name == "postgresql":
+            rows = [_without_nul(row) for row in rows]
+        return _put_new(connection, self.hashstring, rows)
+
+    def texts(self, connection: Connection, keys: Sequence[bytes]) -> dict[bytes, str]:
+        found: dict[bytes, str] = {}
+        for part in _chunks(keys, READ_CHUNK):
+            found.update(
+                (bytes(k), t) for k, t in connection.execute(self._texts, {"keys": list(part)})
+            )
+        return found
+
+    def keys_after(self, connection: Connection, last: bytes, limit: int) -> list[bytes]:
+        """The next ``limit`` keys after ``last``, in key order (keyset pagination)."""
+        column = self.hashstring.c.hashid
+        query = select(column).where(column > last).order_by(column).limit(limit)
+        return [bytes(k) for k in connection.scalars(query)]
+
+    def delete(self, connection: Connection, keys: Sequence[bytes]) -> None:
+        for part in _chunks(keys, READ_CHUNK):
+            connection.execute(self._delete, {"keys": list(part)})
+
+    def count(self, connection: Connection) -> int:
+        return int(connection.scalar(select(func.count()).select_from(self.hashstring)) or 0)
+
+
+def _without_nul(row: dict[str, Any]) -> dict[str, Any]:
+    """Postgres text cannot hold NUL: the readable copy of the text gets U+FFFD instead.
+    The key is the hash of the exact text, so the vector is still found by it."""
+    text = row["text"]
+    return {**row, "text": text.replace("\x00", "\ufffd")} if "\x00" in text else row
