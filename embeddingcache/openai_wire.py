@@ -9,6 +9,7 @@ touches the cache: the server computes what `parse_request` accepted and renders
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -142,26 +143,29 @@ def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
     return head
 
 
-def response_body(vectors: np.ndarray, model: str, tokens: int, encoding: str) -> dict[str, Any]:
-    """The answer to a ``/v1/embeddings`` request, ``data`` in input order."""
+def response_body(vectors: np.ndarray, model: str, tokens: int, encoding: str) -> bytes:
+    """The JSON answer to a ``/v1/embeddings`` request, ``data`` in input order.
+
+    Written by hand: the vectors are most of it, and a base64 string needs no escaping, so
+    the body is joined from pieces rather than built as objects and serialized.
+    """
     rows = np.ascontiguousarray(vectors, dtype="<f4")
     if encoding == "base64":
         width = 4 * rows.shape[1]
         raw = rows.tobytes()
-        embeddings: Sequence[Any] = [
-            base64.b64encode(raw[i * width : (i + 1) * width]).decode("ascii")
+        embeddings = [
+            b'"' + base64.b64encode(raw[i * width : (i + 1) * width]) + b'"'
             for i in range(rows.shape[0])
         ]
     else:
-        embeddings = rows.tolist()
-    return {
-        "object": "list",
-        "data": [
-            {"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(embeddings)
-        ],
-        "model": model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }
+        embeddings = [json.dumps(row).encode() for row in rows.tolist()]
+    data = b",".join(
+        b'{"object":"embedding","index":%d,"embedding":%s}' % (i, e)
+        for i, e in enumerate(embeddings)
+    )
+    usage = json.dumps({"prompt_tokens": tokens, "total_tokens": tokens}).encode()
+    head = b'{"object":"list","model":' + json.dumps(model).encode()
+    return head + b',"usage":' + usage + b',"data":[' + data + b"]}"
 
 
 def model_item(name: str, created: int) -> dict[str, Any]:

@@ -336,7 +336,7 @@ def create_app(backend: Backend) -> FastAPI:
             "x-embeddingcache-computed": str(len(parsed.texts) - hits),
             "x-embeddingcache-model": served.spec.name,
         }
-        return JSONResponse(body, headers=headers)
+        return Response(body, media_type=JSON, headers=headers)
 
     @app.get("/v1/models")
     async def openai_models(request: Request) -> dict[str, Any]:

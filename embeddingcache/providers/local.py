@@ -113,10 +113,15 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+# Token counts kept per model, of the most recently counted embedded strings.
+TOKEN_MEMO = 200_000
+
+
 @dataclass(frozen=True)
 class _Counter:
     tokenizer: Any
     lock: threading.Lock
+    memo: dict[str, int]
 
 
 class LocalProvider:
@@ -191,18 +196,25 @@ class LocalProvider:
     def count_tokens(self, spec: ModelSpec, embedded: Sequence[str]) -> list[int]:
         """Tokens of each embedded string by the model's tokenizer, special tokens left
         out. A copy of the tokenizer does the counting, so that it never waits for (or
-        changes the truncation of) the one an encode uses."""
+        changes the truncation of) the one an encode uses; and the counts of the last
+        ``TOKEN_MEMO`` strings are kept, since tokenizing costs more than reading a hit."""
         counter = self._counter(spec)
         with counter.lock:
-            encoded = counter.tokenizer(
-                list(embedded),
-                add_special_tokens=False,
-                truncation=False,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-                verbose=False,
-            )
-        return [len(ids) for ids in encoded["input_ids"]]
+            memo = counter.memo
+            todo = list(dict.fromkeys(text for text in embedded if text not in memo))
+            if todo:
+                encoded = counter.tokenizer(
+                    todo,
+                    add_special_tokens=False,
+                    truncation=False,
+                    return_attention_mask=False,
+                    return_token_type_ids=False,
+                    verbose=False,
+                )
+                if len(memo) + len(todo) > TOKEN_MEMO:
+                    memo.clear()
+                memo.update(zip(todo, map(len, encoded["input_ids"]), strict=True))
+            return [memo[text] for text in embedded]
 
     def _counter(self, spec: ModelSpec) -> _Counter:
         with self._lock:
@@ -212,7 +224,7 @@ class LocalProvider:
             tokenizer = getattr(model, "tokenizer", None)
             if tokenizer is None:
                 raise ProviderError(f"model {spec.name!r} has no tokenizer to count tokens with")
-            counter = _Counter(copy.deepcopy(tokenizer), threading.Lock())
+            counter = _Counter(copy.deepcopy(tokenizer), threading.Lock(), {})
             with self._lock:
                 counter = self._counters.setdefault(spec.name, counter)
         return counter
