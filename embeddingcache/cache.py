@@ -154,6 +154,7 @@ class EmbeddingCache:
         self._remote_provider: RemoteProvider | None = None
         self._dimensions: dict[str, int] = {}  # of models loaded by dimension()
         self._lock = threading.Lock()
+        self._computing: dict[str, threading.Lock] = {}
         self._stats = {"hits": 0, "misses": 0, "remote_hits": 0, "computed": 0, "pushed": 0}
 
     # -- public API -----------------------------------------------------------------------
@@ -340,6 +341,33 @@ class EmbeddingCache:
         with self._lock:
             self._dimensions[spec.name] = loaded
         return loaded
+
+    def count_tokens(
+        self,
+        texts: Sequence[str],
+        model: str | None = None,
+        *,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+    ) -> list[int]:
+        """How many tokens the model's own tokenizer makes of each embedded string (the
+        normalized text with the prompt in front, special tokens left out): what an API
+        bills. ``prompt`` is the prompt's literal text, in place of ``prompt_name``'s.
+        Loads the model, once.
+
+        Raises:
+            InvalidInputError: a text is empty or not a string, or no such prompt.
+            ProviderError: the model cannot be loaded here.
+        """
+        validate_texts(list(texts))
+        spec = resolve_model(model if model is not None else self.model)
+        prefix = prompt if prompt is not None else spec.prompt(prompt_name)
+        norm = normalizer(self.normalize)
+        from .providers.local import LocalProvider
+
+        local = self._provider("local")
+        assert isinstance(local, LocalProvider)
+        return local.count_tokens(spec, [prefix + norm(text) for text in texts])
 
     def migrate(self) -> list[str]:
         """Bring the stored tables to this version's schema (opening them does it too).
@@ -528,23 +556,28 @@ class EmbeddingCache:
                     missing = missing[~had]
 
         if len(missing) and compute:
-            todo = origins(missing)
-            vectors, provider = self._compute(
-                spec,
-                [normalized[i] for i in todo],
-                origins=todo,
-                prompt=prompt,
-                batch_size=batch_size or self.batch_size,
-                show_progress=show_progress,
-                truncate=truncate,
-            )
-            vectors = self._store_rows(
-                spec, [keys[i] for i in todo], [embedded[i] for i in todo], vectors, damaged
-            )
-            if self.push and provider == "local" and self.remote_url is not None:
-                self._push(spec, [normalized[i] for i in todo], vectors, prompt)
-            parts.append((missing, vectors))
-            missing = missing[:0]
+            # One computation per text: a call that needs texts another thread is computing
+            # waits for it, then reads them (a server's concurrent requests, say).
+            with self._compute_lock(spec.name):
+                missing = self._computed_meanwhile(spec, unique_keys, missing, parts)
+                if len(missing):
+                    todo = origins(missing)
+                    vectors, provider = self._compute(
+                        spec,
+                        [normalized[i] for i in todo],
+                        origins=todo,
+                        prompt=prompt,
+                        batch_size=batch_size or self.batch_size,
+                        show_progress=show_progress,
+                        truncate=truncate,
+                    )
+                    vectors = self._store_rows(
+                        spec, [keys[i] for i in todo], [embedded[i] for i in todo], vectors, damaged
+                    )
+                    if self.push and provider == "local" and self.remote_url is not None:
+                        self._push(spec, [normalized[i] for i in todo], vectors, prompt)
+                    parts.append((missing, vectors))
+                    missing = missing[:0]
 
         dimensions = {v.shape[1] for p, v in parts if len(p)}
         if len(dimensions) > 1:
@@ -561,6 +594,30 @@ class EmbeddingCache:
         if inverse is None:
             return unique, hit
         return unique[inverse], hit[inverse]
+
+    def _compute_lock(self, model: str) -> threading.Lock:
+        with self._lock:
+            return self._computing.setdefault(model, threading.Lock())
+
+    def _computed_meanwhile(
+        self,
+        spec: ModelSpec,
+        unique_keys: list[bytes],
+        missing: np.ndarray,
+        parts: list[tuple[np.ndarray, np.ndarray]],
+    ) -> np.ndarray:
+        """What stays missing once the vectors stored since the lookup are added to
+        ``parts`` (uncounted: the lookup counted these keys already)."""
+        try:
+            again = self._store.lookup(spec.name, [unique_keys[u] for u in missing])
+        except StorageError:
+            return missing  # the compute that follows meets the storage's state itself
+        if not len(again.positions):
+            return missing
+        parts.append((missing[again.positions], again.vectors))
+        keep = np.ones(len(missing), dtype=bool)
+        keep[again.positions] = False
+        return missing[keep]
 
     def _adopt(
         self, spec: ModelSpec, normalized: list[str], prompt: str, vectors: np.ndarray

@@ -49,12 +49,19 @@ class ProtocolError(EmbeddingCacheError):
     """A message that does not follow the protocol; ``status`` is the HTTP answer to it."""
 
     def __init__(
-        self, status: int, message: str, *, code: str = "invalid", index: int | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str = "invalid",
+        index: int | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.index = index
+        self.param = param  # the request field at fault, where one is
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from . import openai_wire
 from ._version import __version__
 from .cache import EmbeddingCache
 from .errors import (
@@ -38,7 +39,9 @@ from .errors import (
 )
 from .keys import normalizer
 from .models import ModelSpec, catalog_name, resolve_model
+from .openai_wire import OpenAIRequest
 from .protocol import (
+    JSON,
     EmbedRequest,
     Limits,
     ProtocolError,
@@ -136,6 +139,44 @@ class Backend:
         self.count(texts=len(request.texts))
         return vectors, np.ones(len(normalized), dtype=bool) if hits is None else hits, served
 
+    def embed_openai(self, request: OpenAIRequest) -> tuple[np.ndarray, int, int, Served]:
+        """``/v1/embeddings``: the vectors (with OpenAI's ``dimensions`` applied), the tokens
+        of every input, the inputs served from the cache, and the model."""
+        served = self.served_openai(request.model)
+        spec = served.spec
+        prompt: str | None = None
+        if request.input_type is not None and spec.prompts:
+            name = openai_wire.INPUT_TYPES[request.input_type]
+            if name not in spec.prompts:
+                raise ProtocolError(
+                    400,
+                    f"model {spec.name!r} has no {name!r} prompt for input_type "
+                    f"{request.input_type!r}; its prompts: {', '.join(sorted(spec.prompts))}",
+                    param="input_type",
+                )
+            prompt = spec.prompts[name]
+        vectors, hits, _ = self.embed(
+            EmbedRequest(texts=request.texts, model=spec.name, prompt=prompt)
+        )
+        tokens = self.cache.count_tokens(
+            request.texts, spec.name, prompt=prompt if prompt is not None else spec.prompt(None)
+        )
+        shortened = openai_wire.shorten(vectors, request.dimensions)
+        return shortened, sum(tokens), int(hits.sum()), served
+
+    def served_openai(self, model: str) -> Served:
+        """The served model an OpenAI request names, or the 404 OpenAI's clients expect."""
+        try:
+            return self.served(model)
+        except ProtocolError:
+            raise ProtocolError(
+                404,
+                f"the model {model!r} does not exist on this server; it serves: "
+                f"{', '.join(self.models)}",
+                code="model_not_found",
+                param="model",
+            ) from None
+
     def push(self, request: PushRequest) -> int:
         """Store vectors a client computed; stored ones are never replaced. The number new."""
         served = self.served(request.model)
@@ -204,6 +245,11 @@ def create_app(backend: Backend) -> FastAPI:
     @app.exception_handler(ProtocolError)
     async def protocol_error(request: Request, exc: ProtocolError) -> Response:
         backend.count(**{"rejected" if exc.status < 500 else "failed": 1})
+        if request.url.path.startswith("/v1/"):
+            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+            return JSONResponse(
+                openai_wire.error_body(exc), status_code=exc.status, headers=headers
+            )
         body: dict[str, Any] = {"detail": str(exc), "error": exc.code}
         if exc.index is not None:
             body["index"] = exc.index
@@ -277,6 +323,32 @@ def create_app(backend: Backend) -> FastAPI:
         answer = {"accepted": accepted, "model": served.spec.name, "dimensions": served.dimension}
         return Response(encode_body(answer, kind), media_type=kind)
 
+    @app.post("/v1/embeddings")
+    async def openai_embeddings(request: Request) -> Response:
+        await _admit(backend, request)
+        # OpenAI's clients send JSON; curl's -d names a form: every body here is JSON.
+        obj = await _read_body(backend, request, JSON)
+        parsed = openai_wire.parse_request(obj, backend.limits)
+        vectors, tokens, hits, served = await _run(backend.embed_openai, parsed)
+        body = openai_wire.response_body(vectors, parsed.model, tokens, parsed.encoding_format)
+        headers = {
+            "x-embeddingcache-hits": str(hits),
+            "x-embeddingcache-computed": str(len(parsed.texts) - hits),
+            "x-embeddingcache-model": served.spec.name,
+        }
+        return Response(body, media_type=JSON, headers=headers)
+
+    @app.get("/v1/models")
+    async def openai_models(request: Request) -> dict[str, Any]:
+        _authorize(backend, request)
+        return openai_wire.models_body(list(backend.models), int(backend.started))
+
+    @app.get("/v1/models/{model:path}")
+    async def openai_model(request: Request, model: str) -> dict[str, Any]:
+        _authorize(backend, request)
+        served = backend.served_openai(model)
+        return openai_wire.model_item(served.spec.name, int(backend.started))
+
     return app
 
 
@@ -292,9 +364,19 @@ def _authorize(backend: Backend, request: Request) -> None:
 async def _read(backend: Backend, request: Request) -> tuple[str, Any]:
     """The format and decoded object of a request's body, refusing it as early as possible:
     a wrong token or content type before reading, an oversized body as soon as it shows."""
+    await _admit(backend, request)
+    kind = media_type(request.headers.get("content-type"))
+    return kind, await _read_body(backend, request, kind)
+
+
+async def _admit(backend: Backend, request: Request) -> None:
+    """Count the request and check its token, before its body is read."""
     backend.count(requests=1)
     _authorize(backend, request)
-    kind = media_type(request.headers.get("content-type"))
+
+
+async def _read_body(backend: Backend, request: Request, kind: str) -> Any:
+    """The decoded body, refused with a 413 as soon as it shows to be too large."""
     limit = backend.limits.max_body_bytes
     declared = request.headers.get("content-length")
     # (The HTTP layer has refused a Content-Length that is not a number already.)
@@ -313,7 +395,7 @@ async def _read(backend: Backend, request: Request) -> tuple[str, Any]:
     except ClientDisconnect:
         raise ProtocolError(400, "the client went away before its body", code="malformed") from None
     # Decoding a large body is CPU work: off the event loop, so that other requests go on.
-    return kind, await run_in_threadpool(decode_body, body, kind, backend.limits)
+    return await run_in_threadpool(decode_body, body, kind, backend.limits)
 
 
 async def _body(request: Request, limit: int) -> bytes:

@@ -213,8 +213,8 @@ def server_cache_dir(tmp_path: Path) -> Path:
 def start_server(
     tiny_model: str, server_cache_dir: Path
 ) -> Iterator[Callable[..., tuple[RunningServer, Any]]]:
-    """Start a backend serving the tiny model: ``start_server(token=..., allow_push=...,
-    limits=..., wrap=...)`` gives the running server and its ``Backend``."""
+    """Start a backend serving the tiny model (or ``models=``): ``start_server(token=...,
+    allow_push=..., limits=..., wrap=...)`` gives the running server and its ``Backend``."""
     from embeddingcache.server import Backend, create_app
 
     servers: list[RunningServer] = []
@@ -223,6 +223,7 @@ def start_server(
         *,
         wrap: Callable[[Any], Any] | None = None,
         storage: dict[str, Any] | None = None,
+        models: list[str] | None = None,
         **options: Any,
     ) -> tuple[RunningServer, Any]:
         cache = EmbeddingCache(
@@ -232,7 +233,7 @@ def start_server(
             device="cpu",
             **(storage or {"cache_dir": server_cache_dir}),
         )
-        backend = Backend(cache, [tiny_model], **options)
+        backend = Backend(cache, models or [tiny_model], **options)
         app = create_app(backend)
         server = RunningServer(wrap(app) if wrap else app)
         servers.append(server)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,9 +15,18 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.DOTALL)
 
 
+SERVED = "http://127.0.0.1:8000/v1"  # an example that needs `serve` running
+
+
 @pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_the_readme_example_runs(block: str, tmp_path: Path) -> None:
+def test_the_readme_example_runs(block: str, tmp_path: Path, serve_process: Any) -> None:
     code = block.replace("/tmp/my-cache", str(tmp_path / "my-cache"))
+    if SERVED in code:
+        # A real `serve` on a free port stands in for the one the example starts on 8000.
+        server = serve_process(
+            "--model", "all-MiniLM-L6-v2", "--cache-dir", str(tmp_path / "served")
+        )
+        code = code.replace(SERVED, server.url + "/v1")
     exec(compile(code, str(README), "exec"), {})
 
 

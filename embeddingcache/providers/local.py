@@ -6,12 +6,14 @@ never before: a process that only reads the cache does not pay for it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import threading
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +113,17 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+# Token counts kept per model, of the most recently counted embedded strings.
+TOKEN_MEMO = 200_000
+
+
+@dataclass(frozen=True)
+class _Counter:
+    tokenizer: Any
+    lock: threading.Lock
+    memo: dict[str, int]
+
+
 class LocalProvider:
     """Computes vectors with sentence-transformers; one loaded model per name."""
 
@@ -120,6 +133,7 @@ class LocalProvider:
         self.device = device
         self._models: dict[str, Any] = {}
         self._busy: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._counters: dict[str, _Counter] = {}
         self._lock = threading.Lock()
 
     def model(self, spec: ModelSpec) -> Any:
@@ -179,6 +193,42 @@ class LocalProvider:
                 self._check_lengths(spec, model, texts, prompt)
             return self._encode(model, list(texts), prompt, batch_size, show_progress)
 
+    def count_tokens(self, spec: ModelSpec, embedded: Sequence[str]) -> list[int]:
+        """Tokens of each embedded string by the model's tokenizer, special tokens left
+        out. A copy of the tokenizer does the counting, so that it never waits for (or
+        changes the truncation of) the one an encode uses; and the counts of the last
+        ``TOKEN_MEMO`` strings are kept, since tokenizing costs more than reading a hit."""
+        counter = self._counter(spec)
+        with counter.lock:
+            memo = counter.memo
+            todo = list(dict.fromkeys(text for text in embedded if text not in memo))
+            if todo:
+                encoded = counter.tokenizer(
+                    todo,
+                    add_special_tokens=False,
+                    truncation=False,
+                    return_attention_mask=False,
+                    return_token_type_ids=False,
+                    verbose=False,
+                )
+                if len(memo) + len(todo) > TOKEN_MEMO:
+                    memo.clear()
+                memo.update(zip(todo, map(len, encoded["input_ids"]), strict=True))
+            return [memo[text] for text in embedded]
+
+    def _counter(self, spec: ModelSpec) -> _Counter:
+        with self._lock:
+            counter = self._counters.get(spec.name)
+        if counter is None:
+            model = self.model(spec)
+            tokenizer = getattr(model, "tokenizer", None)
+            if tokenizer is None:
+                raise ProviderError(f"model {spec.name!r} has no tokenizer to count tokens with")
+            counter = _Counter(copy.deepcopy(tokenizer), threading.Lock(), {})
+            with self._lock:
+                counter = self._counters.setdefault(spec.name, counter)
+        return counter
+
     def _check_lengths(
         self, spec: ModelSpec, model: Any, texts: Sequence[str], prompt: str
     ) -> None:
@@ -237,6 +287,7 @@ class LocalProvider:
     def close(self) -> None:
         with self._lock:
             self._models.clear()
+            self._counters.clear()
 
 
 def _bytes_at_most(text: str) -> int:

@@ -1,0 +1,191 @@
+"""OpenAI's embeddings API, as ``serve`` speaks it: ``POST /v1/embeddings`` and ``GET /v1/models``.
+
+Requests are checked here and every mistake is a 400 naming the field (and the index of a bad
+input), in OpenAI's error shape; see docs/protocol.md for what is supported. Nothing here
+touches the cache: the server computes what `parse_request` accepted and renders it with
+`response_body`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from .protocol import Limits, ProtocolError
+
+__all__ = [
+    "INPUT_TYPES",
+    "OpenAIRequest",
+    "error_body",
+    "model_item",
+    "models_body",
+    "parse_request",
+    "response_body",
+]
+
+# The extension field that picks a prompt (as NVIDIA's and Voyage's APIs name it), and the
+# prompt name of the model's each value asks for.
+INPUT_TYPES: Mapping[str, str] = {"query": "query", "document": "document", "passage": "document"}
+ENCODINGS = ("float", "base64")
+# OpenAI's error type for each status, as its clients show it.
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+}
+
+
+@dataclass(frozen=True)
+class OpenAIRequest:
+    model: str
+    texts: list[str]
+    single: bool  # the input was one string, not a list
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    input_type: str | None = None  # a key of INPUT_TYPES
+
+
+def _bad(message: str, param: str, index: int | None = None) -> ProtocolError:
+    return ProtocolError(400, message, code="invalid_value", index=index, param=param)
+
+
+def parse_request(obj: Any, limits: Limits) -> OpenAIRequest:
+    """A checked ``/v1/embeddings`` body, or a 400 `ProtocolError` naming what is wrong."""
+    if not isinstance(obj, dict):
+        raise _bad(f"the body must be a JSON object, not {type(obj).__name__}", "body")
+    model = obj.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise _bad("'model' is required: the name of a model this server serves", "model")
+    if "input" not in obj:
+        raise _bad("'input' is required: a string or a list of strings", "input")
+    texts, single = _inputs(obj["input"], limits)
+    encoding = obj.get("encoding_format", "float")
+    if encoding is None:
+        encoding = "float"
+    if encoding not in ENCODINGS:
+        raise _bad(
+            f"encoding_format must be 'float' or 'base64', not {encoding!r}", "encoding_format"
+        )
+    dimensions = obj.get("dimensions")
+    if dimensions is not None and (
+        not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1
+    ):
+        raise _bad(f"dimensions must be a positive integer, not {dimensions!r}", "dimensions")
+    input_type = obj.get("input_type")
+    if input_type is not None and input_type not in INPUT_TYPES:
+        known = ", ".join(repr(k) for k in INPUT_TYPES)
+        raise _bad(f"input_type must be one of {known}, not {input_type!r}", "input_type")
+    user = obj.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _bad(f"user must be a string, not {type(user).__name__}", "user")
+    return OpenAIRequest(model, texts, single, encoding, dimensions, input_type)
+
+
+def _inputs(value: Any, limits: Limits) -> tuple[list[str], bool]:
+    single = isinstance(value, str)
+    items = [value] if single else value
+    if not isinstance(items, list):
+        raise _bad(
+            f"'input' must be a string or a list of strings, not {type(value).__name__}", "input"
+        )
+    if not items:
+        raise _bad("'input' is empty; send at least one string", "input")
+    if all(isinstance(x, int) and not isinstance(x, bool) for x in items) or any(
+        isinstance(x, list) for x in items
+    ):
+        raise _bad(
+            "token arrays are not accepted: this cache keys vectors by text, so send the "
+            "strings themselves (with LangChain's OpenAIEmbeddings, pass "
+            "check_embedding_ctx_length=False)",
+            "input",
+        )
+    if len(items) > limits.max_texts:
+        raise ProtocolError(
+            400,
+            f"{len(items)} inputs in one request; this server takes at most {limits.max_texts}",
+            code="too_many_inputs",
+            param="input",
+        )
+    for i, text in enumerate(items):
+        where = "'input'" if single else f"input[{i}]"
+        if not isinstance(text, str):
+            raise _bad(f"{where} must be a string, not {type(text).__name__}", "input", i)
+        if not text.strip():
+            raise _bad(f"{where} is empty or only whitespace", "input", i)
+        if len(text) > limits.max_text_chars:
+            raise _bad(
+                f"{where} is {len(text)} characters long; this server takes at most "
+                f"{limits.max_text_chars}",
+                "input",
+                i,
+            )
+    return list(items), single
+
+
+def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+    """OpenAI's ``dimensions``: the first ``dimensions`` components, scaled to unit length.
+    A request for as many or more components than the model has gets the full vectors."""
+    if dimensions is None or dimensions >= vectors.shape[1]:
+        return vectors
+    head = np.array(vectors[:, :dimensions], dtype=np.float32)
+    norms = np.linalg.norm(head, axis=1, keepdims=True)
+    np.divide(head, norms, out=head, where=norms > 0)
+    return head
+
+
+def response_body(vectors: np.ndarray, model: str, tokens: int, encoding: str) -> bytes:
+    """The JSON answer to a ``/v1/embeddings`` request, ``data`` in input order.
+
+    Written by hand: the vectors are most of it, and a base64 string needs no escaping, so
+    the body is joined from pieces rather than built as objects and serialized.
+    """
+    rows = np.ascontiguousarray(vectors, dtype="<f4")
+    if encoding == "base64":
+        width = 4 * rows.shape[1]
+        raw = rows.tobytes()
+        embeddings = [
+            b'"' + base64.b64encode(raw[i * width : (i + 1) * width]) + b'"'
+            for i in range(rows.shape[0])
+        ]
+    else:
+        embeddings = [json.dumps(row).encode() for row in rows.tolist()]
+    data = b",".join(
+        b'{"object":"embedding","index":%d,"embedding":%s}' % (i, e)
+        for i, e in enumerate(embeddings)
+    )
+    usage = json.dumps({"prompt_tokens": tokens, "total_tokens": tokens}).encode()
+    head = b'{"object":"list","model":' + json.dumps(model).encode()
+    return head + b',"usage":' + usage + b',"data":[' + data + b"]}"
+
+
+def model_item(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "embeddingcache"}
+
+
+def models_body(names: Sequence[str], created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [model_item(name, created) for name in names]}
+
+
+def error_body(exc: ProtocolError) -> dict[str, Any]:
+    """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = ERROR_TYPES.get(
+        exc.status, "server_error" if exc.status >= 500 else "invalid_request_error"
+    )
+    return {
+        "error": {
+            "message": str(exc),
+            "type": kind,
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }
