@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect
 
 from ._version import __version__
 from .cache import EmbeddingCache
+from .engines import EmbedOptions
 from .errors import (
     EmbeddingCacheError,
     InvalidInputError,
@@ -126,12 +127,11 @@ class Backend:
         stored already."""
         served = self.served(request.model)
         normalized, prompt = self._embedded(request.texts, request, served.spec)
-        vectors, hits = self.cache._resolve(
-            served.spec,
-            normalized,
-            prompt,
+        pipeline = self.cache.pipeline
+        vectors, hits = pipeline.vectors(
+            pipeline.prepare(served.spec, normalized, prompt),
             compute=not request.lookup_only,
-            truncate=request.truncate,
+            options=EmbedOptions(batch_size=self.cache.batch_size, truncate=request.truncate),
         )
         self.count(texts=len(request.texts))
         return vectors, np.ones(len(normalized), dtype=bool) if hits is None else hits, served
@@ -140,7 +140,8 @@ class Backend:
         """Store vectors a client computed; stored ones are never replaced. The number new."""
         served = self.served(request.model)
         normalized, prompt = self._embedded(request.texts, request, served.spec)
-        accepted = self.cache._adopt(served.spec, normalized, prompt, request.vectors)
+        call = self.cache.pipeline.prepare(served.spec, normalized, prompt)
+        accepted = self.cache.pipeline.store(served.spec, call.embedded, request.vectors)
         self.count(accepted_pushes=accepted)
         return accepted
 
