@@ -16,11 +16,12 @@ from .common import MODEL, Result, fill, median, random_vectors, sentences
 def cold_misses(work: Path, quick: bool) -> list[Result]:
     from sentence_transformers import SentenceTransformer
 
+    from embeddingcache.engines.sentence_transformers import loading_for
     from embeddingcache.models import resolve_model
 
     n, batch = (256, 32) if quick else (1024, 32)
     rounds = 3 if quick else 5
-    model = SentenceTransformer(resolve_model(MODEL).load_source(), device="cpu")
+    model = SentenceTransformer(loading_for(resolve_model(MODEL)).load_source(), device="cpu")
     library_times, model_times = [], []
     with EmbeddingCache(MODEL, cache_dir=work / "cold", remote_url=False, device="cpu") as cache:
         cache.dimension()  # load the model before timing: both sides start loaded

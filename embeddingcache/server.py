@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect
 from . import openai_wire
 from ._version import __version__
 from .cache import EmbeddingCache
+from .engines import EmbedOptions
 from .errors import (
     EmbeddingCacheError,
     InvalidInputError,
@@ -129,12 +130,11 @@ class Backend:
         stored already."""
         served = self.served(request.model)
         normalized, prompt = self._embedded(request.texts, request, served.spec)
-        vectors, hits = self.cache._resolve(
-            served.spec,
-            normalized,
-            prompt,
+        pipeline = self.cache.pipeline
+        vectors, hits = pipeline.vectors(
+            pipeline.prepare(served.spec, normalized, prompt),
             compute=not request.lookup_only,
-            truncate=request.truncate,
+            options=EmbedOptions(batch_size=self.cache.batch_size, truncate=request.truncate),
         )
         self.count(texts=len(request.texts))
         return vectors, np.ones(len(normalized), dtype=bool) if hits is None else hits, served
@@ -146,12 +146,14 @@ class Backend:
         spec = served.spec
         prompt: str | None = None
         if request.input_type is not None and spec.prompts:
-            name = openai_wire.INPUT_TYPES[request.input_type]
-            if name not in spec.prompts:
+            names = openai_wire.INPUT_TYPES[request.input_type]
+            name = next((n for n in names if n in spec.prompts), None)
+            if name is None:
                 raise ProtocolError(
                     400,
-                    f"model {spec.name!r} has no {name!r} prompt for input_type "
-                    f"{request.input_type!r}; its prompts: {', '.join(sorted(spec.prompts))}",
+                    f"model {spec.name!r} has no {' or '.join(map(repr, names))} prompt for "
+                    f"input_type {request.input_type!r}; its prompts: "
+                    f"{', '.join(sorted(spec.prompts))}",
                     param="input_type",
                 )
             prompt = spec.prompts[name]
@@ -162,7 +164,8 @@ class Backend:
             request.texts, spec.name, prompt=prompt if prompt is not None else spec.prompt(None)
         )
         shortened = openai_wire.shorten(vectors, request.dimensions)
-        return shortened, sum(tokens), int(hits.sum()), served
+        # A model whose engine has no tokenizer bills nothing it could count: 0.
+        return shortened, sum(tokens or ()), int(hits.sum()), served
 
     def served_openai(self, model: str) -> Served:
         """The served model an OpenAI request names, or the 404 OpenAI's clients expect."""
@@ -181,7 +184,8 @@ class Backend:
         """Store vectors a client computed; stored ones are never replaced. The number new."""
         served = self.served(request.model)
         normalized, prompt = self._embedded(request.texts, request, served.spec)
-        accepted = self.cache._adopt(served.spec, normalized, prompt, request.vectors)
+        call = self.cache.pipeline.prepare(served.spec, normalized, prompt)
+        accepted = self.cache.pipeline.store(served.spec, call.embedded, request.vectors)
         self.count(accepted_pushes=accepted)
         return accepted
 

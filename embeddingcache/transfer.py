@@ -37,7 +37,7 @@ import numpy as np
 from ._util import finite_rows, first_non_finite
 from ._version import __version__
 from .errors import DimensionMismatchError, InvalidInputError, ShardMismatchError
-from .keys import keys_of
+from .pipeline import store_new
 from .storage import Store
 from .storage.tables import WRITE_BATCH
 
@@ -236,31 +236,10 @@ def import_file(store: Store, path: str | os.PathLike[str]) -> ImportReport:
 
 
 def _add(store: Store, model: str, dimension: int, texts: list[str], blobs: list[bytes]) -> int:
-    """Store what the shard lacks of one batch; how many vectors that was."""
-    keys = keys_of(texts)
-    first: dict[bytes, int] = {}  # a text repeated in the file: its first line wins
-    for index, key in enumerate(keys):
-        first.setdefault(key, index)
-    distinct = list(first)
-    found = store.lookup(model, distinct)
-    damaged = {distinct[position] for position in found.damaged}
-    stored = set(found.positions.tolist())
-    new = [first[key] for position, key in enumerate(distinct) if position not in stored]
-    if not new:
-        return 0
-    if damaged:
-        logger.warning(
-            "replacing %d damaged vector(s) of model %r with the file's", len(damaged), model
-        )
-    vectors = np.frombuffer(b"".join(blobs[i] for i in new), "<f4").reshape(len(new), dimension)
-    store.put(
-        model,
-        [keys[i] for i in new],
-        [texts[i] for i in new],
-        vectors,
-        replace=[keys[i] for i in new if keys[i] in damaged],
-    )
-    return len(new)
+    """Store what the shard lacks of one batch (a text repeated in the file: its first line
+    wins); how many vectors that was."""
+    vectors = np.frombuffer(b"".join(blobs), "<f4").reshape(len(blobs), dimension)
+    return store_new(store, model, texts, vectors)
 
 
 def _read_header(source: Path) -> tuple[str, int]:

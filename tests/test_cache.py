@@ -183,8 +183,7 @@ def test_a_prompt_is_part_of_the_key_and_of_what_the_model_reads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     spec = ModelSpec(
-        name="tiny-with-prompts",
-        source=tiny_model,
+        name=tiny_model,
         prompts={"document": "doc: ", "query": "query: "},
         default_prompt="document",
     )

@@ -82,8 +82,8 @@ def test_catalog_names_and_aliases_resolve_to_one_spec() -> None:
     assert resolve_model("all-minilm-l6-v2") is minilm
     assert model_slug("all-MiniLM-L6-v2") == "all-minilm-l6-v2"
     nomic = resolve_model("nomic-embed-text-v2")
-    assert nomic.source == "nomic-ai/nomic-embed-text-v2-moe"
-    assert nomic.trust_remote_code and nomic.dimension == 768
+    assert resolve_model("nomic-ai/nomic-embed-text-v2-moe") is nomic
+    assert nomic.dimension == 768 and nomic.engine == "sentence-transformers"
     assert nomic.prompt(None) == "search_document: "
     assert nomic.prompt("query") == "search_query: "
 

@@ -1,4 +1,4 @@
-"""The local provider: out-of-memory handling, device choice, and failing clearly."""
+"""The sentence-transformers engine: out-of-memory handling, device choice, and failing clearly."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from embeddingcache import AllProvidersFailedError, EmbeddingCache, ModelLoadError
-from embeddingcache.providers.local import LocalProvider, pick_device
+from embeddingcache.engines.sentence_transformers import (
+    LOADING,
+    Loading,
+    SentenceTransformersEngine,
+    loading_for,
+    pick_device,
+)
 
 
 class OutOfMemoryAbove:
@@ -91,7 +97,7 @@ def test_without_sentence_transformers_the_error_says_what_to_install(
 
 
 def test_a_model_that_cannot_load_is_a_clear_error(tmp_path: Path) -> None:
-    provider = LocalProvider(device="cpu")
+    provider = SentenceTransformersEngine(device="cpu")
     from embeddingcache.models import resolve_model
 
     empty = tmp_path / "not-a-model"
@@ -107,8 +113,8 @@ def test_the_device_is_the_best_available_unless_named(
     if not torch.cuda.is_available():
         assert pick_device() in {"mps", "cpu"}
     cache.get_embeddings(["on the cpu"])
-    local = cache._providers["local"]
-    assert isinstance(local, LocalProvider)
+    local = cache.pipeline.loaded_engines()["sentence-transformers"]
+    assert isinstance(local, SentenceTransformersEngine)
     loaded = next(iter(local._models.values()))
     assert loaded.device.type == "cpu"
 
@@ -127,10 +133,10 @@ def test_no_text_has_more_tokens_than_twice_its_bytes(which: str, direct_model: 
 
         from embeddingcache.models import resolve_model
 
-        source = resolve_model("all-MiniLM-L6-v2").load_source()
+        source = loading_for(resolve_model("all-MiniLM-L6-v2")).load_source()
         tokenizer = SentenceTransformer(source, device="cpu").tokenizer
 
-    from embeddingcache.providers.local import _bytes_at_most
+    from embeddingcache.engines.sentence_transformers import _bytes_at_most
 
     @settings(max_examples=300, deadline=None)
     @given(st.text(min_size=1, max_size=60))
@@ -158,10 +164,11 @@ def test_the_local_extra_installs_every_package_a_catalog_model_requires() -> No
         if requirement.marker is not None and requirement.marker.evaluate({"extra": "local"}):
             local.add(canonicalize_name(requirement.name))
     assert {"sentence-transformers", "torch"} <= local
-    assert "einops" in CATALOG["nomic-embed-text-v2"].requires
-    for spec in CATALOG.values():
-        missing = {canonicalize_name(p) for p in spec.requires} - local
-        assert not missing, f"{spec.name} requires {missing}, not in the local extra"
+    assert "einops" in LOADING["nomic-embed-text-v2"].requires
+    assert set(LOADING) == set(CATALOG)
+    for name, loading in LOADING.items():
+        missing = {canonicalize_name(p) for p in loading.requires} - local
+        assert not missing, f"{name} requires {missing}, not in the local extra"
 
 
 def test_a_model_that_cannot_be_downloaded_names_its_hub_id_and_how_to_get_it(
@@ -192,8 +199,6 @@ def test_a_model_whose_code_imports_a_missing_package_names_the_package(
     import json
     import shutil
 
-    from embeddingcache.models import ModelSpec
-
     folder = tmp_path / "custom-code"
     shutil.copytree(tiny_model, folder)
     (folder / "configuration_custom.py").write_text(
@@ -207,9 +212,10 @@ def test_a_model_whose_code_imports_a_missing_package_names_the_package(
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
     config_file.write_text(json.dumps(config), encoding="utf-8")
-    spec = ModelSpec(name="custom", source=str(folder), trust_remote_code=True)
     with pytest.raises(ModelLoadError) as raised:
-        LocalProvider(device="cpu").model(spec)
+        SentenceTransformersEngine(device="cpu").load(
+            "custom", Loading(source=str(folder), trust_remote_code=True)
+        )
     assert "its code needs embeddingcache_absent_package" in str(raised.value)
     assert raised.value.fix == "pip install embeddingcache_absent_package"
     assert raised.value.backend_helps
@@ -268,7 +274,7 @@ def test_a_path_to_no_folder_is_said_so_without_backend_advice(tmp_path: Path) -
 
     missing = tmp_path / "no" / "such-model"
     with pytest.raises(ModelLoadError) as raised:
-        LocalProvider(device="cpu").model(resolve_model(str(missing)))
+        SentenceTransformersEngine(device="cpu").model(resolve_model(str(missing)))
     assert "no such folder, and not a Hub id" in str(raised.value)
     assert raised.value.fix == "check the path"
     assert not raised.value.backend_helps

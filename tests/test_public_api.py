@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import embeddingcache
 
@@ -64,3 +65,36 @@ def test_the_cache_class_has_the_documented_signature() -> None:
     for method in ("embed", "get_embeddings", "prune", "close", "__enter__", "__exit__"):
         assert callable(getattr(embeddingcache.EmbeddingCache, method))
     assert isinstance(inspect.getattr_static(embeddingcache.EmbeddingCache, "stats"), property)
+
+
+def _options(function: object, *, skip: set[str]) -> dict[str, inspect.Parameter]:
+    params = inspect.signature(function).parameters  # type: ignore[arg-type]
+    return {name: p for name, p in params.items() if name not in skip}
+
+
+def test_the_module_functions_take_the_options_of_the_methods() -> None:
+    """An option added to a method and not to its module function (or the other way round)
+    fails here; a method's ``None`` ("the cache's setting") is the cache's default there."""
+    cache_defaults = inspect.signature(embeddingcache.EmbeddingCache).parameters
+    for name in ("get_embeddings", "embed"):
+        function = _options(getattr(embeddingcache, name), skip={"cache_dir", "db_url"})
+        method = _options(getattr(embeddingcache.EmbeddingCache, name), skip={"self"})
+        assert list(function) == list(method), name
+        for option, param in method.items():
+            mine = function[option]
+            assert mine.kind is param.kind, (name, option)
+            if param.default is None and option in cache_defaults:
+                assert mine.default == cache_defaults[option].default, (name, option)
+            else:
+                assert mine.default == param.default, (name, option)
+    where = inspect.signature(embeddingcache.get_embeddings).parameters
+    assert where["cache_dir"].kind is where["db_url"].kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_output_works_on_the_module_function(tmp_path: Any, tiny_model: str) -> None:
+    listed = embeddingcache.get_embeddings(
+        ["one", "two"], tiny_model, cache_dir=tmp_path, output="list"
+    )
+    assert isinstance(listed, list) and len(listed) == 2 and isinstance(listed[0][0], float)
+    array = embeddingcache.get_embeddings(["one", "two"], tiny_model, cache_dir=tmp_path)
+    assert array.tolist() == listed

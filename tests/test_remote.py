@@ -41,7 +41,7 @@ def test_a_remote_only_client_gets_the_vectors_a_local_one_computes(
         np.testing.assert_array_equal(from_backend, local.get_embeddings(TEXTS))
         np.testing.assert_array_equal(from_backend, direct_model.encode(TEXTS))
         assert remote.stats["computed"] == 4 and remote.stats["remote_hits"] == 0
-        assert "local" not in remote._providers  # no local model was loaded
+        assert not remote.pipeline.loaded_engines()  # no local model was loaded
         # Stored locally: the next call is answered without the backend.
         before = server_stats(server.url)["requests"]
         np.testing.assert_array_equal(remote.get_embeddings(TEXTS), from_backend)
@@ -249,7 +249,7 @@ def test_more_texts_than_one_request_holds_come_back_in_order(
     start_server: Any, tiny_model: str, tmp_path: Path, direct_model: Any
 ) -> None:
     server, backend = start_server()
-    from embeddingcache.providers.remote import COMPUTE_TEXTS
+    from embeddingcache.engines.backend import COMPUTE_TEXTS
 
     texts = [f"text number {i}" for i in range(2500)]
     with client(tiny_model, tmp_path, server.url, fallback_providers=("remote",)) as c:

@@ -1,4 +1,4 @@
-"""The remote provider: an ``embeddingcache serve`` backend, reached over HTTP with httpx.
+"""The ``backend`` engine: an ``embeddingcache serve`` backend, reached over HTTP with httpx.
 
 One connection pool per cache, a timeout on every request, and no retries: a backend that
 does not answer in time is skipped, and the next provider computes. After a network failure
@@ -21,22 +21,26 @@ import httpx
 import numpy as np
 
 from .._version import __version__
-from ..errors import ProviderError, TextTooLongError
+from ..batching import plan
+from ..errors import InvalidInputError, ProviderError, TextTooLongError
 from ..models import ModelSpec
 from ..protocol import (
     MSGPACK,
     EmbedRequest,
-    Limits,
     ProtocolError,
     decode_body,
     decode_vectors,
     encode_body,
     encode_vectors,
 )
+from ..protocol import Limits as ServerLimits
+from . import EmbedOptions, EngineSettings, Limits
 
-__all__ = ["COOLDOWN_S", "BackendError", "RemoteProvider"]
+__all__ = ["COOLDOWN_S", "KIND", "BackendEngine", "BackendError", "create"]
 
-logger = logging.getLogger("embeddingcache.providers.remote")
+logger = logging.getLogger("embeddingcache.engines.backend")
+
+KIND = "backend"
 
 COOLDOWN_S = 10.0
 # Texts per request: a lookup answers thousands quickly; a computing backend should answer
@@ -49,9 +53,9 @@ REQUEST_BYTES = 4 * 1024 * 1024
 
 @dataclass(frozen=True)
 class _Bounds:
-    max_texts: int = Limits.max_texts
-    max_text_chars: int = Limits.max_text_chars
-    max_body_bytes: int = Limits.max_body_bytes
+    max_texts: int = ServerLimits.max_texts
+    max_text_chars: int = ServerLimits.max_text_chars
+    max_body_bytes: int = ServerLimits.max_body_bytes
 
 
 class BackendError(ProviderError):
@@ -65,11 +69,23 @@ class BackendError(ProviderError):
         self.status = status
 
 
-class RemoteProvider:
-    """Asks a backend for vectors: stored ones only (`lookup`), or computed
-    (`compute`), and offers it vectors computed here (`push`)."""
+def create(settings: EngineSettings) -> BackendEngine:
+    """The registry's factory.
 
-    name = "remote"
+    Raises:
+        InvalidInputError: no backend URL is configured.
+    """
+    if settings.remote_url is None:
+        raise InvalidInputError("the backend engine needs remote_url (EMBEDDING_CACHE_URL)")
+    return BackendEngine(settings.remote_url, timeout=settings.timeout, token=settings.token)
+
+
+class BackendEngine:
+    """Asks a backend for vectors: stored ones only (`lookup`), or computed
+    (`embed`), and offers it vectors computed here (`push`)."""
+
+    kind = KIND
+    limits = Limits(batch_inputs=COMPUTE_TEXTS)
 
     def __init__(self, url: str, *, timeout: float, token: str | None = None) -> None:
         self.url = url
@@ -108,18 +124,31 @@ class RemoteProvider:
         found[asked] = had
         return vectors, found
 
-    def compute(
-        self,
-        spec: ModelSpec,
-        texts: Sequence[str],
-        *,
-        prompt: str,
-        batch_size: int,
-        show_progress: bool,
-        truncate: bool,
+    def embed(
+        self, spec: ModelSpec, texts: Sequence[str], *, prompt: str, options: EmbedOptions
     ) -> np.ndarray:
-        vectors, _ = self._embed(spec, texts, prompt=prompt, lookup_only=False, truncate=truncate)
+        vectors, _ = self._embed(
+            spec, texts, prompt=prompt, lookup_only=False, truncate=options.truncate
+        )
         return vectors
+
+    def count_tokens(self, spec: ModelSpec, texts: Sequence[str]) -> list[int] | None:
+        return None  # the backend's tokenizer is not at hand here
+
+    def dimension(self, spec: ModelSpec) -> int:
+        """The dimension the backend gives for the model (GET /models).
+
+        Raises:
+            BackendError: the backend is unreachable, or does not serve the model.
+        """
+        answer = self._request("GET", "/models", None)
+        try:
+            for model in json.loads(answer).get("models", []):
+                if model.get("name") == spec.name and isinstance(model.get("dimensions"), int):
+                    return int(model["dimensions"])
+        except (ValueError, AttributeError):
+            pass
+        raise BackendError(f"the backend at {self.url} does not serve model {spec.name!r}")
 
     def push(
         self, spec: ModelSpec, texts: Sequence[str], vectors: np.ndarray, *, prompt: str
@@ -185,17 +214,11 @@ class RemoteProvider:
     ) -> Iterator[tuple[int, int]]:
         """``(start, stop)`` ranges of texts that fit one request to this server."""
         bounds = self._bounds()
-        most = max(1, min(per_request, bounds.max_texts))
-        budget = min(REQUEST_BYTES, bounds.max_body_bytes // 2)
-        start, size = 0, 0
-        for i, text in enumerate(texts):
-            cost = 4 * len(text) + extra_bytes + 16
-            if i > start and (i - start >= most or size + cost > budget):
-                yield start, i
-                start, size = i, 0
-            size += cost
-        if start < len(texts):
-            yield start, len(texts)
+        return plan(
+            (4 * len(text) + extra_bytes + 16 for text in texts),
+            most=min(per_request, bounds.max_texts),
+            budget=min(REQUEST_BYTES, bounds.max_body_bytes // 2),
+        )
 
     def _bounds(self) -> _Bounds:
         """The server's limits, asked once (GET /models); the defaults if it does not say."""

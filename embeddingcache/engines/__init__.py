@@ -1,0 +1,135 @@
+"""Engines turn texts into vectors, behind one contract, found through one registry.
+
+A model's `ModelSpec` names its engine kind (``spec.engine``); `create` builds the engine of
+a kind from `REGISTRY`. The pipeline only calls the `Engine` methods, so adding an engine is
+a module and a `register` call, and no branch anywhere else.
+
+Engines of this package:
+
+- ``sentence-transformers`` (`embeddingcache.engines.sentence_transformers`): the model runs
+  in this process.
+- ``backend`` (`embeddingcache.engines.backend`): an ``embeddingcache serve`` backend asked
+  over HTTP; it also answers lookups and takes pushed vectors.
+
+Who may change this contract: any change to `Engine`, `Limits` or `EmbedOptions` is a change
+to every engine, and goes with them (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import InvalidInputError
+from ..models import ModelSpec
+
+__all__ = [
+    "REGISTRY",
+    "EmbedOptions",
+    "Engine",
+    "EngineSettings",
+    "Limits",
+    "create",
+    "register",
+]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one engine takes at once: ``batch_inputs`` texts per batch, ``token_budget``
+    tokens per batch (``None``: not bounded by tokens), ``in_flight`` batches at a time."""
+
+    batch_inputs: int
+    token_budget: int | None = None
+    in_flight: int = 1
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """Per-call options of `Engine.embed` that do not change a vector."""
+
+    batch_size: int = 32
+    show_progress: bool = False
+    truncate: bool = False
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How this process reaches its engines: the cache's own settings."""
+
+    device: str | None = None
+    batch_size: int = 32
+    remote_url: str | None = None
+    timeout: float = 5.0
+    token: str | None = None
+
+
+class Engine(Protocol):
+    """Something that turns texts into the float32 vectors of a model."""
+
+    kind: str
+    limits: Limits
+
+    def embed(
+        self, spec: ModelSpec, texts: Sequence[str], *, prompt: str, options: EmbedOptions
+    ) -> np.ndarray:
+        """Vectors of ``prompt + text`` for each text, a float32 ``(n, dim)`` array.
+
+        Raises:
+            TextTooLongError: a text is longer than the model accepts and
+                ``options.truncate`` is false; its ``index`` is the position in ``texts``.
+            ProviderError: the engine could not compute; the next one may.
+        """
+        ...
+
+    def count_tokens(self, spec: ModelSpec, texts: Sequence[str]) -> list[int] | None:
+        """The number of tokens the model reads for each text, or ``None`` when this engine
+        has no tokenizer at hand."""
+        ...
+
+    def dimension(self, spec: ModelSpec) -> int:
+        """The length of the model's vectors (loading or asking for the model if needed).
+
+        Raises:
+            ProviderError: the engine cannot tell.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+
+EngineFactory = Callable[[EngineSettings], Engine]
+
+# Kind -> "module:attribute" of a factory, imported on first use (no engine's dependencies
+# are imported before a vector has to be computed), or the factory itself.
+REGISTRY: dict[str, str | EngineFactory] = {
+    "sentence-transformers": "embeddingcache.engines.sentence_transformers:create",
+    "backend": "embeddingcache.engines.backend:create",
+}
+
+
+def register(kind: str, factory: str | EngineFactory) -> None:
+    """Make ``kind`` an engine kind that model specs may name."""
+    REGISTRY[kind] = factory
+
+
+def create(kind: str, settings: EngineSettings) -> Engine:
+    """A new engine of ``kind``.
+
+    Raises:
+        InvalidInputError: no engine of that kind is registered.
+    """
+    try:
+        factory = REGISTRY[kind]
+    except KeyError:
+        raise InvalidInputError(
+            f"no engine {kind!r}; the engines: {', '.join(sorted(REGISTRY))}"
+        ) from None
+    if isinstance(factory, str):
+        module, _, name = factory.partition(":")
+        factory = getattr(importlib.import_module(module), name)
+    return factory(settings)

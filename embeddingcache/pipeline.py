@@ -1,0 +1,598 @@
+"""The read-through pipeline: one call's path from texts to stored vectors.
+
+validate (the caller) -> normalize (the caller) -> `prepare`: embedded strings, keys,
+duplicates -> `resolve`: look up, ask the backend, compute, store, count, as `Slice` objects
+-> `vectors`: assembled in input order. `store` adds vectors computed elsewhere (a push to
+the server, an import) under the same rules.
+
+Every caller of the pipeline goes through these public calls: `EmbeddingCache`'s methods,
+the server's ``/embed`` and ``/push``, and `embeddingcache.transfer`'s import
+(`store_new`). The contract of a `Slice` (docs/architecture.md) is what the callers may rely on:
+hits come first, then what the backend had, then computed slices, each stored before it is
+yielded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from ._util import first_non_finite, warn
+from .batching import plan_count
+from .engines import EmbedOptions, Engine, EngineSettings, create
+from .errors import (
+    AllProvidersFailedError,
+    DimensionMismatchError,
+    InvalidInputError,
+    ProviderError,
+    ShardMismatchError,
+    StorageError,
+    TextTooLongError,
+)
+from .keys import keys_of
+from .models import ModelSpec
+from .storage import Lookup, Store
+from .storage.evict import PruneReport, prune
+
+if TYPE_CHECKING:
+    from .engines.backend import BackendEngine
+
+__all__ = ["CHAINS", "SLICE_VECTORS", "Call", "Pipeline", "Slice", "dedupe", "store_new"]
+
+logger = logging.getLogger("embeddingcache")
+
+# Who computes misses: "local" is the model's own engine on this machine, "remote" the
+# team backend computing.
+CHAINS = ("local", "remote")
+# Vectors computed per slice: each slice is stored before the next is computed, so a call
+# that fails half way keeps what it finished. Rounded up to whole batches of the engine.
+SLICE_VECTORS = 4096
+# With max_size, a cache that outgrows it is pruned to this share of it, so that pruning
+# (and compacting the files) happens once per tenth of the budget written, not per write.
+LOW_WATER = 0.9
+
+Source = Literal["hit", "remote", "computed"]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Vectors for some of a call's distinct texts: ``positions`` index `Call.firsts`
+    (the call's distinct keys), ``vectors`` are float32 ``(len(positions), dim)``, as stored
+    (or as computed, when storing failed and the call degraded), and ``source`` says where
+    they came from."""
+
+    positions: np.ndarray
+    vectors: np.ndarray
+    source: Source
+
+
+def dedupe(keys: Sequence[bytes]) -> tuple[list[int], np.ndarray | None]:
+    """The one rule for duplicates: the index of the first occurrence of each distinct key,
+    in order of first appearance, and for each key the position of its distinct key
+    (``None`` when every key is distinct, the hot path)."""
+    distinct = dict.fromkeys(keys)
+    if len(distinct) == len(keys):
+        return list(range(len(keys))), None
+    where: dict[bytes, int] = {}
+    firsts: list[int] = []
+    inverse = np.empty(len(keys), dtype=np.intp)
+    for i, key in enumerate(keys):
+        u = where.get(key)
+        if u is None:
+            u = where[key] = len(firsts)
+            firsts.append(i)
+        inverse[i] = u
+    return firsts, inverse
+
+
+class Call:
+    """One prepared request: the spec, the embedded strings, their keys and duplicates."""
+
+    __slots__ = ("embedded", "firsts", "inverse", "keys", "normalized", "prompt", "spec")
+
+    def __init__(self, spec: ModelSpec, normalized: list[str], prompt: str) -> None:
+        self.spec = spec
+        self.normalized = normalized
+        self.prompt = prompt
+        self.embedded = [prompt + text for text in normalized] if prompt else normalized
+        self.keys = keys_of(self.embedded)
+        self.firsts, self.inverse = dedupe(self.keys)
+
+    def distinct_keys(self, positions: Sequence[int] | np.ndarray | None = None) -> list[bytes]:
+        keys, firsts = self.keys, self.firsts
+        if positions is None:
+            return keys if self.inverse is None else [keys[i] for i in firsts]
+        return [keys[firsts[u]] for u in positions]
+
+
+def store_new(
+    store: Store,
+    model: str,
+    embedded: Sequence[str],
+    vectors: np.ndarray,
+) -> int:
+    """Store vectors computed elsewhere for the embedded strings the shard lacks (a stored
+    vector is kept; a damaged one, of the wrong length, is replaced); how many were new.
+    A string repeated keeps its first vector.
+
+    Raises:
+        InvalidInputError: a vector holds NaN or infinite values (nothing is stored).
+        StorageError: the shard could not be read or written (see `Store.put`).
+    """
+    bad = first_non_finite(vectors)
+    if bad is not None:
+        raise InvalidInputError(
+            f"the vector of {embedded[bad][:80]!r} holds NaN or infinite values; nothing stored"
+        )
+    keys = keys_of(embedded)
+    firsts, _ = dedupe(keys)
+    distinct = [keys[i] for i in firsts]
+    found = store.lookup(model, distinct)
+    damaged = {distinct[u] for u in found.damaged}
+    stored = np.zeros(len(distinct), dtype=bool)
+    stored[found.positions] = True
+    new = [firsts[u] for u in np.flatnonzero(~stored)]
+    if not new:
+        return 0
+    if damaged:
+        logger.warning("replacing %d damaged vector(s) of model %r", len(damaged), model)
+    new_keys = [keys[i] for i in new]
+    store.put(
+        model,
+        new_keys,
+        [embedded[i] for i in new],
+        np.asarray(vectors)[new],
+        replace=[key for key in new_keys if key in damaged],
+    )
+    return len(new)
+
+
+class Pipeline:
+    """The read-through loop over one store, its engines and its backend (thread-safe)."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        settings: EngineSettings,
+        chain: Sequence[str] = CHAINS,
+        push: bool = False,
+        max_size: int | None = None,
+    ) -> None:
+        self.storage = store
+        self.settings = settings
+        self.chain = tuple(chain)
+        self.push = push
+        self.max_size = max_size
+        self.pruning = threading.Lock()  # one prune at a time
+        self.storage_worked = False  # it was read from or written to: see degrades
+        self._engines: dict[str, Engine] = {}
+        self._backend: BackendEngine | None = None
+        self._dimensions: dict[str, int] = {}  # of models whose engine said
+        self._lock = threading.Lock()
+        self._compute_locks: dict[str, threading.Lock] = {}
+        self._stats = {"hits": 0, "misses": 0, "remote_hits": 0, "computed": 0, "pushed": 0}
+
+    # -- the calls ------------------------------------------------------------------------
+
+    def prepare(self, spec: ModelSpec, normalized: list[str], prompt: str) -> Call:
+        """Key and dedupe normalized texts for ``spec`` with ``prompt`` in front."""
+        return Call(spec, normalized, prompt)
+
+    def resolve(
+        self,
+        call: Call,
+        *,
+        compute: bool = True,
+        options: EmbedOptions | None = None,
+    ) -> Iterator[Slice]:
+        """The call's vectors as slices: the stored ones, then the backend's (lookup only,
+        stored here), then, when ``compute``, computed ones, each slice stored before it is
+        yielded. Without ``compute``, what nobody had is in no slice.
+
+        Raises:
+            TextTooLongError: a text is too long for the model (``index`` in the call).
+            AllProvidersFailedError: vectors were missing and nobody could compute them.
+            StorageError: see `EmbeddingCache.get_embeddings`.
+        """
+        spec = call.spec
+        distinct = call.distinct_keys()
+        try:
+            found = self.storage.lookup(spec.name, distinct)
+        except StorageError as exc:
+            if not self.degrades(exc):
+                raise
+            # The storage that worked cannot be read now (a database gone, a file system
+            # remounted): the caller still gets its vectors, computed; the next call tries again.
+            _degraded(f"cannot read the cache ({exc}); computing the texts instead")
+            found = Lookup.empty(self.known_dimension(spec))
+        hits = len(found.positions)
+        self._count_lookup(spec.name, hits, len(distinct) - hits)
+        if hits and not self.storage_worked:
+            self.storage_worked = True
+        if hits:
+            yield Slice(found.positions, found.vectors, "hit")
+        if hits == len(distinct):
+            return
+        held = np.zeros(len(distinct), dtype=bool)
+        held[found.positions] = True
+        missing = np.flatnonzero(~held)
+        damaged = {distinct[u] for u in found.damaged}
+
+        if self.settings.remote_url is not None:
+            answer = self._remote_lookup(call, missing)
+            if answer is not None:
+                vectors, had = answer
+                if had.any():
+                    positions = missing[had]
+                    stored = self._store_rows(call, positions, vectors[had], damaged)
+                    self._count(remote_hits=len(positions))
+                    yield Slice(positions, stored, "remote")
+                    missing = missing[~had]
+
+        if not len(missing) or not compute:
+            return
+        options = options or EmbedOptions(batch_size=self.settings.batch_size)
+        failed: list[tuple[str, ProviderError]] = []
+        step = _round_up(SLICE_VECTORS, max(1, options.batch_size))
+        for start, stop in plan_count(len(missing), most=step):
+            positions = missing[start:stop]
+            # One computation per text: a call that needs texts another call is computing
+            # waits for it, then reads them (a server's concurrent requests, say).
+            with self._computing(spec.name):
+                meanwhile, positions = self._stored_meanwhile(call, positions)
+                if len(positions):
+                    vectors, engine = self._compute(call, positions, options, failed)
+                    stored = self._store_rows(call, positions, vectors, damaged)
+            if meanwhile is not None:
+                yield meanwhile
+            if len(positions):
+                if self.push and engine is not self.backend() and self._backend is not None:
+                    self._push(call, positions, stored)
+                yield Slice(positions, stored, "computed")
+
+    def vectors(
+        self,
+        call: Call,
+        *,
+        compute: bool = True,
+        options: EmbedOptions | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The call's vectors in input order, and which of them the store held (``None``:
+        all of them). Without ``compute``, the rows of vectors nobody had are zeros.
+        Raises what `resolve` raises."""
+        slices = self.resolve(call, compute=compute, options=options)
+        first = next(slices, None)
+        n = len(call.firsts)
+        if first is not None and first.source == "hit" and len(first.positions) == n:
+            # All stored: the lookup's rows are already in key order (the hot path).
+            if call.inverse is None:
+                return first.vectors, None
+            return first.vectors[call.inverse], None
+        parts = [first, *slices] if first is not None else []
+        dimensions = {s.vectors.shape[1] for s in parts}
+        if len(dimensions) > 1:
+            raise DimensionMismatchError(
+                f"model {call.spec.name!r} gave vectors of {sorted(dimensions)} dimensions"
+            )
+        dimension = dimensions.pop() if dimensions else self.known_dimension(call.spec)
+        filled = sum(len(s.positions) for s in parts)
+        # Every row is filled below unless something stayed missing (lookup only).
+        unique = (np.zeros if filled < n else np.empty)((n, dimension), dtype=np.float32)
+        hit = np.zeros(n, dtype=bool)
+        for part in parts:
+            unique[part.positions] = part.vectors
+            if part.source == "hit":
+                hit[part.positions] = True
+        if call.inverse is None:
+            return unique, hit
+        return unique[call.inverse], hit[call.inverse]
+
+    def store(self, spec: ModelSpec, embedded: Sequence[str], vectors: np.ndarray) -> int:
+        """Store vectors computed elsewhere for embedded strings not stored yet (see
+        `store_new`); the number stored. Keeps the cache within ``max_size`` afterwards."""
+        added = store_new(self.storage, spec.name, embedded, vectors)
+        self.storage_worked = True
+        self.keep_within()
+        return added
+
+    # -- engines --------------------------------------------------------------------------
+
+    def engine(self, spec: ModelSpec) -> Engine:
+        """The engine of this machine that computes ``spec``'s vectors, created on first use.
+
+        Raises:
+            InvalidInputError: no engine of the spec's kind is registered.
+        """
+        with self._lock:
+            engine = self._engines.get(spec.engine)
+            if engine is None:
+                engine = self._engines[spec.engine] = create(spec.engine, self.settings)
+            return engine
+
+    def loaded_engines(self) -> dict[str, Engine]:
+        """The engines created so far, by kind (the backend's apart)."""
+        with self._lock:
+            return dict(self._engines)
+
+    def backend(self) -> BackendEngine | None:
+        """The team backend, when one is configured (httpx is imported on first use)."""
+        if self.settings.remote_url is None:
+            return None
+        with self._lock:
+            if self._backend is None:
+                from .engines.backend import create as backend_engine
+
+                self._backend = backend_engine(self.settings)
+            return self._backend
+
+    def dimension(self, spec: ModelSpec) -> int:
+        """The dimension the model's engine gives, checked against its shard.
+
+        Raises:
+            DimensionMismatchError: the shard holds vectors of another dimension.
+            ProviderError: the engine cannot load or reach the model.
+        """
+        loaded = self.engine(spec).dimension(spec)
+        stored = self.known_dimension(spec)
+        if self.storage.info(spec.name) is not None and stored != loaded:
+            raise DimensionMismatchError(
+                f"model {spec.name!r} gives {loaded}-d vectors but its shard holds {stored}-d"
+            )
+        with self._lock:
+            self._dimensions[spec.name] = loaded
+        return loaded
+
+    def known_dimension(self, spec: ModelSpec) -> int:
+        """The model's dimension as known without loading it; 0 when unknown."""
+        info = self.storage.info(spec.name)
+        if info is not None:
+            return info.dimension
+        return self._dimensions.get(spec.name) or spec.dimension or 0
+
+    # -- storage --------------------------------------------------------------------------
+
+    def degrades(self, exc: StorageError) -> bool:
+        """Whether a call goes on without its storage after ``exc``: only when the storage
+        worked before in this cache (a fault that came up, which may pass). A storage that never
+        worked is more likely misconfigured (a wrong URL or password, a read-only directory):
+        that is an error to fix. A shard of another model or dimension is always an error."""
+        return self.storage_worked and not isinstance(
+            exc, (ShardMismatchError, DimensionMismatchError)
+        )
+
+    def prune(self, **options: object) -> PruneReport:
+        """`embeddingcache.storage.evict.prune` of this store, one prune at a time."""
+        with self.pruning:
+            return prune(self.storage, **options)  # type: ignore[arg-type]
+
+    def keep_within(self) -> None:
+        """With ``max_size``, prune the least recently used entries once the stored data
+        outgrows it. A failure is a warning: the caller's vectors are stored, and the next
+        write tries again."""
+        budget = self.max_size
+        if budget is None:
+            return
+        try:
+            if self.storage.live_bytes() <= budget:
+                return
+            with self.pruning:  # one thread prunes; the others find the cache within budget
+                if self.storage.live_bytes() <= budget:
+                    return
+                report = prune(self.storage, max_size=int(budget * LOW_WATER))
+        except StorageError as exc:
+            _degraded(f"could not prune the cache to max_size={budget} ({exc})")
+            return
+        logger.info(
+            "the cache outgrew max_size=%d: removed the %d least recently used vector(s), "
+            "%d -> %d bytes",
+            budget,
+            report.vectors_removed,
+            report.bytes_before,
+            report.bytes_after,
+        )
+
+    # -- counters -------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._stats)
+
+    def close(self) -> None:
+        """Close the engines and the backend client (not the store)."""
+        with self._lock:
+            engines: list[Engine] = list(self._engines.values())
+            if self._backend is not None:
+                engines.append(self._backend)
+            self._engines, self._backend = {}, None
+        for engine in engines:
+            engine.close()
+
+    # -- steps ----------------------------------------------------------------------------
+
+    def _compute(
+        self,
+        call: Call,
+        positions: np.ndarray,
+        options: EmbedOptions,
+        failed: list[tuple[str, ProviderError]],
+    ) -> tuple[np.ndarray, Engine]:
+        """Vectors of the distinct texts at ``positions`` from the first engine of the chain
+        that computes them; an engine that failed earlier in the call (``failed``) is not
+        asked again."""
+        spec = call.spec
+        origins = [call.firsts[u] for u in positions]
+        texts = [call.normalized[i] for i in origins]
+        tried: list[str] = []
+        for name in self.chain:
+            engine = self.backend() if name == "remote" else self.engine(spec)
+            if engine is None:
+                tried.append(f"{name} (not configured)")
+                continue
+            if any(seen == name for seen, _ in failed):
+                continue
+            try:
+                vectors = engine.embed(spec, texts, prompt=call.prompt, options=options)
+            except TextTooLongError as exc:
+                raise TextTooLongError(exc.detail, index=origins[exc.index]) from None
+            except ProviderError as exc:
+                logger.debug("engine %s failed: %s", name, exc)
+                failed.append((name, exc))
+                continue
+            self._count(computed=len(texts))
+            return vectors, engine
+        raise self._all_failed(spec, tried, failed)
+
+    def _all_failed(
+        self, spec: ModelSpec, tried: list[str], failed: list[tuple[str, ProviderError]]
+    ) -> AllProvidersFailedError:
+        tried = [f"{name} ({exc.reason})" for name, exc in failed] + tried
+        fixes = [exc.fix for _, exc in failed if exc.fix]  # what each failure's cause calls for
+        backend_helps = all(exc.backend_helps for _, exc in failed)
+        if "local" not in self.chain:
+            fixes.append("add 'local' to fallback_providers to compute them here")
+        url = self.settings.remote_url
+        there = (
+            f"check the backend at {url}"
+            if url is not None
+            else "set remote_url (EMBEDDING_CACHE_URL) to an `embeddingcache serve` backend"
+        )
+        return AllProvidersFailedError(
+            f"cannot compute embeddings for model {spec.name!r}; tried: "
+            f"{'; '.join(tried) or 'no provider'}. To fix: "
+            f"{', or '.join([*fixes, there] if backend_helps else fixes)}."
+        )
+
+    def _remote_lookup(
+        self, call: Call, positions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """The backend's stored vectors of the distinct texts at ``positions`` and which it
+        had; ``None`` when it could not answer or answered vectors of another dimension than
+        this cache holds."""
+        remote = self.backend()
+        if remote is None:
+            return None
+        spec = call.spec
+        texts = [call.normalized[call.firsts[u]] for u in positions]
+        try:
+            vectors, had = remote.lookup(spec, texts, prompt=call.prompt)
+        except ProviderError as exc:
+            # A wrong or missing token is a mistake to point out; an absent backend is not.
+            refused = getattr(exc, "status", None) in (401, 403)
+            logger.log(logging.WARNING if refused else logging.DEBUG, "backend lookup: %s", exc)
+            return None
+        known = self.known_dimension(spec)
+        if had.any() and known and vectors.shape[1] != known:
+            logger.warning(
+                "the backend at %s holds %d-d vectors for %r, this cache %d-d; ignoring them",
+                remote.url,
+                vectors.shape[1],
+                spec.name,
+                known,
+            )
+            return None
+        return vectors, had
+
+    def _push(self, call: Call, positions: np.ndarray, vectors: np.ndarray) -> None:
+        remote = self.backend()
+        if remote is None:
+            return
+        texts = [call.normalized[call.firsts[u]] for u in positions]
+        try:
+            accepted = remote.push(call.spec, texts, vectors, prompt=call.prompt)
+        except ProviderError as exc:
+            # Pushing is a courtesy to the team; the caller already has its vectors.
+            logger.warning("could not push %d vector(s) to the backend: %s", len(texts), exc)
+            return
+        self._count(pushed=accepted)
+
+    def _computing(self, model: str) -> threading.Lock:
+        with self._lock:
+            return self._compute_locks.setdefault(model, threading.Lock())
+
+    def _stored_meanwhile(
+        self, call: Call, positions: np.ndarray
+    ) -> tuple[Slice | None, np.ndarray]:
+        """The vectors of ``positions`` stored since this call's lookup (by another call, as
+        a slice read from the store), and the positions still to compute. Uncounted: the
+        lookup counted these texts already."""
+        try:
+            found = self.storage.lookup(call.spec.name, call.distinct_keys(positions))
+        except StorageError:
+            return None, positions  # the compute that follows meets the storage's state
+        if not len(found.positions):
+            return None, positions
+        keep = np.ones(len(positions), dtype=bool)
+        keep[found.positions] = False
+        return Slice(positions[found.positions], found.vectors, "hit"), positions[keep]
+
+    def _store_rows(
+        self, call: Call, positions: np.ndarray, vectors: np.ndarray, damaged: set[bytes]
+    ) -> np.ndarray:
+        """Store fresh vectors of the distinct texts at ``positions`` (insert-or-ignore) in
+        one `Store.put`; return the vectors as stored.
+
+        Another call may have stored some of these texts first, its vectors computed in
+        another batch and so different in the last bits: the stored ones are returned, so
+        that every caller gets the same vector for a text, always.
+        """
+        spec = call.spec
+        keys = call.distinct_keys(positions)
+        replace = [key for key in keys if key in damaged] if damaged else []
+        if replace:
+            _degraded(
+                f"{len(replace)} stored vector(s) of model {spec.name!r} had the wrong "
+                "length; recomputed and replaced them"
+            )
+        bad = first_non_finite(vectors)
+        if bad is not None:
+            text = call.embedded[call.firsts[positions[bad]]]
+            raise StorageError(
+                f"model {spec.name!r} gave a vector with NaN or infinite values for "
+                f"{text[:80]!r}; refusing to store or return it"
+            )
+        texts = [call.embedded[call.firsts[u]] for u in positions]
+        try:
+            self.storage.put(spec.name, keys, texts, vectors, replace=replace)
+            stored = self.storage.lookup(spec.name, keys)
+            self.storage_worked = True
+        except StorageError as exc:
+            if not self.degrades(exc):
+                raise
+            # A write transaction is all or nothing: what was not stored is simply not there.
+            _degraded(f"could not store {len(keys)} vector(s) ({exc}); returning them as computed")
+            return np.asarray(vectors, dtype=np.float32)
+        self.keep_within()
+        if len(stored.positions) == len(keys):
+            return stored.vectors
+        vectors = np.array(vectors, dtype=np.float32)
+        vectors[stored.positions] = stored.vectors
+        return vectors
+
+    def _count_lookup(self, model: str, hits: int, misses: int) -> None:
+        with self._lock:
+            stats = self._stats
+            stats["hits"] += hits
+            stats["misses"] += misses
+        self.storage.record(model, hits, misses)
+
+    def _count(self, **amounts: int) -> None:
+        with self._lock:
+            for name, amount in amounts.items():
+                self._stats[name] += amount
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def _degraded(message: str) -> None:
+    """Say that the cache could not do its part of a call that still succeeds."""
+    logger.warning(message)
+    warn(message)
