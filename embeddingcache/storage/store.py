@@ -34,7 +34,7 @@ from . import migrate, tables
 from .layout import Layout, Place, ShardPlace
 from .retry import retry_write
 from .sqlite import Reader, is_not_a_database, move_aside, write_transaction
-from .tables import READ_CHUNK, WRITE_BATCH, ShardTable, TextTable
+from .tables import READ_CHUNK, WRITE_BATCH, ShardTable, shard_table, text_table
 
 __all__ = ["READ_CHUNK", "WRITE_BATCH", "Lookup", "ModelInfo", "ShardSummary", "Store"]
 
@@ -219,9 +219,9 @@ class Store:
             StorageError: the shard or the texts could not be read.
         """
         place = self.layout.shard_place(model)
-        table = ShardTable(place)
+        table = shard_table(place)
         text_place = self.layout.text_place()
-        texts = TextTable(text_place)
+        texts = text_table(text_place)
         # Brings the text table to the current schema, or says it is not there (0 texts)
         # without creating it: reading all of a shard only reads.
         have_texts = self.text_count() > 0
@@ -242,7 +242,7 @@ class Store:
             if not self._ready(place, create=False):
                 return 0
             with place.engine.connect() as connection:
-                return TextTable(place).count(connection)
+                return text_table(place).count(connection)
         except sa_exc.SQLAlchemyError as exc:
             raise self._error("cannot read the texts", exc) from exc
 
@@ -265,7 +265,7 @@ class Store:
             try:
                 if not self._ready(place, create=False):
                     continue
-                table = ShardTable(place)
+                table = shard_table(place)
                 with place.engine.connect() as connection:
                     row = table.info(connection)
                     entries = table.count(connection)
@@ -423,14 +423,14 @@ class Store:
         place = self.layout.text_place()
         self._ready(place, create=True)
         with write_transaction(place.engine) as connection:
-            TextTable(place).put_new(connection, rows)
+            text_table(place).put_new(connection, rows)
 
     def _put_vectors(
         self, model: str, dimension: int, rows: list[dict[str, Any]], replace: Sequence[bytes]
     ) -> None:
         place = self.layout.shard_place(model)
         self._ready(place, create=True)
-        table = ShardTable(place)
+        table = shard_table(place)
         with write_transaction(place.engine) as connection:
             info = _ensure_info(connection, table, model, dimension)
             if replace:
@@ -446,7 +446,7 @@ class Store:
         if shard is not None and shard.info is not None:
             return shard
         place = self.layout.shard_place(model)
-        table = ShardTable(place)
+        table = shard_table(place)
         try:
             if not self._ready(place, create=False):
                 return None
