@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .providers.remote import RemoteProvider
 from .storage import Lookup, ShardSummary, Store, layout_for
 from .storage.evict import PruneReport, prune
+from .storage.store import ReadOnlyStorageError
 from .transfer import ExportReport, ImportReport, export_shard, import_file
 
 __all__ = ["EmbeddingCache"]
@@ -720,6 +721,8 @@ class EmbeddingCache:
         worked before in this cache (a fault that came up, which may pass). A storage that never
         worked is more likely misconfigured (a wrong URL or password, a read-only directory):
         that is an error to fix. A shard of another model or dimension is always an error."""
+        if isinstance(exc, ReadOnlyStorageError):
+            return True  # a cache on read-only media serves its hits; misses are computed
         return self._storage_worked and not isinstance(
             exc, (ShardMismatchError, DimensionMismatchError)
         )

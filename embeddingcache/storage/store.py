@@ -36,7 +36,15 @@ from .retry import retry_write
 from .sqlite import Reader, is_not_a_database, move_aside, write_transaction
 from .tables import READ_CHUNK, WRITE_BATCH, ShardTable, shard_table, text_table
 
-__all__ = ["READ_CHUNK", "WRITE_BATCH", "Lookup", "ModelInfo", "ShardSummary", "Store"]
+__all__ = [
+    "READ_CHUNK",
+    "WRITE_BATCH",
+    "Lookup",
+    "ModelInfo",
+    "ReadOnlyStorageError",
+    "ShardSummary",
+    "Store",
+]
 
 logger = logging.getLogger("embeddingcache.storage")
 
@@ -68,6 +76,11 @@ def _forget_use_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_use_after_fork)
+
+
+class ReadOnlyStorageError(StorageError):
+    """The cache's files cannot be written here (a read-only mount, a cache baked into an
+    image): hits are served, nothing is stored, and a call computes its misses."""
 
 
 @dataclass(frozen=True)
@@ -341,6 +354,8 @@ class Store:
             self._flushing.release()
 
     def _write_use(self, model: str, use: _Use, now: int) -> None:
+        if self.layout.read_only(self.layout.shard_place(model)):
+            return  # a read-only cache records no use: it is never modified
         shard = self._open_shard(model)
         if shard is None:
             # Its first vectors are on their way (a call counts before it computes): the
@@ -389,6 +404,9 @@ class Store:
         if not keys:
             return
         matrix = _checked_matrix(vectors, len(keys))
+        for place in (self.layout.text_place(), self.layout.shard_place(model)):
+            if self.layout.read_only(place):
+                self._ready_read_only(place, None, create=True)  # raises
         batch = tables.WRITE_BATCH
         if len(keys) > batch:
             for start in range(0, len(keys), batch):
@@ -474,6 +492,8 @@ class Store:
             return True
         if not self.layout.may_exist(place) and not create:
             return False
+        if self.layout.read_only(place):
+            return self._ready_read_only(place, token, create=create)
         if create:
             self.layout.prepare()
         try:
@@ -489,6 +509,26 @@ class Store:
         if ready:
             self._prepared.add(token)
         return ready
+
+    def _ready_read_only(self, place: Place, token: object, *, create: bool) -> bool:
+        """`_ready` for a file this process cannot write: it is read as it is, or not at all."""
+        if create:
+            raise ReadOnlyStorageError(
+                f"the cache at {self.layout.describe()} is read-only ({place.name} cannot be "
+                "written): nothing was stored"
+            )
+        if not self.layout.may_exist(place):
+            return False
+        with place.engine.connect() as connection:
+            current = migrate.state(connection, place)
+        if current == "old":
+            raise ReadOnlyStorageError(
+                f"{place.name} in the read-only cache at {self.layout.describe()} has an older "
+                "schema; open it once where it can be written to upgrade it"
+            )
+        if current == "head":
+            self._prepared.add(token)
+        return current == "head"
 
     def exists(self, place: Place) -> bool:
         """Whether a place holds tables (brought to the current schema if it does)."""
