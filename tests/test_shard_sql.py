@@ -110,3 +110,9 @@ def test_each_backend_has_its_own_tables_and_put_new_reports_the_rows_it_kept(
     text_rows = [{"hashid": key_of(t), "text": t} for t in ("a", "b")]
     with write_transaction(store.layout.text_place().engine) as connection:
         assert texts.put_new(connection, text_rows) == 1
+    with write_transaction(store.layout.text_place().engine) as connection:
+        before = texts.removals(connection)
+        texts.delete(connection, [key_of("b")])
+        after = texts.removals(connection)
+    # SQLite counts removals, so a writer learns a prune took texts; Postgres keeps no count.
+    assert (before is not None and after == before + 1) if sqlite else before is after is None

@@ -392,7 +392,8 @@ class Store:
         Keys in ``replace`` are overwritten: their stored vectors were found damaged.
         Texts go in first: a crash between the two transactions leaves a text without a
         vector (a miss, recomputed), never a vector without its text; and once more after
-        the vectors, in case a prune took them in between. Rows go in write transactions of
+        the vectors if a prune took texts in between (on SQLite, where the texts' file counts
+        its removals, only then; on Postgres always). Rows go in write transactions of
         ``WRITE_BATCH``, so a writer holds the SQLite lock for a short while only, however
         many rows a call stores.
 
@@ -428,20 +429,30 @@ class Store:
             for k, b in zip(keys, blobs, strict=True)
         ]
         try:
-            retry_write(lambda: self._put_texts(text_rows))
+            removals = retry_write(lambda: self._put_texts(text_rows))
             retry_write(lambda: self._put_vectors(model, matrix.shape[1], vector_rows, replace))
-            # Again, now that the vectors are in: a prune that removed texts without a vector
-            # between the two transactions removed these (its check and its delete are one
+            # Again, now that the vectors are in, if a prune removed texts between the two
+            # transactions: it may have removed these (its check and its delete are one
             # transaction, so the texts are either seen with their vectors or put back here).
-            retry_write(lambda: self._put_texts(text_rows))
+            # Where the backend counts removals, this is one read under the texts' write lock
+            # (which waits for a prune at work); elsewhere every text is put again.
+            retry_write(lambda: self._put_texts(text_rows, unless_removals=removals))
         except sa_exc.SQLAlchemyError as exc:
             raise self._error("cannot write to the cache", exc) from exc
 
-    def _put_texts(self, rows: list[dict[str, Any]]) -> None:
+    def _put_texts(
+        self, rows: list[dict[str, Any]], *, unless_removals: int | None = None
+    ) -> int | None:
+        """Store text rows, unless ``unless_removals`` says no text was removed since; the
+        texts' removal count (see ``TextTable.removals``)."""
         place = self.layout.text_place()
         self._ready(place, create=True)
+        table = text_table(place)
         with write_transaction(place.engine) as connection:
-            text_table(place).put_new(connection, rows)
+            removals = table.removals(connection)
+            if unless_removals is None or removals != unless_removals:
+                table.put_new(connection, rows)
+            return removals
 
     def _put_vectors(
         self, model: str, dimension: int, rows: list[dict[str, Any]], replace: Sequence[bytes]

@@ -235,6 +235,12 @@ class TextTable:
         for part in _chunks(keys, READ_CHUNK):
             connection.execute(self._delete, {"keys": list(part)})
 
+    def removals(self, connection: Connection) -> int | None:
+        """A number that changes whenever ``delete`` removes texts, or ``None`` where the
+        backend keeps none: a writer reads it before and after storing vectors, to learn
+        whether a prune may have removed the texts it stored first."""
+        return None
+
     def count(self, connection: Connection) -> int:
         return int(connection.scalar(select(func.count()).select_from(self.hashstring)) or 0)
 
@@ -247,10 +253,32 @@ def _postgres_insert_new(table: Any) -> Insert:
     return pg_insert(table).on_conflict_do_nothing().returning(*table.primary_key.columns)
 
 
+def _sqlite_put_new(connection: Connection, table: Any, rows: Sequence[dict[str, Any]]) -> int:
+    """``put_new`` as one executemany of tuples in the transaction, without SQLAlchemy's
+    per-row parameter processing (which cost more than SQLite's insert itself: issue 18)."""
+    columns = list(table.c.keys())
+    statement = (
+        f"INSERT OR IGNORE INTO {table.name} ({', '.join(columns)}) "
+        f"VALUES ({', '.join('?' * len(columns))})"
+    )
+    kept = 0
+    for part in _chunks(rows, WRITE_BATCH):
+        # exec_driver_sql passes the tuples straight to executemany, and still turns the
+        # driver's errors into SQLAlchemy's (which the retries and the store's errors know).
+        result = connection.exec_driver_sql(
+            statement, [tuple(row[c] for c in columns) for row in part]
+        )
+        kept += len(part) - result.rowcount
+    return kept
+
+
 class SQLiteShardTable(ShardTable):
     """A model shard in its own SQLite file."""
 
     _insert_new = staticmethod(_sqlite_insert_new)
+
+    def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+        return _sqlite_put_new(connection, self.embedding, rows)
 
 
 class PostgresShardTable(ShardTable):
@@ -260,9 +288,22 @@ class PostgresShardTable(ShardTable):
 
 
 class SQLiteTextTable(TextTable):
-    """The texts in ``hashstring.db``."""
+    """The texts in ``hashstring.db``. Removals are counted in the file's ``user_version``
+    (a header field: no table, no migration), in the transaction that deletes."""
 
     _insert_new = staticmethod(_sqlite_insert_new)
+
+    def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+        return _sqlite_put_new(connection, self.hashstring, rows)
+
+    def delete(self, connection: Connection, keys: Sequence[bytes]) -> None:
+        super().delete(connection, keys)
+        removals = self.removals(connection) or 0
+        # PRAGMA takes no bound parameter; the value is an int read from the file.
+        connection.exec_driver_sql(f"PRAGMA user_version = {(removals + 1) % (1 << 31)}")
+
+    def removals(self, connection: Connection) -> int | None:
+        return int(connection.exec_driver_sql("PRAGMA user_version").scalar_one())
 
 
 class PostgresTextTable(TextTable):
