@@ -25,7 +25,14 @@ RESULTS = ROOT / "benchmarks" / "results.json"
 
 
 def _suites() -> dict[str, Callable[[Path, bool], list[Result]]]:
-    from . import bench_alternatives, bench_compute, bench_concurrency, bench_hits, bench_remote
+    from . import (
+        bench_alternatives,
+        bench_compute,
+        bench_concurrency,
+        bench_hits,
+        bench_remote,
+        bench_storage,
+    )
 
     return {
         "hits": bench_hits.warm_hits,
@@ -35,6 +42,9 @@ def _suites() -> dict[str, Callable[[Path, bool], list[Result]]]:
         "remote": bench_remote.remote,
         "concurrency": bench_concurrency.readers_beside_a_writer,
         "growth": bench_hits.growth,
+        "writes": bench_storage.writes,
+        "readonly": bench_storage.read_only,
+        "postgres": bench_storage.postgres,
     }
 
 

@@ -38,6 +38,7 @@ from .keys import keys_of
 from .models import ModelSpec
 from .storage import Lookup, Store
 from .storage.evict import PruneReport, prune
+from .storage.store import ReadOnlyStorageError
 
 if TYPE_CHECKING:
     from .engines.backend import BackendEngine
@@ -362,6 +363,8 @@ class Pipeline:
         worked before in this cache (a fault that came up, which may pass). A storage that never
         worked is more likely misconfigured (a wrong URL or password, a read-only directory):
         that is an error to fix. A shard of another model or dimension is always an error."""
+        if isinstance(exc, ReadOnlyStorageError):
+            return True  # a cache on read-only media serves its hits; misses are computed
         return self.storage_worked and not isinstance(
             exc, (ShardMismatchError, DimensionMismatchError)
         )

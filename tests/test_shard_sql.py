@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 import embeddingcache
 
@@ -72,3 +75,44 @@ def test_no_module_outside_storage_speaks_to_a_database() -> None:
             for alias in node.names
         }
         assert not roots & {"sqlalchemy", "sqlite3", "psycopg"}, name
+
+
+def test_each_backend_has_its_own_tables_and_put_new_reports_the_rows_it_kept(
+    any_store: Any, storage: dict[str, Any]
+) -> None:
+    from embeddingcache.keys import key_of
+    from embeddingcache.storage import tables
+    from embeddingcache.storage.sqlite import write_transaction
+
+    store = any_store
+    store.put("m", [key_of("a")], ["a"], np.ones((1, 3), np.float32))
+    place = store.layout.shard_place("m")
+    table = tables.shard_table(place)
+    texts = tables.text_table(store.layout.text_place())
+    sqlite = "cache_dir" in storage
+    assert isinstance(table, tables.SQLiteShardTable if sqlite else tables.PostgresShardTable)
+    assert isinstance(texts, tables.SQLiteTextTable if sqlite else tables.PostgresTextTable)
+    new = {"vector": np.zeros(3, np.float32).tobytes(), "created_at": 1, "last_used": 1}
+    rows = [{"hashid": key_of(t), **new} for t in ("a", "b", "c")]
+    with write_transaction(place.engine) as connection:
+        assert table.put_new(connection, rows) == 1  # "a" was stored: kept as it was
+    with write_transaction(place.engine) as connection:
+        assert table.put_new(connection, rows) == 3
+    with place.engine.connect() as connection:
+        stored = {bytes(k): v for k, v, _ in table.get(connection, [key_of("a"), key_of("b")])}
+        assert stored[key_of("a")] == np.ones(3, np.float32).tobytes()
+        assert [k for k, _ in table.after(connection, b"", 10)] == sorted(stored | {key_of("c"): 0})
+        assert next(k for _, _, k in table.by_use(connection)) in (key_of("b"), key_of("c"))
+    with write_transaction(place.engine) as connection:
+        table.delete(connection, [key_of("b")])
+    with place.engine.connect() as connection:
+        assert table.count(connection) == 2
+    text_rows = [{"hashid": key_of(t), "text": t} for t in ("a", "b")]
+    with write_transaction(store.layout.text_place().engine) as connection:
+        assert texts.put_new(connection, text_rows) == 1
+    with write_transaction(store.layout.text_place().engine) as connection:
+        before = texts.removals(connection)
+        texts.delete(connection, [key_of("b")])
+        after = texts.removals(connection)
+    # SQLite counts removals, so a writer learns a prune took texts; Postgres keeps no count.
+    assert (before is not None and after == before + 1) if sqlite else before is after is None

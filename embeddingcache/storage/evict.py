@@ -22,7 +22,7 @@ from .layout import ShardPlace, SQLiteLayout
 from .retry import retry_write
 from .sqlite import SHARD_PAGE_SIZE, compact, write_transaction
 from .store import Store
-from .tables import READ_CHUNK, ShardTable, TextTable
+from .tables import READ_CHUNK, shard_table, text_table
 
 __all__ = ["PruneReport", "prune"]
 
@@ -203,7 +203,7 @@ def _shards(store: Store) -> list[_Shard]:
     for place in store.layout.shard_places():
         if not store.exists(place):
             continue
-        table = ShardTable(place)
+        table = shard_table(place)
         with place.engine.connect() as connection:
             info = table.info(connection)
             entries = table.count(connection)
@@ -231,7 +231,7 @@ def _estimate(shards: Sequence[_Shard], chosen: dict[str, list[bytes]], share: f
 
 def _unused_since(place: ShardPlace, cutoff: int) -> list[bytes]:
     with place.engine.connect() as connection:
-        return ShardTable(place).unused_since(connection, cutoff)
+        return shard_table(place).unused_since(connection, cutoff)
 
 
 def _least_recently_used(
@@ -264,12 +264,12 @@ def _least_recently_used(
 
 def _by_use(shard: _Shard) -> Generator[tuple[int, int, str, bytes], None, None]:
     with shard.place.engine.connect() as connection:
-        for last_used, created_at, key in ShardTable(shard.place).by_use(connection):
+        for last_used, created_at, key in shard_table(shard.place).by_use(connection):
             yield last_used, created_at, shard.model, key
 
 
 def _delete(shard: _Shard, keys: Sequence[bytes]) -> None:
-    table = ShardTable(shard.place)
+    table = shard_table(shard.place)
     # One short transaction per chunk: a writer waits for the lock a moment only.
     for start in range(0, len(keys), READ_CHUNK):
         part = list(keys[start : start + READ_CHUNK])
@@ -288,7 +288,7 @@ def _empty(store: Store, shard: _Shard) -> None:
 
     def run() -> None:
         with write_transaction(shard.place.engine) as connection:
-            ShardTable(shard.place).empty(connection)
+            shard_table(shard.place).empty(connection)
 
     retry_write(run)
     store.forget(shard.model)
@@ -300,7 +300,7 @@ def _drop_orphan_texts(store: Store, candidates: Sequence[bytes] | None) -> int:
     if not store.exists(place):
         return 0
     shards = [p for p in store.layout.shard_places() if store.exists(p)]
-    table = TextTable(place)
+    table = text_table(place)
     removed = 0
     for keys in _chunks(store, candidates):
         referred = _referred(shards, keys)
@@ -325,7 +325,7 @@ def _referred(shards: Sequence[ShardPlace], keys: list[bytes]) -> set[bytes]:
     referred: set[bytes] = set()
     for shard in shards:
         with shard.engine.connect() as connection:
-            referred |= ShardTable(shard).holding(connection, keys)
+            referred |= shard_table(shard).holding(connection, keys)
     return referred
 
 
@@ -337,7 +337,7 @@ def _chunks(store: Store, candidates: Sequence[bytes] | None) -> Iterator[list[b
     # Every text, in key order, a chunk at a time (keyset pagination: the deletes between
     # chunks do not shift it).
     place = store.layout.text_place()
-    table = TextTable(place)
+    table = text_table(place)
     last = b""
     while True:
         with place.engine.connect() as connection:

@@ -27,7 +27,7 @@ from ..errors import InvalidInputError
 from ..keys import check_model_name, model_slug
 from ..models import catalog_name
 from .schema import embedding_table, hashstring_table, model_info_table
-from .sqlite import SHARD_PAGE_SIZE, Reader, sqlite_engine
+from .sqlite import SHARD_PAGE_SIZE, Reader, is_read_only, sqlite_engine
 
 __all__ = [
     "Layout",
@@ -90,6 +90,7 @@ class Layout(Protocol):
     def live_bytes(self, place: Place) -> int: ...
     def prepare(self) -> None: ...
     def reader(self, place: ShardPlace) -> Reader | None: ...
+    def read_only(self, place: Place) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -100,6 +101,7 @@ class SQLiteLayout:
         self.directory = directory
         self._engines: dict[Path, Engine] = {}
         self._readers: dict[Path, Reader] = {}
+        self._read_only: dict[Path, bool] = {}
         self._lock = threading.Lock()
 
     def describe(self) -> str:
@@ -153,8 +155,22 @@ class SQLiteLayout:
         with self._lock:
             engine = self._engines.get(path)
             if engine is None:
-                engine = self._engines[path] = sqlite_engine(path, page_size=page_size)
+                engine = self._engines[path] = sqlite_engine(
+                    path, page_size=page_size, read_only=self._read_only_path(path)
+                )
             return engine
+
+    def _read_only_path(self, path: Path) -> bool:
+        # Decided once per file and process, when its engine is made: a cache baked into an
+        # image or on a shared mount stays read-only for the process's life.
+        found = self._read_only.get(path)
+        if found is None:
+            found = self._read_only[path] = is_read_only(path)
+        return found
+
+    def read_only(self, place: Place) -> bool:
+        """Whether this process can only read the place's file (see ``sqlite.is_read_only``)."""
+        return place.path is not None and self._read_only_path(place.path)
 
     def reader(self, place: ShardPlace) -> Reader | None:
         """The plain sqlite3 reader of a shard file (the hit path)."""
@@ -163,7 +179,9 @@ class SQLiteLayout:
         with self._lock:
             reader = self._readers.get(place.path)
             if reader is None:
-                reader = self._readers[place.path] = Reader(place.path, place.embedding.name)
+                reader = self._readers[place.path] = Reader(
+                    place.path, place.embedding.name, read_only=self._read_only_path(place.path)
+                )
             return reader
 
     def close(self) -> None:
@@ -255,6 +273,9 @@ class ServerLayout:
 
     def reader(self, place: ShardPlace) -> Reader | None:
         return None  # Postgres: the round trip dominates, SQLAlchemy's cost does not
+
+    def read_only(self, place: Place) -> bool:
+        return False  # a database refuses a write with its own error
 
     def close(self) -> None:
         self.engine.dispose()

@@ -4,6 +4,7 @@ moving an unreadable file aside."""
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -23,7 +24,9 @@ __all__ = [
     "Reader",
     "compact",
     "is_not_a_database",
+    "is_read_only",
     "move_aside",
+    "read_only_uri",
     "sqlite_engine",
     "write_transaction",
 ]
@@ -46,22 +49,63 @@ WRITE = "embeddingcache_write"
 READER_MMAP_BYTES = 1 << 32
 
 
-def sqlite_engine(path: Path, *, page_size: int | None = None) -> Engine:
+def is_read_only(path: Path) -> bool:
+    """Whether this process cannot write a SQLite file or the files beside it: a read-only
+    file system (``access`` says so even to root), or permission bits that forbid it. SQLite
+    in WAL mode writes ``-wal`` and ``-shm`` files beside the database, even to read it,
+    so a directory it cannot write is read-only too."""
+    directory = path.parent
+    if not directory.is_dir():
+        return False  # nothing there yet: a write creates it
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return True
+    return path.exists() and not os.access(path, os.W_OK)
+
+
+def read_only_uri(path: Path) -> str:
+    """The URI that opens a SQLite file that cannot be written, creating nothing beside it.
+
+    With no write-ahead log left beside it the file is all there is: ``immutable`` reads it
+    without the shared-memory file (which could not be created). A log that is there holds
+    committed rows, so it is read with the file, through the ``-shm`` file beside it.
+    """
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        return path.as_uri() + "?mode=ro"
+    return path.as_uri() + "?mode=ro&immutable=1"
+
+
+def sqlite_engine(path: Path, *, page_size: int | None = None, read_only: bool = False) -> Engine:
     """An engine over one SQLite file, in WAL mode, with a busy timeout.
 
     Reads run in autocommit mode (each SELECT is its own snapshot and takes no lock beyond it).
     A connection with the ``embeddingcache_write`` execution option begins with
     ``BEGIN IMMEDIATE``: it takes the write lock before reading anything, so two writers queue
     on the busy timeout instead of failing to upgrade a read lock.
+
+    ``read_only`` opens the file as `read_only_uri` says, and sets no pragma that writes: on
+    a read-only medium, setting WAL mode alone fails (issue 18).
     """
-    url = URL.create("sqlite", database=str(path))
-    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
+    if read_only:
+
+        def _connect() -> sqlite3.Connection:
+            return sqlite3.connect(
+                read_only_uri(path), uri=True, timeout=BUSY_TIMEOUT_S, check_same_thread=False
+            )
+
+        engine = create_engine("sqlite://", creator=_connect)
+    else:
+        url = URL.create("sqlite", database=str(path))
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_S})
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we say BEGIN ourselves, see _on_begin
         cursor = dbapi_connection.cursor()
         try:
+            if read_only:
+                cursor.execute("PRAGMA query_only = 1")
+                return
             if page_size is not None:
                 cursor.execute(f"PRAGMA page_size = {int(page_size)}")
             cursor.execute("PRAGMA journal_mode = WAL")
@@ -175,8 +219,9 @@ class Reader:
     wait for a writer either.
     """
 
-    def __init__(self, path: Path, table: str) -> None:
+    def __init__(self, path: Path, table: str, *, read_only: bool = False) -> None:
         self.path = path
+        self.read_only = read_only  # see read_only_uri
         self._table = table
         self._queries: dict[int, str] = {}
         self._local = threading.local()
@@ -219,8 +264,9 @@ class Reader:
         entry: _Connection | None = getattr(local, "entry", None)
         if entry is None or entry.closed or local.generation != self._generation:
             # mode=rw: a shard removed meanwhile is an error here, never a new empty file.
+            uri = read_only_uri(self.path) if self.read_only else self.path.as_uri() + "?mode=rw"
             opened = sqlite3.connect(
-                self.path.as_uri() + "?mode=rw",
+                uri,
                 uri=True,
                 timeout=BUSY_TIMEOUT_S,
                 isolation_level=None,

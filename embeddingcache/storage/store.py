@@ -34,9 +34,17 @@ from . import migrate, tables
 from .layout import Layout, Place, ShardPlace
 from .retry import retry_write
 from .sqlite import Reader, is_not_a_database, move_aside, write_transaction
-from .tables import READ_CHUNK, WRITE_BATCH, ShardTable, TextTable
+from .tables import READ_CHUNK, WRITE_BATCH, ShardTable, shard_table, text_table
 
-__all__ = ["READ_CHUNK", "WRITE_BATCH", "Lookup", "ModelInfo", "ShardSummary", "Store"]
+__all__ = [
+    "READ_CHUNK",
+    "WRITE_BATCH",
+    "Lookup",
+    "ModelInfo",
+    "ReadOnlyStorageError",
+    "ShardSummary",
+    "Store",
+]
 
 logger = logging.getLogger("embeddingcache.storage")
 
@@ -68,6 +76,11 @@ def _forget_use_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_use_after_fork)
+
+
+class ReadOnlyStorageError(StorageError):
+    """The cache's files cannot be written here (a read-only mount, a cache baked into an
+    image): hits are served, nothing is stored, and a call computes its misses."""
 
 
 @dataclass(frozen=True)
@@ -219,9 +232,9 @@ class Store:
             StorageError: the shard or the texts could not be read.
         """
         place = self.layout.shard_place(model)
-        table = ShardTable(place)
+        table = shard_table(place)
         text_place = self.layout.text_place()
-        texts = TextTable(text_place)
+        texts = text_table(text_place)
         # Brings the text table to the current schema, or says it is not there (0 texts)
         # without creating it: reading all of a shard only reads.
         have_texts = self.text_count() > 0
@@ -242,7 +255,7 @@ class Store:
             if not self._ready(place, create=False):
                 return 0
             with place.engine.connect() as connection:
-                return TextTable(place).count(connection)
+                return text_table(place).count(connection)
         except sa_exc.SQLAlchemyError as exc:
             raise self._error("cannot read the texts", exc) from exc
 
@@ -265,7 +278,7 @@ class Store:
             try:
                 if not self._ready(place, create=False):
                     continue
-                table = ShardTable(place)
+                table = shard_table(place)
                 with place.engine.connect() as connection:
                     row = table.info(connection)
                     entries = table.count(connection)
@@ -341,6 +354,8 @@ class Store:
             self._flushing.release()
 
     def _write_use(self, model: str, use: _Use, now: int) -> None:
+        if self.layout.read_only(self.layout.shard_place(model)):
+            return  # a read-only cache records no use: it is never modified
         shard = self._open_shard(model)
         if shard is None:
             # Its first vectors are on their way (a call counts before it computes): the
@@ -377,7 +392,8 @@ class Store:
         Keys in ``replace`` are overwritten: their stored vectors were found damaged.
         Texts go in first: a crash between the two transactions leaves a text without a
         vector (a miss, recomputed), never a vector without its text; and once more after
-        the vectors, in case a prune took them in between. Rows go in write transactions of
+        the vectors if a prune took texts in between (on SQLite, where the texts' file counts
+        its removals, only then; on Postgres always). Rows go in write transactions of
         ``WRITE_BATCH``, so a writer holds the SQLite lock for a short while only, however
         many rows a call stores.
 
@@ -389,6 +405,9 @@ class Store:
         if not keys:
             return
         matrix = _checked_matrix(vectors, len(keys))
+        for place in (self.layout.text_place(), self.layout.shard_place(model)):
+            if self.layout.read_only(place):
+                self._ready_read_only(place, None, create=True)  # raises
         batch = tables.WRITE_BATCH
         if len(keys) > batch:
             for start in range(0, len(keys), batch):
@@ -410,27 +429,37 @@ class Store:
             for k, b in zip(keys, blobs, strict=True)
         ]
         try:
-            retry_write(lambda: self._put_texts(text_rows))
+            removals = retry_write(lambda: self._put_texts(text_rows))
             retry_write(lambda: self._put_vectors(model, matrix.shape[1], vector_rows, replace))
-            # Again, now that the vectors are in: a prune that removed texts without a vector
-            # between the two transactions removed these (its check and its delete are one
+            # Again, now that the vectors are in, if a prune removed texts between the two
+            # transactions: it may have removed these (its check and its delete are one
             # transaction, so the texts are either seen with their vectors or put back here).
-            retry_write(lambda: self._put_texts(text_rows))
+            # Where the backend counts removals, this is one read under the texts' write lock
+            # (which waits for a prune at work); elsewhere every text is put again.
+            retry_write(lambda: self._put_texts(text_rows, unless_removals=removals))
         except sa_exc.SQLAlchemyError as exc:
             raise self._error("cannot write to the cache", exc) from exc
 
-    def _put_texts(self, rows: list[dict[str, Any]]) -> None:
+    def _put_texts(
+        self, rows: list[dict[str, Any]], *, unless_removals: int | None = None
+    ) -> int | None:
+        """Store text rows, unless ``unless_removals`` says no text was removed since; the
+        texts' removal count (see ``TextTable.removals``)."""
         place = self.layout.text_place()
         self._ready(place, create=True)
+        table = text_table(place)
         with write_transaction(place.engine) as connection:
-            TextTable(place).put_new(connection, rows)
+            removals = table.removals(connection)
+            if unless_removals is None or removals != unless_removals:
+                table.put_new(connection, rows)
+            return removals
 
     def _put_vectors(
         self, model: str, dimension: int, rows: list[dict[str, Any]], replace: Sequence[bytes]
     ) -> None:
         place = self.layout.shard_place(model)
         self._ready(place, create=True)
-        table = ShardTable(place)
+        table = shard_table(place)
         with write_transaction(place.engine) as connection:
             info = _ensure_info(connection, table, model, dimension)
             if replace:
@@ -446,7 +475,7 @@ class Store:
         if shard is not None and shard.info is not None:
             return shard
         place = self.layout.shard_place(model)
-        table = ShardTable(place)
+        table = shard_table(place)
         try:
             if not self._ready(place, create=False):
                 return None
@@ -474,6 +503,8 @@ class Store:
             return True
         if not self.layout.may_exist(place) and not create:
             return False
+        if self.layout.read_only(place):
+            return self._ready_read_only(place, token, create=create)
         if create:
             self.layout.prepare()
         try:
@@ -489,6 +520,26 @@ class Store:
         if ready:
             self._prepared.add(token)
         return ready
+
+    def _ready_read_only(self, place: Place, token: object, *, create: bool) -> bool:
+        """`_ready` for a file this process cannot write: it is read as it is, or not at all."""
+        if create:
+            raise ReadOnlyStorageError(
+                f"the cache at {self.layout.describe()} is read-only ({place.name} cannot be "
+                "written): nothing was stored"
+            )
+        if not self.layout.may_exist(place):
+            return False
+        with place.engine.connect() as connection:
+            current = migrate.state(connection, place)
+        if current == "old":
+            raise ReadOnlyStorageError(
+                f"{place.name} in the read-only cache at {self.layout.describe()} has an older "
+                "schema; open it once where it can be written to upgrade it"
+            )
+        if current == "head":
+            self._prepared.add(token)
+        return current == "head"
 
     def exists(self, place: Place) -> bool:
         """Whether a place holds tables (brought to the current schema if it does)."""

@@ -3,7 +3,9 @@
 The store, eviction, export and import, and the SQLite hit path all reach the tables through
 `ShardTable` (a model shard's ``embedding`` and ``model_info``) and `TextTable` (``hashstring``):
 nothing outside this module writes SQL against them, and a new shard layout changes this module
-and ``layout.py`` only. Each method runs on a connection its caller holds, so the caller decides
+and ``layout.py`` only. Each backend implements both (`SQLiteShardTable`, `PostgresShardTable`,
+and their text tables), from the statements they share; `shard_table` and `text_table` pick the
+one of a place. Each method runs on a connection its caller holds, so the caller decides
 what one transaction covers; keys go in chunks of ``READ_CHUNK`` (``IN (...)`` lists) and rows in
 writes of ``WRITE_BATCH``.
 
@@ -17,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.dml import Insert
 
 from ..errors import StorageError
@@ -25,7 +29,19 @@ from ..errors import StorageError
 if TYPE_CHECKING:
     from .layout import ShardPlace, TextPlace
 
-__all__ = ["READ_CHUNK", "WRITE_BATCH", "ShardTable", "TextTable", "sqlite_get_sql"]
+__all__ = [
+    "READ_CHUNK",
+    "WRITE_BATCH",
+    "PostgresShardTable",
+    "PostgresTextTable",
+    "SQLiteShardTable",
+    "SQLiteTextTable",
+    "ShardTable",
+    "TextTable",
+    "shard_table",
+    "sqlite_get_sql",
+    "text_table",
+]
 
 # Keys per SELECT ... IN (...): well under SQLite's 32,766 bound parameters and Postgres's
 # 65,535, and large enough that the per-query cost vanishes next to the rows.
@@ -44,40 +60,29 @@ def _keys_in(column: Any) -> Any:
     return column.in_(bindparam("keys", expanding=True))
 
 
-def insert_ignore(connection: Connection, table: Any) -> Insert:
-    """An INSERT that skips rows whose key is already stored, in the dialect's words."""
-    dialect = connection.dialect.name
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert(table).on_conflict_do_nothing()
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(table).on_conflict_do_nothing()
-    if dialect in ("mysql", "mariadb"):
-        return insert(table).prefix_with("IGNORE")
-    raise StorageError(f"unsupported database dialect {dialect!r}")
-
-
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def _put_new(connection: Connection, table: Any, rows: Sequence[dict[str, Any]]) -> int:
-    """Insert the rows whose key is not stored yet; how many were already there."""
+def _put_new(connection: Connection, statement: Insert, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert the rows whose key is not stored yet (``statement`` skips the others); how many
+    were already there."""
     kept = 0
-    statement = insert_ignore(connection, table)
     for part in _chunks(rows, WRITE_BATCH):
-        inserted = connection.execute(statement, list(part)).rowcount
+        result = connection.execute(statement, list(part))
+        # Postgres counts no executemany: its inserts return the keys they stored instead.
+        inserted = len(result.all()) if result.returns_rows else result.rowcount
         # A driver that cannot count an executemany says -1: no conflict is reported then.
         kept += len(part) - inserted if inserted >= 0 else 0
     return kept
 
 
 class ShardTable:
-    """The statements against one model shard: its vectors and its model row."""
+    """The statements against one model shard: its vectors and its model row.
+
+    A backend's subclass says how an insert skips a key already stored (``_insert_new``).
+    """
 
     def __init__(self, place: ShardPlace) -> None:
         self.place = place
@@ -88,6 +93,12 @@ class ShardTable:
         )
         self._holding = select(table.c.hashid).where(_keys_in(table.c.hashid))
         self._delete = delete(table).where(_keys_in(table.c.hashid))
+        self._put = self._insert_new(table)
+        self._claim = self._insert_new(self.model_info)
+
+    @staticmethod
+    def _insert_new(table: Any) -> Insert:
+        raise NotImplementedError
 
     def get(self, connection: Connection, keys: Sequence[bytes]) -> list[Any]:
         """``(hashid, vector, last_used)`` of the stored ``keys``, in no particular order."""
@@ -105,7 +116,7 @@ class ShardTable:
 
     def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
         """Store vector rows, keeping any already stored under their key; how many were."""
-        return _put_new(connection, self.embedding, rows)
+        return _put_new(connection, self._put, rows)
 
     def delete(self, connection: Connection, keys: Sequence[bytes]) -> None:
         for part in _chunks(keys, READ_CHUNK):
@@ -174,7 +185,7 @@ class ShardTable:
         shard at this moment: insert-or-ignore, then read back whoever won."""
         found = self.info(connection)
         if found is None:
-            connection.execute(insert_ignore(connection, self.model_info), {"id": 1, **row})
+            connection.execute(self._claim, {"id": 1, **row})
             found = connection.execute(select(self.model_info)).one()
         return found
 
@@ -186,18 +197,25 @@ class ShardTable:
 
 
 class TextTable:
-    """The statements against the texts: key to the exact string it was computed from."""
+    """The statements against the texts: key to the exact string it was computed from.
+
+    A backend's subclass says how an insert skips a key already stored (``_insert_new``).
+    """
 
     def __init__(self, place: TextPlace) -> None:
         self.place = place
         self.hashstring = table = place.hashstring
         self._texts = select(table.c.hashid, table.c.text).where(_keys_in(table.c.hashid))
         self._delete = delete(table).where(_keys_in(table.c.hashid))
+        self._put = self._insert_new(table)
+
+    @staticmethod
+    def _insert_new(table: Any) -> Insert:
+        raise NotImplementedError
 
     def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
-        if connection.dialect.name == "postgresql":
-            rows = [_without_nul(row) for row in rows]
-        return _put_new(connection, self.hashstring, rows)
+        """Store text rows, keeping any already stored under their key; how many were."""
+        return _put_new(connection, self._put, rows)
 
     def texts(self, connection: Connection, keys: Sequence[bytes]) -> dict[bytes, str]:
         found: dict[bytes, str] = {}
@@ -217,8 +235,101 @@ class TextTable:
         for part in _chunks(keys, READ_CHUNK):
             connection.execute(self._delete, {"keys": list(part)})
 
+    def removals(self, connection: Connection) -> int | None:
+        """A number that changes whenever ``delete`` removes texts, or ``None`` where the
+        backend keeps none: a writer reads it before and after storing vectors, to learn
+        whether a prune may have removed the texts it stored first."""
+        return None
+
     def count(self, connection: Connection) -> int:
         return int(connection.scalar(select(func.count()).select_from(self.hashstring)) or 0)
+
+
+def _sqlite_insert_new(table: Any) -> Insert:
+    return sqlite_insert(table).on_conflict_do_nothing()  # INSERT ... ON CONFLICT DO NOTHING
+
+
+def _postgres_insert_new(table: Any) -> Insert:
+    return pg_insert(table).on_conflict_do_nothing().returning(*table.primary_key.columns)
+
+
+def _sqlite_put_new(connection: Connection, table: Any, rows: Sequence[dict[str, Any]]) -> int:
+    """``put_new`` as one executemany of tuples in the transaction, without SQLAlchemy's
+    per-row parameter processing (which cost more than SQLite's insert itself: issue 18)."""
+    columns = list(table.c.keys())
+    statement = (
+        f"INSERT OR IGNORE INTO {table.name} ({', '.join(columns)}) "
+        f"VALUES ({', '.join('?' * len(columns))})"
+    )
+    kept = 0
+    for part in _chunks(rows, WRITE_BATCH):
+        # exec_driver_sql passes the tuples straight to executemany, and still turns the
+        # driver's errors into SQLAlchemy's (which the retries and the store's errors know).
+        result = connection.exec_driver_sql(
+            statement, [tuple(row[c] for c in columns) for row in part]
+        )
+        kept += len(part) - result.rowcount
+    return kept
+
+
+class SQLiteShardTable(ShardTable):
+    """A model shard in its own SQLite file."""
+
+    _insert_new = staticmethod(_sqlite_insert_new)
+
+    def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+        return _sqlite_put_new(connection, self.embedding, rows)
+
+
+class PostgresShardTable(ShardTable):
+    """A model shard in its own Postgres schema."""
+
+    _insert_new = staticmethod(_postgres_insert_new)
+
+
+class SQLiteTextTable(TextTable):
+    """The texts in ``hashstring.db``. Removals are counted in the file's ``user_version``
+    (a header field: no table, no migration), in the transaction that deletes."""
+
+    _insert_new = staticmethod(_sqlite_insert_new)
+
+    def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+        return _sqlite_put_new(connection, self.hashstring, rows)
+
+    def delete(self, connection: Connection, keys: Sequence[bytes]) -> None:
+        super().delete(connection, keys)
+        removals = self.removals(connection) or 0
+        # PRAGMA takes no bound parameter; the value is an int read from the file.
+        connection.exec_driver_sql(f"PRAGMA user_version = {(removals + 1) % (1 << 31)}")
+
+    def removals(self, connection: Connection) -> int | None:
+        return int(connection.exec_driver_sql("PRAGMA user_version").scalar_one())
+
+
+class PostgresTextTable(TextTable):
+    """The texts in the ``embeddingcache`` schema. Postgres text cannot hold NUL."""
+
+    _insert_new = staticmethod(_postgres_insert_new)
+
+    def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+        return super().put_new(connection, [_without_nul(row) for row in rows])
+
+
+def _dialect(place: ShardPlace | TextPlace) -> str:
+    name = place.engine.dialect.name
+    if name not in ("sqlite", "postgresql"):
+        raise StorageError(f"unsupported database dialect {name!r}: SQLite or PostgreSQL only")
+    return name
+
+
+def shard_table(place: ShardPlace) -> ShardTable:
+    """The shard table of a place, for its backend."""
+    return SQLiteShardTable(place) if _dialect(place) == "sqlite" else PostgresShardTable(place)
+
+
+def text_table(place: TextPlace) -> TextTable:
+    """The text table of a place, for its backend."""
+    return SQLiteTextTable(place) if _dialect(place) == "sqlite" else PostgresTextTable(place)
 
 
 def _without_nul(row: dict[str, Any]) -> dict[str, Any]:

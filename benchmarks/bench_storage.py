@@ -1,0 +1,237 @@
+"""Storage at full speed and in hard places (issue 18): writes against raw sqlite3, hits from
+a read-only mount, and the Postgres read path against raw psycopg."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from embeddingcache import EmbeddingCache
+
+from .common import (
+    DIM,
+    MODEL,
+    Result,
+    fill,
+    median,
+    percentile,
+    random_vectors,
+    sentences,
+    timings,
+)
+
+N_WRITE = 20_000
+N_PG = 20_000
+PG_ENV = "EMBEDDING_CACHE_TEST_DB_URL"
+
+
+def _keys(texts: list[str]) -> list[bytes]:
+    return [hashlib.sha512(t.encode()).digest() for t in texts]
+
+
+def _raw_sqlite_insert(directory: Path, texts: list[str], vectors: np.ndarray) -> float:
+    """Seconds for hand-written sqlite3 to store the rows in the same two tables, each file
+    in WAL mode, one transaction and one executemany INSERT OR IGNORE per table."""
+    directory.mkdir(parents=True)
+    keys = _keys(texts)
+    now = int(time.time())
+    started = time.perf_counter()
+    texts_db = sqlite3.connect(directory / "hashstring.db", isolation_level=None)
+    shard = sqlite3.connect(directory / "shard.db", isolation_level=None)
+    for connection in (texts_db, shard):
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA synchronous = NORMAL")
+    texts_db.execute("CREATE TABLE hashstring (hashid BLOB PRIMARY KEY, text TEXT NOT NULL)")
+    shard.execute(
+        "CREATE TABLE embedding (hashid BLOB PRIMARY KEY, vector BLOB NOT NULL, "
+        "created_at INTEGER NOT NULL, last_used INTEGER NOT NULL)"
+    )
+    texts_db.execute("BEGIN")
+    texts_db.executemany(
+        "INSERT OR IGNORE INTO hashstring VALUES (?, ?)", zip(keys, texts, strict=True)
+    )
+    texts_db.execute("COMMIT")
+    shard.execute("BEGIN")
+    shard.executemany(
+        "INSERT OR IGNORE INTO embedding VALUES (?, ?, ?, ?)",
+        ((k, v.tobytes(), now, now) for k, v in zip(keys, vectors, strict=True)),
+    )
+    shard.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    texts_db.close()
+    shard.close()
+    return elapsed
+
+
+def writes(work: Path, quick: bool) -> list[Result]:
+    """Storing 20,000 new vectors through ``Store.put`` against raw sqlite3."""
+    from embeddingcache.keys import keys_of
+    from embeddingcache.storage import Store, layout_for
+
+    repeat = 3 if quick else 5
+    library, baseline = [], []
+    for run in range(repeat):
+        texts = sentences(N_WRITE, seed=100 + run)
+        vectors = random_vectors(N_WRITE, seed=100 + run)
+        keys = keys_of(texts)
+        store = Store(layout_for(work / f"writes-{run}", None))
+        store.put(MODEL, keys[:1], texts[:1], vectors[:1])  # the files exist: time rows only
+        started = time.perf_counter()
+        store.put(MODEL, keys[1:], texts[1:], vectors[1:])
+        library.append(time.perf_counter() - started)
+        store.close()
+        baseline.append(_raw_sqlite_insert(work / f"raw-writes-{run}", texts[1:], vectors[1:]))
+    lib, base = median(library), median(baseline)
+    n = N_WRITE - 1
+    return [
+        Result(
+            "10. writes",
+            f"storing {n:,} new {DIM}-d vectors with their texts: vectors/s",
+            n / lib,
+            n / base,
+            "raw sqlite3 executemany INSERT OR IGNORE, one transaction per table",
+            base / lib,
+            ">= 0.5x",
+            base / lib >= 0.5,
+            unit="vectors/s",
+            notes=[f"{lib * 1e6 / n:.1f} us per vector against raw {base * 1e6 / n:.1f} us"],
+        )
+    ]
+
+
+def read_only(work: Path, quick: bool) -> list[Result]:
+    """Warm hits from a cache on a read-only bind mount against the same files writable."""
+    source, mount = work / "ro-source", work / "ro-mount"
+    texts = sentences(N_WRITE, seed=7)
+    vectors = random_vectors(N_WRITE, seed=7)
+    fill(source, texts, vectors)
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "--bind", "-o", "ro", str(source), str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        return []  # mounting needs root (or CAP_SYS_ADMIN)
+    repeat = 5 if quick else 15
+    try:
+        measured = []
+        for directory in (mount, source):
+            with EmbeddingCache(MODEL, cache_dir=directory, remote_url=False) as cache:
+                assert (cache.get_embeddings(texts) == vectors).all()
+                measured.append(median(timings(lambda c=cache: c.get_embeddings(texts), repeat)))
+        unchanged = not any(p.name.endswith(("-wal", "-shm")) for p in source.iterdir())
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+    ro, rw = measured
+    return [
+        Result(
+            "11. read-only media",
+            f"{N_WRITE:,} warm hits from a read-only mount: vectors/s",
+            N_WRITE / ro,
+            N_WRITE / rw,
+            "the same files, writable",
+            rw / ro,
+            ">= 0.9x, no file added",
+            rw / ro >= 0.9 and unchanged,
+            unit="vectors/s",
+        )
+    ]
+
+
+def postgres(work: Path, quick: bool) -> list[Result]:
+    """The Postgres read path against raw psycopg on an open connection."""
+    url = os.environ.get(PG_ENV)
+    if not url:
+        return []
+    import psycopg
+    from sqlalchemy import create_engine, make_url, text
+
+    from embeddingcache.keys import keys_of
+    from embeddingcache.storage import Store, layout_for
+    from embeddingcache.storage.layout import server_schema
+
+    name = f"ec_bench_{os.getpid()}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    db_url = make_url(url).set(database=name)
+    try:
+        texts = sentences(N_PG, seed=9)
+        vectors = random_vectors(N_PG, seed=9)
+        store = Store(layout_for(work, db_url.render_as_string(hide_password=False)))
+        store.put(MODEL, keys_of(texts), texts, vectors)
+        store.close()
+        conninfo = db_url.set(drivername="postgresql").render_as_string(hide_password=False)
+        raw = psycopg.connect(conninfo, autocommit=True)
+        table = f"{server_schema(MODEL)}.embedding"
+        keys = _keys(texts)
+
+        def raw_lookup() -> np.ndarray:
+            blobs = []
+            for start in range(0, len(keys), 2000):
+                rows = raw.execute(
+                    f"SELECT hashid, vector FROM {table} WHERE hashid = ANY(%s)",
+                    (keys[start : start + 2000],),
+                ).fetchall()
+                blobs += [v for _, v in rows]
+            return np.frombuffer(b"".join(blobs), "<f4")
+
+        one_key = keys[1234]
+
+        def raw_one() -> bytes:
+            row = raw.execute(
+                f"SELECT vector FROM {table} WHERE hashid = %s", (one_key,), prepare=True
+            ).fetchone()
+            assert row is not None
+            return bytes(row[0])
+
+        repeat = 5 if quick else 15
+        n = 1000 if quick else 5000
+        with EmbeddingCache(
+            MODEL, db_url=db_url.render_as_string(hide_password=False), remote_url=False
+        ) as cache:
+            assert (cache.get_embeddings(texts) == vectors).all()
+            library = median(timings(lambda: cache.get_embeddings(texts), repeat))
+            baseline = median(timings(raw_lookup, repeat))
+            one = texts[1234]
+            lib_one = timings(lambda: cache.get_embeddings([one]), n, warmup=100)
+            base_one = timings(raw_one, n, warmup=100)
+        raw.close()
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+    p50, base50 = percentile(lib_one, 50), percentile(base_one, 50)
+    return [
+        Result(
+            "12. postgres warm hits",
+            f"{N_PG:,} distinct texts, {DIM}-d: vectors/s",
+            N_PG / library,
+            N_PG / baseline,
+            "raw psycopg (= ANY per 2000 keys, numpy)",
+            baseline / library,
+            ">= 0.9x",
+            baseline / library >= 0.9,
+            unit="vectors/s",
+        ),
+        Result(
+            "13. postgres one text, cached",
+            "get_embeddings([text]) latency, microseconds (p50; p99 in notes)",
+            p50 * 1e6,
+            base50 * 1e6,
+            "raw psycopg prepared single-key SELECT on an open connection",
+            p50 / base50,
+            "p50 <= 2x",
+            p50 / base50 <= 2,
+            unit="us",
+            notes=[
+                f"p99 {percentile(lib_one, 99) * 1e6:.0f} us against raw "
+                f"{percentile(base_one, 99) * 1e6:.0f} us"
+            ],
+        ),
+    ]
