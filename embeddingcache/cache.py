@@ -175,6 +175,7 @@ class EmbeddingCache:
         dtype: Dtype = "float32",
         truncate: bool = False,
         prompt_name: str | None = None,
+        prompt: str | None = None,
         output: Literal["numpy"] = "numpy",
     ) -> np.ndarray: ...
 
@@ -192,6 +193,7 @@ class EmbeddingCache:
         dtype: Dtype = "float32",
         truncate: bool = False,
         prompt_name: str | None = None,
+        prompt: str | None = None,
         output: Literal["list"],
     ) -> list[float] | list[list[float]]: ...
 
@@ -209,6 +211,7 @@ class EmbeddingCache:
         dtype: Dtype = "float32",
         truncate: bool = False,
         prompt_name: str | None = None,
+        prompt: str | None = None,
         output: Literal["torch"],
     ) -> torch.Tensor: ...
 
@@ -225,6 +228,7 @@ class EmbeddingCache:
         dtype: Dtype = "float32",
         truncate: bool = False,
         prompt_name: str | None = None,
+        prompt: str | None = None,
         output: Output = "numpy",
     ) -> np.ndarray | list[float] | list[list[float]] | torch.Tensor:
         """Embeddings of ``texts``, computed only for what the cache does not hold.
@@ -235,7 +239,9 @@ class EmbeddingCache:
         ``normalize_embeddings`` (unit length, after ``dimensions``) and ``dtype`` are applied
         on read: the stored vector is always the model's raw float32 output. ``prompt_name``
         picks one of the model's prompts (``"document"``, the default, or ``"query"`` for
-        nomic-embed-text-v2).
+        nomic-embed-text-v2); ``prompt`` gives the prefix itself instead (``""`` for none),
+        as sentence-transformers' ``encode(prompt=...)`` does. Either way the prompt is part
+        of the embedded string, hence of the key.
 
         Raises:
             InvalidInputError: a text is ``None``, empty or whitespace only (a ``ValueError``).
@@ -259,13 +265,13 @@ class EmbeddingCache:
         batch = (
             positive_int(batch_size, "batch_size") if batch_size is not None else self.batch_size
         )
-        prompt = spec.prompt(prompt_name)
+        prefix = _prompt_prefix(spec, prompt_name, prompt)
 
         normalized = list(map(norm, items))
         result, _ = self._resolve(
             spec,
             normalized,
-            prompt,
+            prefix,
             batch_size=batch,
             show_progress=show_progress,
             truncate=truncate,
@@ -813,6 +819,17 @@ def _to_torch(vectors: np.ndarray) -> torch.Tensor:
             "output='torch' needs torch: pip install torch (or embeddingcache[local])"
         ) from None
     return torch.from_numpy(vectors)
+
+
+def _prompt_prefix(spec: ModelSpec, prompt_name: str | None, prompt: str | None) -> str:
+    """The prefix embedded before each text: ``prompt`` itself, else the named prompt."""
+    if prompt is None:
+        return spec.prompt(prompt_name)
+    if not isinstance(prompt, str):
+        raise InvalidInputError(f"prompt must be a str, not {type(prompt).__name__}")
+    if prompt_name is not None:
+        raise InvalidInputError(f"pass prompt_name={prompt_name!r} or prompt={prompt!r}, not both")
+    return prompt
 
 
 def _keyed(normalized: list[str], prompt: str) -> tuple[list[str], list[bytes], dict[bytes, int]]:
