@@ -108,6 +108,7 @@ def get_embeddings(
     dtype: Dtype = "float32",
     truncate: bool = False,
     prompt_name: str | None = None,
+    prompt: str | None = None,
     output: Literal["numpy"] = "numpy",
 ) -> np.ndarray: ...
 
@@ -127,6 +128,7 @@ def get_embeddings(
     dtype: Dtype = "float32",
     truncate: bool = False,
     prompt_name: str | None = None,
+    prompt: str | None = None,
     output: Literal["list"],
 ) -> list[float] | list[list[float]]: ...
 
@@ -146,6 +148,7 @@ def get_embeddings(
     dtype: Dtype = "float32",
     truncate: bool = False,
     prompt_name: str | None = None,
+    prompt: str | None = None,
     output: Literal["torch"],
 ) -> torch.Tensor: ...
 
@@ -164,6 +167,7 @@ def get_embeddings(
     dtype: Dtype = "float32",
     truncate: bool = False,
     prompt_name: str | None = None,
+    prompt: str | None = None,
     output: Output = "numpy",
 ) -> np.ndarray | list[float] | list[list[float]] | torch.Tensor:
     """Embeddings of ``texts``: ``(n, dim)`` for a sequence, ``(dim,)`` for one ``str``.
@@ -185,6 +189,7 @@ def get_embeddings(
         dtype=dtype,
         truncate=truncate,
         prompt_name=prompt_name,
+        prompt=prompt,
         output=output,
     )
     return result

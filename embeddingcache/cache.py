@@ -25,7 +25,7 @@ from .config import (
 from .engines import EmbedOptions, EngineSettings
 from .errors import InvalidInputError
 from .keys import normalizer, validate_texts
-from .models import resolve_model
+from .models import ModelSpec, resolve_model
 from .pipeline import CHAINS, Pipeline
 from .reading import Dtype, Output, apply, read_options
 from .storage import ShardSummary, Store, layout_for
@@ -162,6 +162,7 @@ class EmbeddingCache:
         dtype: Dtype = "float32",
         truncate: bool = False,
         prompt_name: str | None = None,
+        prompt: str | None = None,
         output: Literal["numpy"] = "numpy",
     ) -> np.ndarray: ...
 
@@ -179,6 +180,7 @@ class EmbeddingCache:
         dtype: Dtype = "float32",
         truncate: bool = False,
         prompt_name: str | None = None,
+        prompt: str | None = None,
         output: Literal["list"],
     ) -> list[float] | list[list[float]]: ...
 
@@ -196,6 +198,7 @@ class EmbeddingCache:
         dtype: Dtype = "float32",
         truncate: bool = False,
         prompt_name: str | None = None,
+        prompt: str | None = None,
         output: Literal["torch"],
     ) -> torch.Tensor: ...
 
@@ -212,6 +215,7 @@ class EmbeddingCache:
         dtype: Dtype = "float32",
         truncate: bool = False,
         prompt_name: str | None = None,
+        prompt: str | None = None,
         output: Output = "numpy",
     ) -> np.ndarray | list[float] | list[list[float]] | torch.Tensor:
         """Embeddings of ``texts``, computed only for what the cache does not hold.
@@ -222,7 +226,9 @@ class EmbeddingCache:
         ``normalize_embeddings`` (unit length, after ``dimensions``) and ``dtype`` are applied
         on read: the stored vector is always the model's raw float32 output. ``prompt_name``
         picks one of the model's prompts (``"document"``, the default, or ``"query"`` for
-        nomic-embed-text-v2).
+        nomic-embed-text-v2); ``prompt`` gives the prefix itself instead (``""`` for none),
+        as sentence-transformers' ``encode(prompt=...)`` does. Either way the prompt is part
+        of the embedded string, hence of the key.
 
         Raises:
             InvalidInputError: a text is ``None``, empty or whitespace only (a ``ValueError``).
@@ -252,8 +258,8 @@ class EmbeddingCache:
                 show_progress=show_progress,
                 truncate=truncate,
             )
-        prompt = spec.prompt(prompt_name)
-        call = self.pipeline.prepare(spec, list(map(norm, items)), prompt)
+        prefix = _prompt_prefix(spec, prompt_name, prompt)
+        call = self.pipeline.prepare(spec, list(map(norm, items)), prefix)
         vectors, _ = self.pipeline.vectors(call, options=options)
         return apply(vectors, reading, model=spec.name, single=single)
 
@@ -424,3 +430,14 @@ class EmbeddingCache:
 
     def __repr__(self) -> str:
         return f"EmbeddingCache(model={self.model!r}, storage={self._store.layout.describe()!r})"
+
+
+def _prompt_prefix(spec: ModelSpec, prompt_name: str | None, prompt: str | None) -> str:
+    """The prefix embedded before each text: ``prompt`` itself, else the named prompt."""
+    if prompt is None:
+        return spec.prompt(prompt_name)
+    if not isinstance(prompt, str):
+        raise InvalidInputError(f"prompt must be a str, not {type(prompt).__name__}")
+    if prompt_name is not None:
+        raise InvalidInputError(f"pass prompt_name={prompt_name!r} or prompt={prompt!r}, not both")
+    return prompt

@@ -18,7 +18,7 @@ from typing import Any
 from langchain_core.embeddings import Embeddings
 
 from ..cache import EmbeddingCache
-from ..models import resolve_model
+from ._prompts import document_and_query_prompts
 
 __all__ = ["CachedEmbeddings"]
 
@@ -39,10 +39,7 @@ class CachedEmbeddings(Embeddings):
         self._owned = cache is None
         self.cache = cache if cache is not None else EmbeddingCache(model, **cache_options)
         self.model = model if model is not None else self.cache.model
-        prompts = resolve_model(self.model).prompts
-        # A model with no such prompts embeds documents and queries alike.
-        self.document_prompt = "document" if "document" in prompts else None
-        self.query_prompt = "query" if "query" in prompts else None
+        self.document_prompt, self.query_prompt = document_and_query_prompts(self.model)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """One vector per document, as lists of floats, in order."""
