@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
@@ -80,6 +81,13 @@ def _shard_place(engine: Engine, schema: str | None, path: Path | None, name: st
     )
 
 
+class ShardReader(Protocol):
+    """A shard's hit path outside SQLAlchemy (``sqlite.Reader``, ``postgres.PostgresReader``)."""
+
+    def rows(self, keys: Sequence[bytes], chunk: int) -> list[tuple[bytes, bytes, int]]: ...
+    def close(self) -> None: ...
+
+
 class Layout(Protocol):
     def describe(self) -> str: ...
     def text_place(self) -> TextPlace: ...
@@ -89,7 +97,7 @@ class Layout(Protocol):
     def bytes_on_disk(self, place: Place) -> int: ...
     def live_bytes(self, place: Place) -> int: ...
     def prepare(self) -> None: ...
-    def reader(self, place: ShardPlace) -> Reader | None: ...
+    def reader(self, place: ShardPlace) -> ShardReader | None: ...
     def read_only(self, place: Place) -> bool: ...
     def close(self) -> None: ...
 
@@ -228,6 +236,8 @@ class ServerLayout:
         try:
             # pre_ping replaces a connection the server dropped before it is used.
             self.engine = create_engine(self.url, pool_pre_ping=True)
+            self._readers: dict[str, ShardReader] = {}
+            self._lock = threading.Lock()
         except ImportError as exc:
             raise InvalidInputError(
                 f"no driver for {self.describe()}: pip install 'embeddingcache[postgres]'"
@@ -271,13 +281,25 @@ class ServerLayout:
     def prepare(self) -> None:
         pass
 
-    def reader(self, place: ShardPlace) -> Reader | None:
-        return None  # Postgres: the round trip dominates, SQLAlchemy's cost does not
+    def reader(self, place: ShardPlace) -> ShardReader | None:
+        """The plain psycopg reader of a shard's schema (the hit path)."""
+        from .postgres import PostgresReader
+
+        with self._lock:
+            reader = self._readers.get(place.name)
+            if reader is None:
+                table = f"{place.schema}.{place.embedding.name}"
+                reader = self._readers[place.name] = PostgresReader(self.url, table)
+            return reader
 
     def read_only(self, place: Place) -> bool:
         return False  # a database refuses a write with its own error
 
     def close(self) -> None:
+        with self._lock:
+            readers, self._readers = list(self._readers.values()), {}
+        for reader in readers:
+            reader.close()
         self.engine.dispose()
 
 
