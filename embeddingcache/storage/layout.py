@@ -19,7 +19,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from sqlalchemy import URL, Engine, MetaData, Table, create_engine, func, inspect, make_url, select
 from sqlalchemy import exc as sa_exc
@@ -29,6 +29,9 @@ from ..keys import check_model_name, model_slug
 from ..models import catalog_name
 from .schema import embedding_table, hashstring_table, model_info_table
 from .sqlite import SHARD_PAGE_SIZE, Reader, is_read_only, sqlite_engine
+
+if TYPE_CHECKING:
+    from .postgres import PostgresConnections
 
 __all__ = [
     "Layout",
@@ -237,6 +240,7 @@ class ServerLayout:
             # pre_ping replaces a connection the server dropped before it is used.
             self.engine = create_engine(self.url, pool_pre_ping=True)
             self._readers: dict[str, ShardReader] = {}
+            self._connections: PostgresConnections | None = None  # the hit path's
             self._lock = threading.Lock()
         except ImportError as exc:
             raise InvalidInputError(
@@ -283,13 +287,15 @@ class ServerLayout:
 
     def reader(self, place: ShardPlace) -> ShardReader | None:
         """The plain psycopg reader of a shard's schema (the hit path)."""
-        from .postgres import PostgresReader
+        from .postgres import PostgresConnections, PostgresReader
 
         with self._lock:
             reader = self._readers.get(place.name)
             if reader is None:
+                if self._connections is None:
+                    self._connections = PostgresConnections(self.url)
                 table = f"{place.schema}.{place.embedding.name}"
-                reader = self._readers[place.name] = PostgresReader(self.url, table)
+                reader = self._readers[place.name] = PostgresReader(self._connections, table)
             return reader
 
     def read_only(self, place: Place) -> bool:
@@ -297,9 +303,10 @@ class ServerLayout:
 
     def close(self) -> None:
         with self._lock:
-            readers, self._readers = list(self._readers.values()), {}
-        for reader in readers:
-            reader.close()
+            self._readers.clear()
+            connections, self._connections = self._connections, None
+        if connections is not None:
+            connections.close()
         self.engine.dispose()
 
 
