@@ -62,3 +62,36 @@ def test_unsupported_urls_are_refused_clearly() -> None:
         EmbeddingCache(db_url="sqlite:///x.db")
     with pytest.raises(InvalidInputError, match="unsupported database 'oracle'"):
         EmbeddingCache(db_url="oracle://u:p@host/db")
+
+
+def test_hits_read_through_prepared_statements_and_survive_a_dropped_connection(
+    pg_url: str,
+) -> None:
+    """The hit path keeps a psycopg connection per thread and prepared statements (no pool
+    checkout, no SQL compiled per call); a connection the server ends is replaced once."""
+    from sqlalchemy import create_engine, text
+
+    store = Store(layout_for(Path("unused"), pg_url))
+    keys = [key_of(t) for t in ("one", "two")]
+    store.put("m", keys, ["one", "two"], np.arange(8, dtype=np.float32).reshape(2, 4))
+    checkouts: list[object] = []
+    from sqlalchemy import event
+
+    event.listen(store.layout.engine, "checkout", lambda *args: checkouts.append(args))
+    for _ in range(3):
+        assert store.lookup("m", keys[:1]).vectors.tolist() == [[0.0, 1.0, 2.0, 3.0]]
+        assert store.lookup("m", keys).vectors.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert checkouts == []  # the hits took no connection from the pool
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        ended = connection.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND query LIKE 'SELECT hashid, vector, last_used%'"
+            )
+        ).all()
+    admin.dispose()
+    assert ended  # the reader's connection was there, and is gone now
+    assert store.lookup("m", keys).vectors.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    store.close()

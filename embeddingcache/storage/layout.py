@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 from sqlalchemy import URL, Engine, MetaData, Table, create_engine, func, inspect, make_url, select
 from sqlalchemy import exc as sa_exc
@@ -28,6 +29,9 @@ from ..keys import check_model_name, model_slug
 from ..models import catalog_name
 from .schema import embedding_table, hashstring_table, model_info_table
 from .sqlite import SHARD_PAGE_SIZE, Reader, is_read_only, sqlite_engine
+
+if TYPE_CHECKING:
+    from .postgres import PostgresConnections
 
 __all__ = [
     "Layout",
@@ -80,6 +84,13 @@ def _shard_place(engine: Engine, schema: str | None, path: Path | None, name: st
     )
 
 
+class ShardReader(Protocol):
+    """A shard's hit path outside SQLAlchemy (``sqlite.Reader``, ``postgres.PostgresReader``)."""
+
+    def rows(self, keys: Sequence[bytes], chunk: int) -> list[tuple[bytes, bytes, int]]: ...
+    def close(self) -> None: ...
+
+
 class Layout(Protocol):
     def describe(self) -> str: ...
     def text_place(self) -> TextPlace: ...
@@ -89,7 +100,7 @@ class Layout(Protocol):
     def bytes_on_disk(self, place: Place) -> int: ...
     def live_bytes(self, place: Place) -> int: ...
     def prepare(self) -> None: ...
-    def reader(self, place: ShardPlace) -> Reader | None: ...
+    def reader(self, place: ShardPlace) -> ShardReader | None: ...
     def read_only(self, place: Place) -> bool: ...
     def close(self) -> None: ...
 
@@ -228,6 +239,9 @@ class ServerLayout:
         try:
             # pre_ping replaces a connection the server dropped before it is used.
             self.engine = create_engine(self.url, pool_pre_ping=True)
+            self._readers: dict[str, ShardReader] = {}
+            self._connections: PostgresConnections | None = None  # the hit path's
+            self._lock = threading.Lock()
         except ImportError as exc:
             raise InvalidInputError(
                 f"no driver for {self.describe()}: pip install 'embeddingcache[postgres]'"
@@ -271,13 +285,28 @@ class ServerLayout:
     def prepare(self) -> None:
         pass
 
-    def reader(self, place: ShardPlace) -> Reader | None:
-        return None  # Postgres: the round trip dominates, SQLAlchemy's cost does not
+    def reader(self, place: ShardPlace) -> ShardReader | None:
+        """The plain psycopg reader of a shard's schema (the hit path)."""
+        from .postgres import PostgresConnections, PostgresReader
+
+        with self._lock:
+            reader = self._readers.get(place.name)
+            if reader is None:
+                if self._connections is None:
+                    self._connections = PostgresConnections(self.url)
+                table = f"{place.schema}.{place.embedding.name}"
+                reader = self._readers[place.name] = PostgresReader(self._connections, table)
+            return reader
 
     def read_only(self, place: Place) -> bool:
         return False  # a database refuses a write with its own error
 
     def close(self) -> None:
+        with self._lock:
+            self._readers.clear()
+            connections, self._connections = self._connections, None
+        if connections is not None:
+            connections.close()
         self.engine.dispose()
 
 

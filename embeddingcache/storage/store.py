@@ -31,9 +31,9 @@ from .._util import first_non_finite
 from .._version import __version__
 from ..errors import DimensionMismatchError, ShardMismatchError, StorageError
 from . import migrate, tables
-from .layout import Layout, Place, ShardPlace
+from .layout import Layout, Place, ShardPlace, ShardReader
 from .retry import retry_write
-from .sqlite import Reader, is_not_a_database, move_aside, write_transaction
+from .sqlite import is_not_a_database, move_aside, write_transaction
 from .tables import READ_CHUNK, WRITE_BATCH, ShardTable, shard_table, text_table
 
 __all__ = [
@@ -137,7 +137,7 @@ class ShardSummary:
 class _Shard:
     table: ShardTable
     info: ModelInfo | None
-    reader: Reader | None = None  # the SQLite hit path
+    reader: ShardReader | None = None  # the hit path, outside SQLAlchemy
 
     @property
     def place(self) -> ShardPlace:

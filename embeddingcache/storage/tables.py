@@ -38,6 +38,7 @@ __all__ = [
     "SQLiteTextTable",
     "ShardTable",
     "TextTable",
+    "postgres_get_sql",
     "shard_table",
     "sqlite_get_sql",
     "text_table",
@@ -54,6 +55,14 @@ WRITE_BATCH = 2000
 def sqlite_get_sql(table: str, n: int) -> str:
     """``get``'s statement for ``n`` keys in plain sqlite3 (the hit path, see ``sqlite.Reader``)."""
     return f"SELECT hashid, vector, last_used FROM {table} WHERE hashid IN ({','.join('?' * n)})"
+
+
+def postgres_get_sql(table: str, *, one: bool = False) -> str:
+    """``get``'s statement in plain psycopg (the hit path, see ``postgres.PostgresReader``):
+    for any number of keys, one array parameter, so that one prepared statement serves all;
+    for ``one`` key, an equality, which Postgres plans and binds faster."""
+    where = "hashid = %s" if one else "hashid = ANY(%s)"
+    return f"SELECT hashid, vector, last_used FROM {table} WHERE {where}"
 
 
 def _keys_in(column: Any) -> Any:
