@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
 from ._version import __version__
-from .cache import EmbeddingCache
+from .cache import CHUNK_TEXTS, EmbeddingCache
 from .config import (
     ENV_CACHE_DIR,
     ENV_DB_URL,
@@ -57,6 +57,7 @@ __all__ = [
     "__version__",
     "embed",
     "get_embeddings",
+    "iter_embeddings",
 ]
 
 _caches: dict[tuple[Any, ...], EmbeddingCache] = {}
@@ -206,6 +207,23 @@ def embed(
     """The embedding of a ``str`` as a list of floats, or of a sequence as a list of lists:
     `EmbeddingCache.embed` of the process-wide cache of ``cache_dir`` or ``db_url``."""
     return _shared_cache(cache_dir, db_url).embed(text_or_texts, model, **options)
+
+
+def iter_embeddings(
+    texts: Iterable[str],
+    model: str | None = None,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    db_url: str | None = None,
+    chunk_size: int = CHUNK_TEXTS,
+    **options: Any,
+) -> Iterator[np.ndarray]:
+    """Embeddings of any iterable of texts, ``(n, dim)`` arrays one chunk at a time, stored
+    as they go: `EmbeddingCache.iter_embeddings` of the process-wide cache of ``cache_dir``
+    or ``db_url``."""
+    return _shared_cache(cache_dir, db_url).iter_embeddings(
+        texts, model, chunk_size=chunk_size, **options
+    )
 
 
 def _reset_shared_caches() -> None:

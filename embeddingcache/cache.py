@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -23,7 +24,7 @@ from .config import (
     resolve_token,
 )
 from .engines import EmbedOptions, EngineSettings
-from .errors import InvalidInputError
+from .errors import InvalidInputError, InvalidInputTypeError, TextTooLongError
 from .keys import normalizer, validate_texts
 from .models import ModelSpec, resolve_model
 from .pipeline import CHAINS, Pipeline
@@ -40,6 +41,8 @@ __all__ = ["EmbeddingCache"]
 logger = logging.getLogger("embeddingcache")
 
 PROVIDERS = CHAINS  # the names fallback_providers may hold
+# Texts per chunk of iter_embeddings: a few slices of computing, a few MB of vectors.
+CHUNK_TEXTS = 10_000
 MAX_AGE_S = 1000 * 365 * 86400  # an age beyond this means "everything", and overflows dates
 
 
@@ -276,6 +279,51 @@ class EmbeddingCache:
             text_or_texts, model, **options, output="list"
         )
         return vectors
+
+    def iter_embeddings(
+        self,
+        texts: Iterable[str],
+        model: str | None = None,
+        *,
+        chunk_size: int = CHUNK_TEXTS,
+        **options: Any,
+    ) -> Iterator[np.ndarray]:
+        """Embeddings of any iterable of texts (a generator over a file, a database cursor),
+        as ``(n, dim)`` arrays in input order, ``chunk_size`` texts at a time (the last chunk
+        may be shorter). Each chunk is a `get_embeddings` call, with its ``options``: what it
+        computes is stored as it goes, and memory is bounded by the chunk, not the corpus.
+        Nothing is read from ``texts`` before the first array is asked for.
+
+        Raises:
+            InvalidInputTypeError: ``texts`` is a ``str`` (pass a list of texts).
+            InvalidInputError: ``output`` is asked for (this yields arrays), or as
+                `get_embeddings`; an error names the index in the whole input.
+            TextTooLongError, AllProvidersFailedError, StorageError: as `get_embeddings`.
+        """
+        if isinstance(texts, (str, bytes)):
+            raise InvalidInputTypeError(
+                "iter_embeddings takes an iterable of texts, not a single "
+                f"{type(texts).__name__}; for one text use get_embeddings"
+            )
+        if "output" in options:
+            raise InvalidInputError(
+                "iter_embeddings yields numpy arrays; for lists use get_embeddings(output=...)"
+            )
+        positive_int(chunk_size, "chunk_size")
+        return self._iter_chunks(iter(texts), model, chunk_size, options)
+
+    def _iter_chunks(
+        self, texts: Iterator[str], model: str | None, chunk_size: int, options: dict[str, Any]
+    ) -> Iterator[np.ndarray]:
+        done = 0
+        while chunk := list(itertools.islice(texts, chunk_size)):
+            validate_texts(chunk, offset=done)
+            try:
+                vectors: np.ndarray = self.get_embeddings(chunk, model, **options)
+            except TextTooLongError as exc:
+                raise TextTooLongError(exc.detail, index=done + exc.index) from None
+            done += len(chunk)
+            yield vectors
 
     async def aget_embeddings(
         self, texts: str | Sequence[str], model: str | None = None, **options: Any

@@ -4,14 +4,18 @@ and a non-zero exit here, and only here."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import IO, Any, NoReturn
 
 import numpy as np
 
@@ -254,16 +258,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_lines(sources: Sequence[str]) -> list[str]:
-    lines: list[str] = []
-    for source in sources:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
-        found = text.splitlines()
-        for number, line in enumerate(found, start=1):
-            if not line.strip():
-                raise EmbeddingCacheError(f"{source}: line {number} is empty; one text per line")
-        lines += found
-    return lines
+@contextlib.contextmanager
+def _line_sources(sources: Sequence[str]) -> Iterator[list[tuple[str, Path]]]:
+    """The files to read, each as ``(name, path)``; standard input is copied to a temporary
+    file first (on disk, not in memory), so that every source can be read twice: once to
+    check and count its lines, once to embed them."""
+    with tempfile.TemporaryDirectory(prefix="embeddingcache-") as folder:
+        found: list[tuple[str, Path]] = []
+        for source in sources:
+            if source == "-":
+                spool = Path(folder) / f"stdin-{len(found)}"
+                with open(spool, "wb") as copy:
+                    shutil.copyfileobj(sys.stdin.buffer, copy)
+                found.append(("-", spool))
+            else:
+                found.append((source, Path(source)))
+        yield found
+
+
+def _lines(sources: Sequence[tuple[str, Path]]) -> Iterator[str]:
+    """The lines of the sources in order, one at a time, each checked non-empty.
+
+    Raises:
+        EmbeddingCacheError: an empty line (named by source and number).
+    """
+    for name, path in sources:
+        with open(path, encoding="utf-8", newline=None) as file:
+            for number, line in enumerate(file, start=1):
+                text = line.rstrip("\r\n")
+                if not text.strip():
+                    raise EmbeddingCacheError(f"{name}: line {number} is empty; one text per line")
+                yield text
 
 
 def _output_format(args: argparse.Namespace) -> str:
@@ -275,64 +300,101 @@ def _output_format(args: argparse.Namespace) -> str:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    with _line_sources(args.files) as sources:
+        total = sum(1 for _ in _lines(sources))  # checks every line before any work
+        if not total:
+            raise EmbeddingCacheError(f"{' '.join(args.files)}: no text to embed")
+        return _embed_lines(args, _lines(sources), total)
+
+
+def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> int:
+    """Embed ``total`` lines as they are read, writing each chunk's output as it comes: memory
+    is bounded by a chunk, not by the file."""
     from tqdm import tqdm
 
-    texts = _read_lines(args.files)
-    if not texts:
-        raise EmbeddingCacheError(f"{' '.join(args.files)}: no text to embed")
     kind = _output_format(args)
     to_stdout = kind == "jsonl" and args.out is None
-    with EmbeddingCache(
-        args.model,
-        cache_dir=args.cache_dir,
-        db_url=args.db_url,
-        remote_url=args.remote_url,
-        timeout=args.timeout,
-        batch_size=args.batch_size,
-        device=args.device,
-    ) as cache:
-        parts = []
-        with tqdm(
-            total=len(texts),
-            unit="text",
-            file=sys.stderr,
-            disable=len(texts) < PROGRESS_MIN,
-        ) as bar:
-            for start in range(0, len(texts), CHUNK):
-                chunk = texts[start : start + CHUNK]
-                parts.append(
-                    cache.get_embeddings(chunk, normalize=args.normalize, truncate=args.truncate)
+    with contextlib.ExitStack() as stack:
+        cache = stack.enter_context(
+            EmbeddingCache(
+                args.model,
+                cache_dir=args.cache_dir,
+                db_url=args.db_url,
+                remote_url=args.remote_url,
+                timeout=args.timeout,
+                batch_size=args.batch_size,
+                device=args.device,
+            )
+        )
+        bar = stack.enter_context(
+            tqdm(total=total, unit="text", file=sys.stderr, disable=total < PROGRESS_MIN)
+        )
+        jsonl = None
+        if kind == "jsonl":
+            jsonl = (
+                stack.enter_context(open(args.out, "w", encoding="utf-8"))
+                if args.out is not None
+                else sys.stdout
+            )
+        matrix: np.memmap[Any, Any] | None = None  # the .npy file, once the dimension is known
+        done = 0
+        try:
+            chunks = _chunks(texts, CHUNK)
+            for chunk in chunks:
+                vectors = cache.get_embeddings(
+                    chunk, normalize=args.normalize, truncate=args.truncate
                 )
+                if jsonl is not None:
+                    _write_jsonl(chunk, vectors, jsonl)
+                elif args.out is not None:
+                    if matrix is None:
+                        matrix = np.lib.format.open_memmap(
+                            args.out, mode="w+", dtype=np.float32, shape=(total, vectors.shape[1])
+                        )
+                    matrix[done : done + len(chunk)] = vectors
+                done += len(chunk)
+                stats = cache.stats
+                bar.set_postfix(hits=stats["hits"], computed=stats["computed"], refresh=False)
                 bar.update(len(chunk))
+        except KeyboardInterrupt:
+            bar.close()
+            stats = cache.stats
+            stored = stats["hits"] + stats["remote_hits"] + stats["computed"]
+            print(
+                f"embeddingcache: interrupted after {stored} texts stored; "
+                "run the same command again to continue from there",
+                file=sys.stderr,
+            )
+            return 130
+        if matrix is not None:
+            matrix.flush()
+            shape = f"{matrix.shape[0]}x{matrix.shape[1]}"
+            del matrix
         stats = cache.stats
         model = cache.model
-    vectors = np.concatenate(parts)
-    if kind == "jsonl" and (to_stdout or args.out is not None):
-        _write_jsonl(texts, vectors, args.out)
-    elif args.out is not None:
-        with open(args.out, "wb") as file:  # np.save(path) would add ".npy" to other names
-            np.save(file, vectors)
     distinct = stats["hits"] + stats["misses"]
+    wrote = ""
+    if args.out is not None:
+        wrote = f"; wrote {shape if kind == 'npy' else str(total) + ' lines'} to {args.out}"
     print(
-        f"{len(texts)} texts ({distinct} distinct) with {model}: "
+        f"{total} texts ({distinct} distinct) with {model}: "
         f"{stats['hits']} from the cache, {stats['remote_hits']} from the backend, "
-        f"{stats['computed']} computed"
-        + (f"; wrote {vectors.shape[0]}x{vectors.shape[1]} to {args.out}" if args.out else ""),
+        f"{stats['computed']} computed" + wrote,
         # Standard output carries the vectors themselves when no file does.
         file=sys.stderr if to_stdout else sys.stdout,
     )
     return 0
 
 
-def _write_jsonl(texts: list[str], vectors: np.ndarray, out: Path | None) -> None:
-    stream = open(out, "w", encoding="utf-8") if out is not None else sys.stdout  # noqa: SIM115
-    try:
-        for text, vector in zip(texts, vectors.tolist(), strict=True):
-            stream.write(json.dumps({"text": text, "embedding": vector}, ensure_ascii=False))
-            stream.write("\n")
-    finally:
-        if out is not None:
-            stream.close()
+def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def _write_jsonl(texts: list[str], vectors: np.ndarray, stream: IO[str]) -> None:
+    for text, vector in zip(texts, vectors.tolist(), strict=True):
+        stream.write(json.dumps({"text": text, "embedding": vector}, ensure_ascii=False))
+        stream.write("\n")
 
 
 def _stats(args: argparse.Namespace) -> int:

@@ -54,8 +54,9 @@ def normalize_text(text: str, policy: str = "strip") -> str:
     return normalizer(policy)(text)
 
 
-def validate_texts(texts: object) -> tuple[list[str], bool]:
+def validate_texts(texts: object, *, offset: int = 0) -> tuple[list[str], bool]:
     """Check the caller's input; return it as a list and whether it was a single ``str``.
+    ``offset`` is added to the index an error names (a chunk of a longer input).
 
     Raises:
         InvalidInputError: ``None``, an empty or whitespace-only text, or a text that is not
@@ -73,7 +74,7 @@ def validate_texts(texts: object) -> tuple[list[str], bool]:
         )
     items = list(texts)
     if not _all_valid(items):
-        for index, text in enumerate(items):
+        for index, text in enumerate(items, offset):
             _check_one(text, index)
     return items, False
 

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -43,16 +45,40 @@ from .storage.store import ReadOnlyStorageError
 if TYPE_CHECKING:
     from .engines.backend import BackendEngine
 
-__all__ = ["CHAINS", "SLICE_VECTORS", "Call", "Pipeline", "Slice", "dedupe", "store_new"]
+__all__ = [
+    "CHAINS",
+    "STORE_EVERY",
+    "Call",
+    "Pipeline",
+    "Slice",
+    "StoreEvery",
+    "dedupe",
+    "store_new",
+]
 
 logger = logging.getLogger("embeddingcache")
 
 # Who computes misses: "local" is the model's own engine on this machine, "remote" the
 # team backend computing.
 CHAINS = ("local", "remote")
-# Vectors computed per slice: each slice is stored before the next is computed, so a call
-# that fails half way keeps what it finished. Rounded up to whole batches of the engine.
-SLICE_VECTORS = 4096
+
+
+@dataclass(frozen=True)
+class StoreEvery:
+    """When a call stores what it computed: once a slice holds ``vectors`` vectors, or has
+    been computing for ``seconds``, whichever comes first (checked after each engine call of
+    at most `STEP_BATCHES` batches). A call interrupted half way keeps every stored slice."""
+
+    vectors: int = 4096
+    seconds: float = 5.0
+
+
+# The one setting of how often a call stores (issue 17): a few thousand vectors, or a few
+# seconds of a slow model, whichever comes first.
+STORE_EVERY = StoreEvery()
+# Batches per engine call: the model sorts texts by length within a call, so fewer, larger
+# calls waste less padding; more, smaller ones let the seconds threshold cut a slice sooner.
+STEP_BATCHES = 16
 # With max_size, a cache that outgrows it is pruned to this share of it, so that pruning
 # (and compacting the files) happens once per tenth of the budget written, not per write.
 LOW_WATER = 0.9
@@ -164,8 +190,10 @@ class Pipeline:
         chain: Sequence[str] = CHAINS,
         push: bool = False,
         max_size: int | None = None,
+        store_every: StoreEvery = STORE_EVERY,
     ) -> None:
         self.storage = store
+        self.store_every = store_every
         self.settings = settings
         self.chain = tuple(chain)
         self.push = push
@@ -177,6 +205,7 @@ class Pipeline:
         self._dimensions: dict[str, int] = {}  # of models whose engine said
         self._lock = threading.Lock()
         self._compute_locks: dict[str, threading.Lock] = {}
+        self._writer: ThreadPoolExecutor | None = None  # stores slices while the next computes
         self._stats = {"hits": 0, "misses": 0, "remote_hits": 0, "computed": 0, "pushed": 0}
 
     # -- the calls ------------------------------------------------------------------------
@@ -239,23 +268,99 @@ class Pipeline:
         if not len(missing) or not compute:
             return
         options = options or EmbedOptions(batch_size=self.settings.batch_size)
-        failed: list[tuple[str, ProviderError]] = []
-        step = _round_up(SLICE_VECTORS, max(1, options.batch_size))
-        for start, stop in plan_count(len(missing), most=step):
-            positions = missing[start:stop]
-            # One computation per text: a call that needs texts another call is computing
-            # waits for it, then reads them (a server's concurrent requests, say).
-            with self._computing(spec.name):
-                meanwhile, positions = self._stored_meanwhile(call, positions)
-                if len(positions):
-                    vectors, engine = self._compute(call, positions, options, failed)
-                    stored = self._store_rows(call, positions, vectors, damaged)
+        yield from self._computed(call, missing, options, damaged)
+
+    def _computed(
+        self, call: Call, missing: np.ndarray, options: EmbedOptions, damaged: set[bytes]
+    ) -> Iterator[Slice]:
+        """The vectors of the distinct texts at ``missing``, computed once across calls: a
+        call that needs texts another call is computing waits for it (the model's lock),
+        then reads what it stored and computes only the rest (a server's concurrent
+        requests, say)."""
+        with self._computing(call.spec.name):
+            meanwhile, missing = self._stored_meanwhile(call, missing)
             if meanwhile is not None:
                 yield meanwhile
-            if len(positions):
-                if self.push and engine is not self.backend() and self._backend is not None:
-                    self._push(call, positions, stored)
-                yield Slice(positions, stored, "computed")
+            if len(missing):
+                yield from self._compute_slices(call, missing, options, damaged)
+
+    def _compute_slices(
+        self, call: Call, missing: np.ndarray, options: EmbedOptions, damaged: set[bytes]
+    ) -> Iterator[Slice]:
+        """Compute the distinct texts at ``missing`` in steps, cut into slices by
+        `store_every`; each slice is stored by the writer thread while the next one computes,
+        and yielded once stored. However the loop ends (an exception from the model, a
+        ``KeyboardInterrupt``, the caller closing the generator), what was computed is
+        stored before the exception goes on."""
+        failed: list[tuple[str, ProviderError]] = []
+        every = self.store_every
+        step = max(1, min(every.vectors, options.batch_size * STEP_BATCHES))
+        # Slices handed to the writer, oldest first: one is yielded once the next is
+        # computed, so the write of one overlaps the computing of the next.
+        writing: list[tuple[Future[np.ndarray], np.ndarray]] = []
+        parts: list[tuple[np.ndarray, np.ndarray]] = []  # computed, not handed over yet
+        held, started = 0, time.monotonic()
+        engine: Engine | None = None
+        try:
+            for start, stop in plan_count(len(missing), most=step):
+                positions = missing[start:stop]
+                vectors, engine = self._compute(call, positions, options, failed)
+                parts.append((positions, vectors))
+                held += len(positions)
+                if held < every.vectors and time.monotonic() - started < every.seconds:
+                    continue
+                writing.append(self._hand_over(call, parts, damaged, engine))
+                parts, held, started = [], 0, time.monotonic()
+                while len(writing) > 1:
+                    future, done = writing[0]
+                    yield Slice(done, future.result(), "computed")
+                    del writing[0]
+            if parts and engine is not None:
+                writing.append(self._hand_over(call, parts, damaged, engine))
+                parts = []
+            while writing:
+                future, done = writing[0]
+                yield Slice(done, future.result(), "computed")
+                del writing[0]
+        except BaseException:
+            # Keep what was computed: store it before the error reaches the caller. A
+            # failure to store it is logged; the caller sees the error that stopped the call.
+            if parts and engine is not None:
+                writing.append(self._hand_over(call, parts, damaged, engine))
+            for future, _ in writing:
+                _wait_quietly(future)
+            raise
+
+    def _hand_over(
+        self,
+        call: Call,
+        parts: list[tuple[np.ndarray, np.ndarray]],
+        damaged: set[bytes],
+        engine: Engine,
+    ) -> tuple[Future[np.ndarray], np.ndarray]:
+        """Give the writer thread a slice of computed parts to store (and push)."""
+        positions = np.concatenate([p for p, _ in parts])
+        vectors = parts[0][1] if len(parts) == 1 else np.concatenate([v for _, v in parts])
+        with self._lock:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="embeddingcache-writer")
+            writer = self._writer
+        return writer.submit(
+            self._store_slice, call, positions, vectors, damaged, engine
+        ), positions
+
+    def _store_slice(
+        self,
+        call: Call,
+        positions: np.ndarray,
+        vectors: np.ndarray,
+        damaged: set[bytes],
+        engine: Engine,
+    ) -> np.ndarray:
+        stored = self._store_rows(call, positions, vectors, damaged)
+        if self.push and self.settings.remote_url is not None and engine.kind != "backend":
+            self._push(call, positions, stored)  # what the backend computed, it has
+        return stored
 
     def vectors(
         self,
@@ -414,6 +519,9 @@ class Pipeline:
             if self._backend is not None:
                 engines.append(self._backend)
             self._engines, self._backend = {}, None
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)  # the slices handed over are stored
         for engine in engines:
             engine.close()
 
@@ -591,8 +699,12 @@ class Pipeline:
                 self._stats[name] += amount
 
 
-def _round_up(n: int, step: int) -> int:
-    return -(-n // step) * step
+def _wait_quietly(future: Future[np.ndarray]) -> None:
+    """Wait for a slice's write while another error is on its way to the caller."""
+    try:
+        future.result()
+    except BaseException as exc:  # the other error is the one the caller must see
+        logger.warning("could not store a computed slice: %s", exc)
 
 
 def _degraded(message: str) -> None:

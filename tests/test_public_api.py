@@ -76,7 +76,7 @@ def test_the_module_functions_take_the_options_of_the_methods() -> None:
     """An option added to a method and not to its module function (or the other way round)
     fails here; a method's ``None`` ("the cache's setting") is the cache's default there."""
     cache_defaults = inspect.signature(embeddingcache.EmbeddingCache).parameters
-    for name in ("get_embeddings", "embed"):
+    for name in ("get_embeddings", "embed", "iter_embeddings"):
         function = _options(getattr(embeddingcache, name), skip={"cache_dir", "db_url"})
         method = _options(getattr(embeddingcache.EmbeddingCache, name), skip={"self"})
         assert list(function) == list(method), name
