@@ -9,7 +9,10 @@
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +48,32 @@ def _inside_package(filename: str) -> bool:
     return filename.startswith((_PACKAGE_DIR, _MIGRATIONS_DIR))
 
 
+_local = threading.local()
+Deferred = list[tuple[str, type[Warning]]]
+
+
+@contextmanager
+def deferred_warnings() -> Iterator[Deferred]:
+    """Collect what `warn` would issue on this thread (a worker's, such as the pipeline's
+    writer), so that the caller's thread issues them, attributed to the caller's line."""
+    saved = getattr(_local, "deferred", None)
+    found: Deferred = []
+    _local.deferred = found
+    try:
+        yield found
+    finally:
+        _local.deferred = saved
+
+
 def warn(message: str, category: type[Warning] = EmbeddingCacheWarning) -> None:
     """Issue a warning attributed to the caller's line: the frame just outside the
     outermost call into embeddingcache, whether the warning is raised one call deep or
-    five, and through libraries the package calls (tenacity) on the way."""
+    five, and through libraries the package calls (tenacity) on the way. Inside
+    `deferred_warnings` it is collected instead."""
+    deferred = getattr(_local, "deferred", None)
+    if deferred is not None:
+        deferred.append((message, category))
+        return
     level, outermost = 2, 2  # 1 is this function, 2 its caller
     frame = sys._getframe(1)
     while frame is not None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from ._util import first_non_finite, warn
+from ._util import Deferred, deferred_warnings, first_non_finite, warn
 from .batching import plan_count
 from .engines import EmbedOptions, Engine, EngineSettings, create
 from .errors import (
@@ -297,7 +297,7 @@ class Pipeline:
         step = max(1, min(every.vectors, options.batch_size * STEP_BATCHES))
         # Slices handed to the writer, oldest first: one is yielded once the next is
         # computed, so the write of one overlaps the computing of the next.
-        writing: list[tuple[Future[np.ndarray], np.ndarray]] = []
+        writing: list[tuple[Future[tuple[np.ndarray, Deferred]], np.ndarray]] = []
         parts: list[tuple[np.ndarray, np.ndarray]] = []  # computed, not handed over yet
         held, started = 0, time.monotonic()
         engine: Engine | None = None
@@ -313,14 +313,14 @@ class Pipeline:
                 parts, held, started = [], 0, time.monotonic()
                 while len(writing) > 1:
                     future, done = writing[0]
-                    yield Slice(done, future.result(), "computed")
+                    yield Slice(done, _finished(future), "computed")
                     del writing[0]
             if parts and engine is not None:
                 writing.append(self._hand_over(call, parts, damaged, engine))
                 parts = []
             while writing:
                 future, done = writing[0]
-                yield Slice(done, future.result(), "computed")
+                yield Slice(done, _finished(future), "computed")
                 del writing[0]
         except BaseException:
             # Keep what was computed: store it before the error reaches the caller. A
@@ -337,7 +337,7 @@ class Pipeline:
         parts: list[tuple[np.ndarray, np.ndarray]],
         damaged: set[bytes],
         engine: Engine,
-    ) -> tuple[Future[np.ndarray], np.ndarray]:
+    ) -> tuple[Future[tuple[np.ndarray, Deferred]], np.ndarray]:
         """Give the writer thread a slice of computed parts to store (and push)."""
         positions = np.concatenate([p for p, _ in parts])
         vectors = parts[0][1] if len(parts) == 1 else np.concatenate([v for _, v in parts])
@@ -356,11 +356,12 @@ class Pipeline:
         vectors: np.ndarray,
         damaged: set[bytes],
         engine: Engine,
-    ) -> np.ndarray:
-        stored = self._store_rows(call, positions, vectors, damaged)
-        if self.push and self.settings.remote_url is not None and engine.kind != "backend":
-            self._push(call, positions, stored)  # what the backend computed, it has
-        return stored
+    ) -> tuple[np.ndarray, Deferred]:
+        with deferred_warnings() as found:  # the caller's thread issues them
+            stored = self._store_rows(call, positions, vectors, damaged)
+            if self.push and self.settings.remote_url is not None and engine.kind != "backend":
+                self._push(call, positions, stored)  # what the backend computed, it has
+        return stored, found
 
     def vectors(
         self,
@@ -699,10 +700,18 @@ class Pipeline:
                 self._stats[name] += amount
 
 
-def _wait_quietly(future: Future[np.ndarray]) -> None:
+def _finished(future: Future[tuple[np.ndarray, Deferred]]) -> np.ndarray:
+    """A slice's stored vectors once written, its warnings issued on this thread."""
+    stored, found = future.result()
+    for message, category in found:
+        warn(message, category)
+    return stored
+
+
+def _wait_quietly(future: Future[tuple[np.ndarray, Deferred]]) -> None:
     """Wait for a slice's write while another error is on its way to the caller."""
     try:
-        future.result()
+        _finished(future)
     except BaseException as exc:  # the other error is the one the caller must see
         logger.warning("could not store a computed slice: %s", exc)
 

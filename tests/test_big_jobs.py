@@ -160,15 +160,6 @@ def test_iter_embeddings_names_a_bad_text_by_its_index_in_the_whole_input(
         sliced.iter_embeddings(["a"], chunk_size=0)
 
 
-# Storage grows SQLAlchemy statement objects by about 110 KB per get_embeddings call (new
-# Table/select objects and their compiled forms each call, found with tracemalloc's
-# compare_to), so peak memory still grows with the number of chunks. That is storage/'s to
-# fix (issue 13, item 3); strict, so that the fix shows here.
-GROWS_IN_STORAGE = pytest.mark.xfail(
-    strict=True, reason="storage/ keeps ~110 KB of SQLAlchemy objects per call"
-)
-
-
 MEMORY_SCRIPT = """
 import sys, tracemalloc
 import numpy as np
@@ -216,7 +207,6 @@ print(peak)
 """
 
 
-@GROWS_IN_STORAGE
 def test_iter_embeddings_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
     """Peak traced memory over 60,000 texts stays under a bound that does not depend on the
     count (a few chunks), and five times the texts of 12,000 add less than a chunk's worth,
@@ -304,7 +294,6 @@ print(peak)
 )
 
 
-@GROWS_IN_STORAGE
 @pytest.mark.parametrize("kind", ["npy", "jsonl", "stdout"])
 def test_the_cli_memory_does_not_grow_with_the_lines(tmp_path: Path, kind: str) -> None:
     import subprocess

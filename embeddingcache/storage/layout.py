@@ -113,6 +113,7 @@ class SQLiteLayout:
         self._engines: dict[Path, Engine] = {}
         self._readers: dict[Path, Reader] = {}
         self._read_only: dict[Path, bool] = {}
+        self._places: dict[Path, Place] = {}
         self._lock = threading.Lock()
 
     def describe(self) -> str:
@@ -120,7 +121,14 @@ class SQLiteLayout:
 
     def text_place(self) -> TextPlace:
         path = self.directory / TEXT_FILE
-        return _text_place(self._engine(path, None), None, path, TEXT_FILE)
+        with self._lock:
+            place = self._places.get(path)
+        if place is None:
+            place = _text_place(self._engine(path, None), None, path, TEXT_FILE)
+            with self._lock:
+                place = self._places.setdefault(path, place)
+        assert isinstance(place, TextPlace)
+        return place
 
     def shard_place(self, model: str) -> ShardPlace:
         return self._shard_at(self.directory / f"{model_slug(model)}.db")
@@ -129,7 +137,16 @@ class SQLiteLayout:
         # model_slug already guarantees this; the check keeps a future change honest.
         if path.parent != self.directory:
             raise AssertionError(f"shard path {path} escapes {self.directory}")
-        return _shard_place(self._engine(path, SHARD_PAGE_SIZE), None, path, path.name)
+        # One place (and so one set of Table objects) per file: statements built on them
+        # hit SQLAlchemy's compiled cache instead of filling it anew on every call.
+        with self._lock:
+            place = self._places.get(path)
+        if place is None:
+            place = _shard_place(self._engine(path, SHARD_PAGE_SIZE), None, path, path.name)
+            with self._lock:
+                place = self._places.setdefault(path, place)
+        assert isinstance(place, ShardPlace)
+        return place
 
     def may_exist(self, place: Place) -> bool:
         """A read never creates a file: no file, nothing stored."""
@@ -199,6 +216,7 @@ class SQLiteLayout:
         with self._lock:
             engines, self._engines = list(self._engines.values()), {}
             readers, self._readers = list(self._readers.values()), {}
+            self._places.clear()
         for engine in engines:
             engine.dispose()
         for reader in readers:
@@ -241,6 +259,7 @@ class ServerLayout:
             self.engine = create_engine(self.url, pool_pre_ping=True)
             self._readers: dict[str, ShardReader] = {}
             self._connections: PostgresConnections | None = None  # the hit path's
+            self._places: dict[str, Place] = {}
             self._lock = threading.Lock()
         except ImportError as exc:
             raise InvalidInputError(
@@ -251,11 +270,26 @@ class ServerLayout:
         return self.url.render_as_string(hide_password=True)
 
     def text_place(self) -> TextPlace:
-        return _text_place(self.engine, TEXT_SCHEMA, None, f"{TEXT_SCHEMA}.hashstring")
+        place = self._places.get(TEXT_SCHEMA)
+        if place is None:
+            place = _text_place(self.engine, TEXT_SCHEMA, None, f"{TEXT_SCHEMA}.hashstring")
+            with self._lock:
+                place = self._places.setdefault(TEXT_SCHEMA, place)
+        assert isinstance(place, TextPlace)
+        return place
 
     def shard_place(self, model: str) -> ShardPlace:
-        schema = server_schema(model)
-        return _shard_place(self.engine, schema, None, schema)
+        # One place per schema, as SQLiteLayout keeps one per file.
+        return self._shard_in(server_schema(model))
+
+    def _shard_in(self, schema: str) -> ShardPlace:
+        place = self._places.get(schema)
+        if place is None:
+            place = _shard_place(self.engine, schema, None, schema)
+            with self._lock:
+                place = self._places.setdefault(schema, place)
+        assert isinstance(place, ShardPlace)
+        return place
 
     def may_exist(self, place: Place) -> bool:
         return True  # the migration state says; see migrate.state
@@ -263,11 +297,7 @@ class ServerLayout:
     def shard_places(self) -> list[ShardPlace]:
         with self.engine.connect() as connection:
             schemas = inspect(connection).get_schema_names()
-        return [
-            _shard_place(self.engine, s, None, s)
-            for s in sorted(schemas)
-            if s.startswith(SHARD_SCHEMA_PREFIX)
-        ]
+        return [self._shard_in(s) for s in sorted(schemas) if s.startswith(SHARD_SCHEMA_PREFIX)]
 
     def bytes_on_disk(self, place: Place) -> int:
         table = (
