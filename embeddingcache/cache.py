@@ -397,11 +397,15 @@ class EmbeddingCache:
         older_than: float | timedelta | None = None,
         max_size: int | None = None,
         dry_run: bool = False,
+        stale_versions: bool = False,
     ) -> PruneReport:
         """Remove entries, and the texts no model refers to any longer.
 
-        ``model`` alone removes all of that model's vectors (and frees its name for a model of
-        another dimension); with another option it limits the removal to that model.
+        ``model`` alone removes all of that model's vectors, every version of it (and frees
+        its name for a model of another dimension); with another option it limits the
+        removal to that model. ``stale_versions`` alone removes the shards of model versions
+        whose weights no longer exist (a folder fine-tuned since, a Hub snapshot deleted:
+        see docs/storage.md).
         ``older_than`` (seconds, or a ``timedelta``) removes entries unused for that long; last
         use is known to the day. ``max_size`` then removes the least recently used entries
         until the cache takes at most that many bytes on disk (SQLite only). SQLite files are
@@ -423,6 +427,11 @@ class EmbeddingCache:
             )
         if max_size is not None:
             positive_int(max_size, "max_size")
+        if stale_versions:
+            if model is not None or age is not None or max_size is not None:
+                raise InvalidInputError("stale_versions=True prunes alone: call prune again")
+            stale = self.pipeline.stale_versions()
+            return self.pipeline.prune(shards=stale, dry_run=dry_run)
         name = resolve_model(model).name if model is not None else None
         return self.pipeline.prune(model=name, older_than_s=age, max_size=max_size, dry_run=dry_run)
 

@@ -215,6 +215,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     prune.add_argument("--model", "-m", help="remove this model's entries (only)")
     prune.add_argument(
+        "--stale-versions",
+        action="store_true",
+        help="remove the shards of model versions whose weights no longer exist "
+        "(a folder fine-tuned since, a Hub snapshot deleted)",
+    )
+    prune.add_argument(
         "--dry-run", action="store_true", help="say what would be removed; remove nothing"
     )
     prune.set_defaults(run=_prune)
@@ -414,7 +420,7 @@ def _stats(args: argparse.Namespace) -> int:
             )
             print(
                 f"{s.model or '(emptied)'}: {s.entries} vectors, {s.dimension or '?'}-d, "
-                f"{_megabytes(s.bytes_on_disk)}, {use} ({s.place})"
+                f"{_megabytes(s.bytes_on_disk)}, {use}, version {s.revision or '?'} ({s.place})"
             )
     return 0
 
@@ -432,8 +438,8 @@ def _info(args: argparse.Namespace) -> int:
         created = time.strftime("%Y-%m-%d", time.gmtime(s.created_at)) if s.created_at else "?"
         print(
             f"{s.place}: model {s.model or '(emptied)'}, {s.dimension or '?'}-d float32, "
-            f"{s.entries} vectors, created {created} by embeddingcache "
-            f"{s.library_version or '?'}"
+            f"{s.entries} vectors, version {s.revision or '(not recorded yet)'}, created "
+            f"{created} by embeddingcache {s.library_version or '?'}"
         )
     return 0
 
@@ -504,14 +510,22 @@ def _megabytes(n: int) -> str:
 
 
 def _prune(args: argparse.Namespace) -> int:
-    if args.max_size is None and args.older_than is None and args.model is None:
-        raise EmbeddingCacheError("say what to prune: --max-size, --older-than or --model")
+    if (
+        args.max_size is None
+        and args.older_than is None
+        and args.model is None
+        and not args.stale_versions
+    ):
+        raise EmbeddingCacheError(
+            "say what to prune: --max-size, --older-than, --model or --stale-versions"
+        )
     with EmbeddingCache(cache_dir=args.cache_dir, db_url=args.db_url, remote_url=False) as cache:
         report = cache.prune(
             model=args.model,
             older_than=args.older_than,
             max_size=args.max_size,
             dry_run=args.dry_run,
+            stale_versions=args.stale_versions,
         )
     per_model = ", ".join(f"{name}: {n}" for name, n in sorted(report.removed.items()))
     if report.dry_run:

@@ -37,10 +37,18 @@ from .errors import (
     TextTooLongError,
 )
 from .keys import keys_of
-from .models import ModelSpec
+from .models import ModelSpec, resolve_model
 from .storage import Lookup, Store
 from .storage.evict import PruneReport, prune
 from .storage.store import ReadOnlyStorageError
+from .versions import (
+    PROBE,
+    PROBE_TOLERANCE,
+    model_of,
+    probe_distance,
+    probe_version,
+    versioned_name,
+)
 
 if TYPE_CHECKING:
     from .engines.backend import BackendEngine
@@ -61,6 +69,8 @@ logger = logging.getLogger("embeddingcache")
 # Who computes misses: "local" is the model's own engine on this machine, "remote" the
 # team backend computing.
 CHAINS = ("local", "remote")
+# How often a long-running process asks a model known by its answers (an API's) the probe again.
+PROBE_EVERY_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -118,12 +128,41 @@ def dedupe(keys: Sequence[bytes]) -> tuple[list[int], np.ndarray | None]:
 
 
 class Call:
-    """One prepared request: the spec, the embedded strings, their keys and duplicates."""
+    """One prepared request: the spec, the embedded strings, their keys and duplicates, and
+    the shard of the model's version that answers it.
 
-    __slots__ = ("embedded", "firsts", "inverse", "keys", "normalized", "prompt", "spec")
+    ``version`` is the model's version (`embeddingcache.versions`), ``None`` when unknown;
+    ``pinned`` says this machine's engine vouched for it, so that vectors of another version
+    (a backend's) are refused rather than adopted. ``shard`` names the store's shard.
+    """
 
-    def __init__(self, spec: ModelSpec, normalized: list[str], prompt: str) -> None:
+    __slots__ = (
+        "embedded",
+        "firsts",
+        "inverse",
+        "keys",
+        "normalized",
+        "pinned",
+        "prompt",
+        "shard",
+        "spec",
+        "version",
+    )
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        normalized: list[str],
+        prompt: str,
+        *,
+        shard: str | None = None,
+        version: str | None = None,
+        pinned: bool = False,
+    ) -> None:
         self.spec = spec
+        self.shard = shard if shard is not None else spec.name
+        self.version = version
+        self.pinned = pinned
         self.normalized = normalized
         self.prompt = prompt
         self.embedded = [prompt + text for text in normalized] if prompt else normalized
@@ -205,14 +244,154 @@ class Pipeline:
         self._dimensions: dict[str, int] = {}  # of models whose engine said
         self._lock = threading.Lock()
         self._compute_locks: dict[str, threading.Lock] = {}
+        self._refused: set[tuple[str, str]] = set()  # backend versions warned about
+        self._probes: dict[str, tuple[str, float]] = {}  # model -> (version, when probed)
+        self._probing: dict[str, threading.Lock] = {}
         self._writer: ThreadPoolExecutor | None = None  # stores slices while the next computes
         self._stats = {"hits": 0, "misses": 0, "remote_hits": 0, "computed": 0, "pushed": 0}
 
     # -- the calls ------------------------------------------------------------------------
 
     def prepare(self, spec: ModelSpec, normalized: list[str], prompt: str) -> Call:
-        """Key and dedupe normalized texts for ``spec`` with ``prompt`` in front."""
-        return Call(spec, normalized, prompt)
+        """Key and dedupe normalized texts for ``spec`` with ``prompt`` in front, for the
+        shard of the model's current version (checked at most once a second: see
+        `shard_for`)."""
+        version, pinned = self._version(spec, fresh=False)
+        return Call(
+            spec,
+            normalized,
+            prompt,
+            shard=self._shard_of(spec, version),
+            version=version,
+            pinned=pinned,
+        )
+
+    # -- versions -------------------------------------------------------------------------
+
+    def version(self, spec: ModelSpec, *, fresh: bool = False) -> str | None:
+        """The model's current version here (see `shard_for`), ``None`` when unknown."""
+        return self._version(spec, fresh=fresh)[0]
+
+    def shard_for(self, spec: ModelSpec, *, fresh: bool = False) -> str:
+        """The shard of the model's current version.
+
+        A model's first version keeps its own shard (``spec.name``), recorded there the first
+        time it is known (a shard of an earlier embeddingcache has none: it takes the one
+        found now); every other version has a shard of its own (`versions.versioned_name`),
+        so that a model fine-tuned in place, a Hub id at a new commit or a model replaced
+        behind a backend never gets the vectors of another, and going back to earlier
+        weights finds theirs again.
+        """
+        version, _ = self._version(spec, fresh=fresh)
+        return self._shard_of(spec, version)
+
+    def _version(self, spec: ModelSpec, *, fresh: bool) -> tuple[str | None, bool]:
+        """The model's version and whether this machine's engine vouched for it (else it is
+        the one the backend said last, or ``None``)."""
+        if "local" in self.chain:
+            try:
+                engine = self.engine(spec)
+            except InvalidInputError:
+                engine = None  # no such engine here: the compute step says so
+            if engine is not None and engine.versioned_by == "weights":
+                version = engine.version(spec, fresh=fresh)
+                if version is not None:
+                    return version, True
+            elif engine is not None and engine.versioned_by == "probe":
+                version = self._probed(spec, engine)
+                if version is not None:
+                    return version, True
+        remote = self.backend()
+        return (remote.version(spec) if remote is not None else None), False
+
+    def _probed(self, spec: ModelSpec, engine: Engine) -> str | None:
+        """The version of a model known only by its answers: its answers to `PROBE`, asked
+        on the first call of this process and again every ``PROBE_EVERY_S``, matched within
+        `PROBE_TOLERANCE` against the probe stored in each of its shards; a new version
+        when none matches. ``None`` while the engine cannot answer (the shard's recorded
+        version stands)."""
+        now = time.monotonic()
+        with self._lock:
+            known = self._probes.get(spec.name)
+            lock = self._probing.setdefault(spec.name, threading.Lock())
+        if known is not None and now - known[1] < PROBE_EVERY_S:
+            return known[0]
+        with lock:
+            known = self._probes.get(spec.name)
+            if known is not None and now - known[1] < PROBE_EVERY_S:
+                return known[0]
+            try:
+                answers = engine.embed(spec, PROBE, prompt="", options=EmbedOptions())
+            except ProviderError as exc:
+                logger.warning("cannot probe model %r for its version: %s", spec.name, exc)
+                return known[0] if known is not None else None
+            version = self._match_probe(spec, np.asarray(answers, dtype=np.float32))
+            with self._lock:
+                self._probes[spec.name] = (version, time.monotonic())
+            return version
+
+    def _match_probe(self, spec: ModelSpec, answers: np.ndarray) -> str:
+        """The version whose stored probe ``answers`` match, or a new one, stored with them."""
+        keys = keys_of(list(PROBE))
+        versions = sorted(
+            s.model
+            for s in self.storage.summaries()
+            if s.model is not None and s.model != spec.name and model_of(s.model) == spec.name
+        )
+        shards = [spec.name, *versions]
+        for shard in shards:
+            info = self.storage.info(shard)
+            if info is None or info.revision is None:
+                continue
+            found = self.storage.lookup(shard, keys)
+            if len(found.positions) == len(keys) and (
+                probe_distance(found.vectors, answers) <= PROBE_TOLERANCE
+            ):
+                return info.revision
+        version = probe_version(answers)
+        shard = self._shard_of(spec, version)
+        if self.storage.info(shard) is None or shard == spec.name:
+            self.storage.put(shard, keys, list(PROBE), answers, revision=version)
+        return version
+
+    def _shard_of(self, spec: ModelSpec, version: str | None) -> str:
+        if version is None:
+            return spec.name
+        info = self.storage.info(spec.name)
+        if info is None:
+            # Nothing in the model's own shard (never, or pruned): a version that has a
+            # shard of its own keeps it; a new one takes the model's.
+            named = versioned_name(spec.name, version)
+            return named if self.storage.info(named) is not None else spec.name
+        if info.revision == version:
+            return spec.name
+        if info.revision is None and self.storage.claim_revision(spec.name, version) == version:
+            return spec.name
+        return versioned_name(spec.name, version)
+
+    def stale_versions(self) -> list[str]:
+        """The shards of model versions whose weights no longer exist where the model is
+        loaded from (a folder holds only its latest weights; a Hub commit's snapshot was
+        removed from the Hugging Face cache). Versions known by their answers are never
+        stale: there is no telling."""
+        stale = []
+        for summary in self.storage.summaries():
+            if summary.model is None or summary.revision is None:
+                continue
+            spec = resolve_model(model_of(summary.model))
+            try:
+                engine = self.engine(spec)
+            except InvalidInputError:
+                continue
+            holds = getattr(engine, "holds", None)  # engines that load weights say
+            if holds is not None and holds(spec, summary.revision) is False:
+                stale.append(summary.model)
+        return stale
+
+    def _switch(self, call: Call, version: str | None) -> None:
+        """Answer the rest of a call from the shard of ``version`` (a backend's)."""
+        call.version = version
+        call.shard = self._shard_of(call.spec, version)
 
     def resolve(
         self,
@@ -232,43 +411,61 @@ class Pipeline:
         """
         spec = call.spec
         distinct = call.distinct_keys()
+        found = self._lookup(call, distinct)
+        n = len(distinct)
+        if len(found.positions) < n and (compute or self.settings.remote_url is not None):
+            # Before anything is fetched or computed, the model's version as its files say now.
+            version, pinned = self._version(spec, fresh=True)
+            if pinned and version != call.version:
+                call.pinned, call.version = True, version
+                call.shard = self._shard_of(spec, version)
+                found = self._lookup(call, distinct)
+        held = np.zeros(n, dtype=bool)
+        held[found.positions] = True
+        missing = np.flatnonzero(~held)
+        damaged = {distinct[u] for u in found.damaged}
+
+        answer = None
+        if len(missing) and self.settings.remote_url is not None:
+            shard = call.shard
+            answer = self._remote_lookup(call, missing)
+            if call.shard != shard:
+                # The backend holds another version than the one this call looked up, and
+                # this machine cannot tell which is current: the backend's is; start again.
+                yield from self.resolve(call, compute=compute, options=options)
+                return
+        hits = len(found.positions)
+        self._count_lookup(call.shard, hits, n - hits)
+        if hits and not self.storage_worked:
+            self.storage_worked = True
+        if hits:
+            yield Slice(found.positions, found.vectors, "hit")
+        if hits == n:
+            return
+        if answer is not None:
+            vectors, had = answer
+            if had.any():
+                positions = missing[had]
+                stored = self._store_rows(call, positions, vectors[had], damaged)
+                self._count(remote_hits=len(positions))
+                yield Slice(positions, stored, "remote")
+                missing = missing[~had]
+
+        if not len(missing) or not compute:
+            return
+        options = options or EmbedOptions(batch_size=self.settings.batch_size)
+        yield from self._computed(call, missing, options, damaged)
+
+    def _lookup(self, call: Call, distinct: list[bytes]) -> Lookup:
         try:
-            found = self.storage.lookup(spec.name, distinct)
+            return self.storage.lookup(call.shard, distinct)
         except StorageError as exc:
             if not self.degrades(exc):
                 raise
             # The storage that worked cannot be read now (a database gone, a file system
             # remounted): the caller still gets its vectors, computed; the next call tries again.
             _degraded(f"cannot read the cache ({exc}); computing the texts instead")
-            found = Lookup.empty(self.known_dimension(spec))
-        hits = len(found.positions)
-        self._count_lookup(spec.name, hits, len(distinct) - hits)
-        if hits and not self.storage_worked:
-            self.storage_worked = True
-        if hits:
-            yield Slice(found.positions, found.vectors, "hit")
-        if hits == len(distinct):
-            return
-        held = np.zeros(len(distinct), dtype=bool)
-        held[found.positions] = True
-        missing = np.flatnonzero(~held)
-        damaged = {distinct[u] for u in found.damaged}
-
-        if self.settings.remote_url is not None:
-            answer = self._remote_lookup(call, missing)
-            if answer is not None:
-                vectors, had = answer
-                if had.any():
-                    positions = missing[had]
-                    stored = self._store_rows(call, positions, vectors[had], damaged)
-                    self._count(remote_hits=len(positions))
-                    yield Slice(positions, stored, "remote")
-                    missing = missing[~had]
-
-        if not len(missing) or not compute:
-            return
-        options = options or EmbedOptions(batch_size=self.settings.batch_size)
-        yield from self._computed(call, missing, options, damaged)
+            return Lookup.empty(self.known_dimension(call.spec, call.shard))
 
     def _computed(
         self, call: Call, missing: np.ndarray, options: EmbedOptions, damaged: set[bytes]
@@ -345,8 +542,10 @@ class Pipeline:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="embeddingcache-writer")
             writer = self._writer
+        # The shard is the call's as it is now: the version these vectors were computed at.
+        into = (call.shard, call.version)
         return writer.submit(
-            self._store_slice, call, positions, vectors, damaged, engine
+            self._store_slice, call, positions, vectors, damaged, engine, into
         ), positions
 
     def _store_slice(
@@ -356,11 +555,12 @@ class Pipeline:
         vectors: np.ndarray,
         damaged: set[bytes],
         engine: Engine,
+        into: tuple[str, str | None],
     ) -> tuple[np.ndarray, Deferred]:
         with deferred_warnings() as found:  # the caller's thread issues them
-            stored = self._store_rows(call, positions, vectors, damaged)
+            stored = self._store_rows(call, positions, vectors, damaged, into)
             if self.push and self.settings.remote_url is not None and engine.kind != "backend":
-                self._push(call, positions, stored)  # what the backend computed, it has
+                self._push(call, positions, stored, into[1])  # what the backend computed, it has
         return stored, found
 
     def vectors(
@@ -387,7 +587,7 @@ class Pipeline:
             raise DimensionMismatchError(
                 f"model {call.spec.name!r} gave vectors of {sorted(dimensions)} dimensions"
             )
-        dimension = dimensions.pop() if dimensions else self.known_dimension(call.spec)
+        dimension = dimensions.pop() if dimensions else self.known_dimension(call.spec, call.shard)
         filled = sum(len(s.positions) for s in parts)
         # Every row is filled below unless something stayed missing (lookup only).
         unique = (np.zeros if filled < n else np.empty)((n, dimension), dtype=np.float32)
@@ -403,7 +603,7 @@ class Pipeline:
     def store(self, spec: ModelSpec, embedded: Sequence[str], vectors: np.ndarray) -> int:
         """Store vectors computed elsewhere for embedded strings not stored yet (see
         `store_new`); the number stored. Keeps the cache within ``max_size`` afterwards."""
-        added = store_new(self.storage, spec.name, embedded, vectors)
+        added = store_new(self.storage, self.shard_for(spec, fresh=True), embedded, vectors)
         self.storage_worked = True
         self.keep_within()
         return added
@@ -447,7 +647,7 @@ class Pipeline:
         """
         loaded = self.engine(spec).dimension(spec)
         stored = self.known_dimension(spec)
-        if self.storage.info(spec.name) is not None and stored != loaded:
+        if self.storage.info(self.shard_for(spec)) is not None and stored != loaded:
             raise DimensionMismatchError(
                 f"model {spec.name!r} gives {loaded}-d vectors but its shard holds {stored}-d"
             )
@@ -455,9 +655,10 @@ class Pipeline:
             self._dimensions[spec.name] = loaded
         return loaded
 
-    def known_dimension(self, spec: ModelSpec) -> int:
-        """The model's dimension as known without loading it; 0 when unknown."""
-        info = self.storage.info(spec.name)
+    def known_dimension(self, spec: ModelSpec, shard: str | None = None) -> int:
+        """The model's dimension as known without loading it (from ``shard``, by default
+        its current version's); 0 when unknown."""
+        info = self.storage.info(shard if shard is not None else self.shard_for(spec))
         if info is not None:
             return info.dimension
         return self._dimensions.get(spec.name) or spec.dimension or 0
@@ -551,6 +752,8 @@ class Pipeline:
                 continue
             try:
                 vectors = engine.embed(spec, texts, prompt=call.prompt, options=options)
+                if engine.versioned_by == "backend":
+                    self._check_backend_version(call, engine)
             except TextTooLongError as exc:
                 raise TextTooLongError(exc.detail, index=origins[exc.index]) from None
             except ProviderError as exc:
@@ -599,7 +802,16 @@ class Pipeline:
             refused = getattr(exc, "status", None) in (401, 403)
             logger.log(logging.WARNING if refused else logging.DEBUG, "backend lookup: %s", exc)
             return None
-        known = self.known_dimension(spec)
+        theirs = remote.version(spec)
+        if theirs is not None and theirs != call.version:
+            if call.pinned:
+                self._refuse_version(remote.url, spec, theirs, call.version)
+                return None
+            before = call.shard
+            self._switch(call, theirs)
+            if call.shard != before:
+                return None  # the caller looks up again, in that version's shard
+        known = self.known_dimension(spec, call.shard)
         if had.any() and known and vectors.shape[1] != known:
             logger.warning(
                 "the backend at %s holds %d-d vectors for %r, this cache %d-d; ignoring them",
@@ -611,18 +823,49 @@ class Pipeline:
             return None
         return vectors, had
 
-    def _push(self, call: Call, positions: np.ndarray, vectors: np.ndarray) -> None:
+    def _push(
+        self, call: Call, positions: np.ndarray, vectors: np.ndarray, version: str | None
+    ) -> None:
         remote = self.backend()
         if remote is None:
             return
         texts = [call.normalized[call.firsts[u]] for u in positions]
         try:
-            accepted = remote.push(call.spec, texts, vectors, prompt=call.prompt)
+            accepted = remote.push(call.spec, texts, vectors, prompt=call.prompt, version=version)
         except ProviderError as exc:
             # Pushing is a courtesy to the team; the caller already has its vectors.
             logger.warning("could not push %d vector(s) to the backend: %s", len(texts), exc)
             return
         self._count(pushed=accepted)
+
+    def _check_backend_version(self, call: Call, remote: Engine) -> None:
+        """After the backend computed: its vectors are of the call's version, or are refused
+        (`ProviderError`: the next engine of the chain is asked)."""
+        theirs = remote.version(call.spec)
+        if theirs is None or theirs == call.version:
+            return
+        if call.version is None and not call.pinned:
+            self._switch(call, theirs)  # the first version this call learns of
+            return
+        raise ProviderError(
+            f"the backend computes model {call.spec.name!r} at version {theirs}, and this "
+            f"call needs version {call.version}"
+        )
+
+    def _refuse_version(self, url: str, spec: ModelSpec, theirs: str, ours: str | None) -> None:
+        key = (spec.name, theirs)
+        with self._lock:
+            if key in self._refused:
+                return
+            self._refused.add(key)
+        logger.warning(
+            "the backend at %s holds version %s of model %r, this machine's files version "
+            "%s: not using its vectors",
+            url,
+            theirs,
+            spec.name,
+            ours,
+        )
 
     def _computing(self, model: str) -> threading.Lock:
         with self._lock:
@@ -635,7 +878,7 @@ class Pipeline:
         a slice read from the store), and the positions still to compute. Uncounted: the
         lookup counted these texts already."""
         try:
-            found = self.storage.lookup(call.spec.name, call.distinct_keys(positions))
+            found = self.storage.lookup(call.shard, call.distinct_keys(positions))
         except StorageError:
             return None, positions  # the compute that follows meets the storage's state
         if not len(found.positions):
@@ -645,10 +888,16 @@ class Pipeline:
         return Slice(positions[found.positions], found.vectors, "hit"), positions[keep]
 
     def _store_rows(
-        self, call: Call, positions: np.ndarray, vectors: np.ndarray, damaged: set[bytes]
+        self,
+        call: Call,
+        positions: np.ndarray,
+        vectors: np.ndarray,
+        damaged: set[bytes],
+        into: tuple[str, str | None] | None = None,
     ) -> np.ndarray:
         """Store fresh vectors of the distinct texts at ``positions`` (insert-or-ignore) in
-        one `Store.put`; return the vectors as stored.
+        one `Store.put`, in the call's shard (or ``into``: the shard and version they were
+        computed for); return the vectors as stored.
 
         Another call may have stored some of these texts first, its vectors computed in
         another batch and so different in the last bits: the stored ones are returned, so
@@ -670,9 +919,10 @@ class Pipeline:
                 f"{text[:80]!r}; refusing to store or return it"
             )
         texts = [call.embedded[call.firsts[u]] for u in positions]
+        shard, version = into if into is not None else (call.shard, call.version)
         try:
-            self.storage.put(spec.name, keys, texts, vectors, replace=replace)
-            stored = self.storage.lookup(spec.name, keys)
+            self.storage.put(shard, keys, texts, vectors, replace=replace, revision=version)
+            stored = self.storage.lookup(shard, keys)
             self.storage_worked = True
         except StorageError as exc:
             if not self.degrades(exc):

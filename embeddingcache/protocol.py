@@ -107,6 +107,7 @@ class PushRequest:
     model: str | None = None
     normalized: bool = False
     prompt: str | None = None
+    version: str | None = None  # the model's version the vectors were computed at
 
 
 def media_type(content_type: str | None) -> str:
@@ -260,6 +261,7 @@ def parse_push_request(
         model=model,
         normalized=_bool(fields, "normalized"),
         prompt=_prompt(fields),
+        version=_optional_str(fields, "version"),
     )
 
 

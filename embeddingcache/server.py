@@ -125,23 +125,27 @@ class Backend:
                 code="unknown_model",
             ) from None
 
-    def embed(self, request: EmbedRequest) -> tuple[np.ndarray, np.ndarray, Served]:
-        """The vectors of a request (zeros where a lookup found nothing) and which were
-        stored already."""
+    def embed(self, request: EmbedRequest) -> tuple[np.ndarray, np.ndarray, Served, str | None]:
+        """The vectors of a request (zeros where a lookup found nothing), which were stored
+        already, and the model's version they are of."""
         served = self.served(request.model)
         normalized, prompt = self._embedded(request.texts, request, served.spec)
         pipeline = self.cache.pipeline
+        call = pipeline.prepare(served.spec, normalized, prompt)
         vectors, hits = pipeline.vectors(
-            pipeline.prepare(served.spec, normalized, prompt),
+            call,
             compute=not request.lookup_only,
             options=EmbedOptions(batch_size=self.cache.batch_size, truncate=request.truncate),
         )
         self.count(texts=len(request.texts))
-        return vectors, np.ones(len(normalized), dtype=bool) if hits is None else hits, served
+        found = np.ones(len(normalized), dtype=bool) if hits is None else hits
+        return vectors, found, served, call.version
 
-    def embed_openai(self, request: OpenAIRequest) -> tuple[np.ndarray, int, int, Served]:
+    def embed_openai(
+        self, request: OpenAIRequest
+    ) -> tuple[np.ndarray, int, int, Served, str | None]:
         """``/v1/embeddings``: the vectors (with OpenAI's ``dimensions`` applied), the tokens
-        of every input, the inputs served from the cache, and the model."""
+        of every input, the inputs served from the cache, the model and its version."""
         served = self.served_openai(request.model)
         spec = served.spec
         prompt: str | None = None
@@ -157,7 +161,7 @@ class Backend:
                     param="input_type",
                 )
             prompt = spec.prompts[name]
-        vectors, hits, _ = self.embed(
+        vectors, hits, _, version = self.embed(
             EmbedRequest(texts=request.texts, model=spec.name, prompt=prompt)
         )
         tokens = self.cache.count_tokens(
@@ -165,7 +169,7 @@ class Backend:
         )
         shortened = openai_wire.shorten(vectors, request.dimensions)
         # A model whose engine has no tokenizer bills nothing it could count: 0.
-        return shortened, sum(tokens or ()), int(hits.sum()), served
+        return shortened, sum(tokens or ()), int(hits.sum()), served, version
 
     def served_openai(self, model: str) -> Served:
         """The served model an OpenAI request names, or the 404 OpenAI's clients expect."""
@@ -181,8 +185,21 @@ class Backend:
             ) from None
 
     def push(self, request: PushRequest) -> int:
-        """Store vectors a client computed; stored ones are never replaced. The number new."""
+        """Store vectors a client computed; stored ones are never replaced. The number new.
+
+        Raises:
+            ProtocolError: 409, the client computed them at another version of the model
+                than this server's.
+        """
         served = self.served(request.model)
+        ours = self.cache.pipeline.version(served.spec)
+        if request.version is not None and ours is not None and request.version != ours:
+            raise ProtocolError(
+                409,
+                f"these vectors are of version {request.version} of model "
+                f"{served.spec.name!r}; this server's is {ours}",
+                code="version_mismatch",
+            )
         normalized, prompt = self._embedded(request.texts, request, served.spec)
         call = self.cache.pipeline.prepare(served.spec, normalized, prompt)
         accepted = self.cache.pipeline.store(served.spec, call.embedded, request.vectors)
@@ -275,6 +292,7 @@ def create_app(backend: Backend) -> FastAPI:
                     "dimensions": served.dimension,
                     "prompts": dict(served.spec.prompts),
                     "default_prompt": served.spec.default_prompt,
+                    "version": backend.cache.pipeline.version(served.spec),
                 }
                 for name, served in backend.models.items()
             ],
@@ -296,13 +314,14 @@ def create_app(backend: Backend) -> FastAPI:
     async def embed(request: Request) -> Response:
         kind, obj = await _read(backend, request)
         parsed = parse_embed_request(obj, backend.limits)
-        vectors, hits, served = await _run(backend.embed, parsed)
+        vectors, hits, served, version = await _run(backend.embed, parsed)
         present = hits if parsed.lookup_only else None
         answer = {
             "embeddings": encode_vectors(vectors, present, kind),
             "cache_hits": hits.tolist(),
             "model": served.spec.name,
             "dimensions": served.dimension,
+            "version": version,
         }
         return Response(encode_body(answer, kind), media_type=kind)
 
@@ -333,13 +352,15 @@ def create_app(backend: Backend) -> FastAPI:
         # OpenAI's clients send JSON; curl's -d names a form: every body here is JSON.
         obj = await _read_body(backend, request, JSON)
         parsed = openai_wire.parse_request(obj, backend.limits)
-        vectors, tokens, hits, served = await _run(backend.embed_openai, parsed)
+        vectors, tokens, hits, served, version = await _run(backend.embed_openai, parsed)
         body = openai_wire.response_body(vectors, parsed.model, tokens, parsed.encoding_format)
         headers = {
             "x-embeddingcache-hits": str(hits),
             "x-embeddingcache-computed": str(len(parsed.texts) - hits),
             "x-embeddingcache-model": served.spec.name,
         }
+        if version is not None:
+            headers["x-embeddingcache-version"] = version
         return Response(body, media_type=JSON, headers=headers)
 
     @app.get("/v1/models")

@@ -13,15 +13,24 @@ never serve the old ones for it. So every shard belongs to one *version* of its 
 
 Cheap where it must be: a folder is checked by ``stat`` (size, mtime, inode of each file), at
 most once per ``CHECK_INTERVAL_S`` on the read path and always before computing; its files are
-hashed only when that signature changes, and each file's digest is kept for its signature, so
-going back to a checkpoint that was seen before costs no hashing. Nothing here imports torch.
+hashed only when that signature changes, and each file's digest is kept for its signature (in
+this process, and in a small file, ``digests.json`` under the user's cache folder, so that the
+next process does not hash them again), so going back to a checkpoint that was seen before costs
+no hashing. Nothing here imports torch.
+
+A model's first version keeps the shard its name gives (``<slug>.db``, or ``ec_<name>``); each
+later one gets a shard of its own, named by `versioned_name`. The choice is the pipeline's
+(`embeddingcache.pipeline.Pipeline.shard_for`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -38,9 +47,13 @@ __all__ = [
     "folder_version",
     "hub_commit",
     "hub_version",
+    "model_of",
     "probe_distance",
     "probe_version",
     "short",
+    "versioned_name",
+    "watch_for",
+    "weights_exist",
 ]
 
 # How stale a folder's version may be on the read path: a process that reads a hit this long
@@ -51,12 +64,44 @@ _IGNORED_SUFFIXES = (".md",)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _HASH_CHUNK = 1 << 20
 
-Signature = tuple[tuple[str, int, int, int], ...]
+# (relative path, size, mtime, ctime, inode) of each file: a file rewritten in place with its
+# mtime kept (cp -p) still has a new ctime.
+Signature = tuple[tuple[str, int, int, int, int], ...]
+Stamp = tuple[int, int, int, int]
+# Files stat'ed on every read between two full checks: the largest one, the weights, which
+# every save rewrites.
+SENTINELS = 1
 
 
 def short(version: str) -> str:
     """The part of a version that names a shard: 16 hex digits of its digest or commit."""
     return version.rsplit(":", 1)[-1][:16]
+
+
+def versioned_name(model: str, version: str) -> str:
+    """The shard name of a version of ``model`` that is not the one its own shard holds."""
+    return f"{model}@{short(version)}"
+
+
+_VERSIONED = re.compile(r"(.+)@[0-9a-f]{16}")
+
+
+def model_of(shard: str) -> str:
+    """The model a shard name belongs to: itself, or the model of a `versioned_name`."""
+    found = _VERSIONED.fullmatch(shard)
+    return found.group(1) if found else shard
+
+
+def weights_exist(source: str, version: str) -> bool | None:
+    """Whether the weights of ``version`` can still be loaded from ``source``: a folder's
+    current files (a fine-tuned folder holds only its latest weights), or a Hub commit's
+    snapshot in the local Hugging Face cache. ``None`` for a version known by its answers."""
+    if version.startswith("sha256:"):
+        folder = Path(source)
+        return folder.is_dir() and watch_for(source).current(fresh=True) == version
+    if version.startswith("commit:"):
+        return hub_snapshot_exists(source, version)
+    return None
 
 
 def _files(folder: Path) -> Iterator[tuple[str, os.stat_result]]:
@@ -79,19 +124,71 @@ def _files(folder: Path) -> Iterator[tuple[str, os.stat_result]]:
 
 def signature(folder: Path) -> Signature:
     """What ``stat`` says of a folder's files: it changes when any of them is rewritten."""
-    return tuple(
-        sorted((name, st.st_size, st.st_mtime_ns, st.st_ino) for name, st in _files(folder))
-    )
+    return tuple(sorted((name, *_stamp(st)) for name, st in _files(folder)))
 
 
-# A file's digest for each (path, size, mtime, inode) seen in this process.
-_digests: dict[tuple[str, int, int, int], bytes] = {}
+def _stamp(st: os.stat_result) -> Stamp:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+# A file's digest for each (path, size, mtime, inode) seen in this process, or read from the
+# memo file; the memo keeps the newest MEMO_ENTRIES of them.
+_digests: dict[tuple[str, int, int, int, int], bytes] = {}
 _digests_lock = threading.Lock()
+_memo_loaded: set[Path] = set()
+MEMO_ENTRIES = 10_000
 
 
-def _file_digest(path: Path, stamp: tuple[int, int, int]) -> bytes:
+def memo_path() -> Path:
+    """Where file digests are kept between processes: ``$EMBEDDING_CACHE_DIGESTS``, else
+    ``digests.json`` in ``$XDG_CACHE_HOME/embeddingcache`` (``~/.cache`` by default)."""
+    named = os.environ.get("EMBEDDING_CACHE_DIGESTS")
+    if named:
+        return Path(named)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "embeddingcache" / "digests.json"
+
+
+def _memo_key(key: tuple[str, int, int, int, int]) -> str:
+    return "|".join(map(str, key))
+
+
+def _load_memo(path: Path) -> None:
+    """Read the memo file once per process (a missing or damaged one is an empty memo)."""
+    if path in _memo_loaded:
+        return
+    _memo_loaded.add(path)
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(saved, dict):
+        return
+    for key, value in saved.items():
+        *name, size, mtime, ctime, inode = str(key).split("|")
+        try:
+            stamp = (int(size), int(mtime), int(ctime), int(inode))
+            _digests.setdefault(("|".join(name), *stamp), bytes.fromhex(str(value)))
+        except ValueError:
+            continue
+
+
+def _save_memo(path: Path) -> None:
+    """Write the memo file, best effort (a read-only home only costs hashing again)."""
+    newest = list(_digests.items())[-MEMO_ENTRIES:]
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".digests-")
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            json.dump({_memo_key(key): value.hex() for key, value in newest}, file)
+        os.replace(temporary, path)
+
+
+def _file_digest(path: Path, stamp: Stamp) -> bytes:
     key = (str(path), *stamp)
+    memo = memo_path()
     with _digests_lock:
+        _load_memo(memo)
         found = _digests.get(key)
     if found is None:
         digest = hashlib.sha256()
@@ -107,9 +204,13 @@ def _file_digest(path: Path, stamp: tuple[int, int, int]) -> bytes:
 def folder_version(folder: Path, sig: Signature | None = None) -> str:
     """The version of the model saved in ``folder``: a digest of its files' names and contents."""
     total = hashlib.sha256()
-    for name, size, mtime, inode in sig if sig is not None else signature(folder):
+    known = len(_digests)
+    for name, *stamp in sig if sig is not None else signature(folder):
         total.update(name.encode("utf-8") + b"\0")
-        total.update(_file_digest(folder / name, (size, mtime, inode)))
+        total.update(_file_digest(folder / name, tuple(stamp)))  # type: ignore[arg-type]
+    if len(_digests) != known:
+        with _digests_lock:
+            _save_memo(memo_path())
     return "sha256:" + total.hexdigest()
 
 
@@ -172,13 +273,29 @@ def probe_version(fresh: np.ndarray) -> str:
     return "probe:" + hashlib.sha256(np.ascontiguousarray(fresh, dtype="<f4").tobytes()).hexdigest()
 
 
+_watches: dict[str, VersionWatch] = {}
+_watches_lock = threading.Lock()
+
+
+def watch_for(source: str) -> VersionWatch:
+    """The one `VersionWatch` of a model source (a folder or a Hub id) in this process."""
+    with _watches_lock:
+        watch = _watches.get(source)
+        if watch is None:
+            watch = _watches[source] = VersionWatch(source)
+        return watch
+
+
 @dataclass
 class VersionWatch:
     """The current version of one model, checked cheaply.
 
-    ``current()`` stats the model's files at most once per ``interval`` seconds and hashes
-    them only when their signature changed; ``current(fresh=True)`` always stats (before
-    computing, so that no vector of new weights lands in the old version's shard).
+    ``current()`` stats every file of a folder at most once per ``interval`` seconds, and in
+    between only its ``SENTINELS`` largest file (the weights, which every save rewrites), so
+    that a process sees new weights on its first call after they were saved; it hashes files
+    only when their signature changed. ``current(fresh=True)`` always stats every file
+    (before computing, so that no vector of new weights lands in the old version's shard).
+    A Hub id's commit is read at most once per ``interval``.
     """
 
     source: str
@@ -186,6 +303,7 @@ class VersionWatch:
     _checked: float = float("-inf")
     _signature: Signature | None = None
     _version: str | None = None
+    _sentinels: tuple[tuple[Path, Stamp], ...] = ()
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -199,7 +317,7 @@ class VersionWatch:
     def current(self, *, fresh: bool = False) -> str | None:
         now = time.monotonic()
         with self._lock:
-            if not fresh and now - self._checked < self.interval:
+            if not fresh and now - self._checked < self.interval and self._sentinels_hold():
                 return self._version
             self._checked = now
             if self._folder is None:
@@ -214,4 +332,19 @@ class VersionWatch:
             if sig != self._signature or self._version is None:
                 self._version = folder_version(self._folder, sig)
                 self._signature = sig
+                largest = sorted(sig, key=lambda entry: -entry[1])[:SENTINELS]
+                self._sentinels = tuple(
+                    (self._folder / name, (size, mtime, ctime, inode))
+                    for name, size, mtime, ctime, inode in largest
+                )
             return self._version
+
+    def _sentinels_hold(self) -> bool:
+        """Whether the largest files are as the last full check found them."""
+        for path, stamp in self._sentinels:
+            try:
+                if _stamp(path.stat()) != stamp:
+                    return False
+            except OSError:
+                return False
+        return True

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# File digests of model folders (embeddingcache.versions) are kept in the test run's own memo.
+os.environ["EMBEDDING_CACHE_DIGESTS"] = os.path.join(
+    tempfile.mkdtemp(prefix="embeddingcache-digests-"), "digests.json"
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 

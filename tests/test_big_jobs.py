@@ -173,6 +173,10 @@ class HashEngine:
     # A deterministic engine, fast enough for a corpus: the vector is the key's bytes.
     kind = "hash"
     limits = engines.Limits(batch_inputs=256)
+    versioned_by = "weights"
+
+    def version(self, spec, *, fresh=False):
+        return None  # one fixed function: no versions
 
     def embed(self, spec, texts, *, prompt, options):
         digests = b"".join(keys_of([prompt + t for t in texts]))

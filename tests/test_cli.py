@@ -200,6 +200,6 @@ def test_info_says_where_the_cache_is_and_what_each_shard_holds(
     assert result.returncode == 0, result.stderr
     assert f"cache: {cache_dir} (SQLite files)" in result.stdout
     assert "texts: 2 in hashstring.db" in result.stdout
-    assert f"model {tiny_model}, 32-d float32, 2 vectors, created " in result.stdout
+    assert f"model {tiny_model}, 32-d float32, 2 vectors, version sha256:" in result.stdout
     assert f"by embeddingcache {__version__}" in result.stdout
     assert cli("info", "--help").returncode == 0

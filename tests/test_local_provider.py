@@ -115,8 +115,9 @@ def test_the_device_is_the_best_available_unless_named(
     cache.get_embeddings(["on the cpu"])
     local = cache.pipeline.loaded_engines()["sentence-transformers"]
     assert isinstance(local, SentenceTransformersEngine)
-    loaded = next(iter(local._models.values()))
-    assert loaded.device.type == "cpu"
+    from embeddingcache.models import resolve_model
+
+    assert local.model(resolve_model(tiny_model)).device.type == "cpu"
 
 
 @pytest.mark.parametrize("which", ["tiny", pytest.param("minilm", marks=pytest.mark.integration)])

@@ -69,10 +69,17 @@ class EngineSettings:
 
 
 class Engine(Protocol):
-    """Something that turns texts into the float32 vectors of a model."""
+    """Something that turns texts into the float32 vectors of a model.
+
+    ``versioned_by`` says how the model's version is known (see `embeddingcache.versions`):
+    ``"weights"`` (the engine reads it from the files it loads, `version`), ``"probe"`` (a
+    model behind an API, known only by its answers: the pipeline probes it) or
+    ``"backend"`` (the team backend says it with each answer).
+    """
 
     kind: str
     limits: Limits
+    versioned_by: str
 
     def embed(
         self, spec: ModelSpec, texts: Sequence[str], *, prompt: str, options: EmbedOptions
@@ -97,6 +104,13 @@ class Engine(Protocol):
         Raises:
             ProviderError: the engine cannot tell.
         """
+        ...
+
+    def version(self, spec: ModelSpec, *, fresh: bool = False) -> str | None:
+        """The version of the model this engine computes ``spec``'s vectors with, or ``None``
+        when it cannot tell (then the shard's recorded version stands). Cheap: checked at
+        most once a second unless ``fresh``, which the pipeline asks for before computing.
+        An engine whose model changed loads the new one before it computes again."""
         ...
 
     def close(self) -> None: ...

@@ -43,6 +43,8 @@ logger = logging.getLogger("embeddingcache.engines.backend")
 KIND = "backend"
 
 COOLDOWN_S = 10.0
+# How often a client asks the backend which version of a model it serves (answers say it too).
+VERSION_CHECK_S = 30.0
 # Texts per request: a lookup answers thousands quickly; a computing backend should answer
 # one request well within the timeout. The server's own limits (GET /models) bound both.
 LOOKUP_TEXTS = 2048
@@ -86,6 +88,7 @@ class BackendEngine:
 
     kind = KIND
     limits = Limits(batch_inputs=COMPUTE_TEXTS)
+    versioned_by = "backend"
 
     def __init__(self, url: str, *, timeout: float, token: str | None = None) -> None:
         self.url = url
@@ -97,6 +100,8 @@ class BackendEngine:
         self._down_until = 0.0
         self._down_because = ""
         self._server_bounds: _Bounds | None = None
+        self._versions: dict[str, str] = {}  # model -> the version its last answer named
+        self._versions_asked: dict[str, float] = {}  # model -> when GET /models was asked
         self._lock = threading.Lock()
 
     def lookup(
@@ -135,6 +140,26 @@ class BackendEngine:
     def count_tokens(self, spec: ModelSpec, texts: Sequence[str]) -> list[int] | None:
         return None  # the backend's tokenizer is not at hand here
 
+    def version(self, spec: ModelSpec, *, fresh: bool = False) -> str | None:
+        """The version of the model the backend serves: what its last answer named, asked
+        for (GET /models) on first use and again every ``VERSION_CHECK_S``; ``None`` from a
+        backend that cannot be reached or does not say."""
+        now = time.monotonic()
+        with self._lock:
+            asked = self._versions_asked.get(spec.name)
+            due = asked is None or now - asked >= VERSION_CHECK_S
+            if due:
+                self._versions_asked[spec.name] = now
+        if due:
+            try:
+                answer = json.loads(self._request("GET", "/models", None))
+                for model in answer.get("models", []):
+                    if model.get("name") == spec.name and isinstance(model.get("version"), str):
+                        self._versions[spec.name] = model["version"]
+            except (BackendError, ValueError, AttributeError) as exc:
+                logger.debug("backend version of %r: %s", spec.name, exc)
+        return self._versions.get(spec.name)
+
     def dimension(self, spec: ModelSpec) -> int:
         """The dimension the backend gives for the model (GET /models).
 
@@ -151,13 +176,20 @@ class BackendEngine:
         raise BackendError(f"the backend at {self.url} does not serve model {spec.name!r}")
 
     def push(
-        self, spec: ModelSpec, texts: Sequence[str], vectors: np.ndarray, *, prompt: str
+        self,
+        spec: ModelSpec,
+        texts: Sequence[str],
+        vectors: np.ndarray,
+        *,
+        prompt: str,
+        version: str | None = None,
     ) -> int:
-        """Offer vectors computed here to the backend's cache; the number it accepted.
+        """Offer vectors computed here, at the model's ``version``, to the backend's cache;
+        the number it accepted.
 
         Raises:
             BackendError: the backend is unreachable, or refused (it was started without
-                ``--allow-push``, or found the vectors invalid).
+                ``--allow-push``, found the vectors invalid, or serves another version).
         """
         accepted = 0
         for start, stop in self._chunks(texts, COMPUTE_TEXTS, extra_bytes=4 * vectors.shape[1]):
@@ -168,6 +200,8 @@ class BackendEngine:
                 "prompt": prompt,
                 "embeddings": encode_vectors(vectors[start:stop], None, MSGPACK),
             }
+            if version is not None:
+                body["version"] = version
             answer = self._post("/push", body)
             accepted += int(answer.get("accepted", 0)) if isinstance(answer, dict) else 0
         return accepted
@@ -251,6 +285,11 @@ class BackendEngine:
             items = answer.get("embeddings")
             if not isinstance(items, list) or len(items) != n:
                 raise ProtocolError(502, f"expected {n} embeddings")
+            version = answer.get("version")
+            if version is not None and not isinstance(version, str):
+                raise ProtocolError(502, f"version is {version!r}")
+            if version is not None:
+                self._versions[spec.name] = version
             return decode_vectors(
                 items, dimension, MSGPACK, field="embeddings", allow_missing=lookup_only
             )

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import ModelLoadError, ProviderError, TextTooLongError
 from ..models import ModelSpec
+from ..versions import watch_for, weights_exist
 from . import EmbedOptions, EngineSettings, Limits
 
 __all__ = [
@@ -194,14 +195,17 @@ class _Counter:
 
 
 class SentenceTransformersEngine:
-    """Computes vectors with sentence-transformers; one loaded model per name."""
+    """Computes vectors with sentence-transformers; one loaded model per name, loaded again
+    when the files it was loaded from change (a model fine-tuned and saved in place)."""
 
     kind = KIND
+    versioned_by = "weights"
 
     def __init__(self, *, device: str | None = None, batch_size: int = 32) -> None:
         self.device = device
         self.limits = Limits(batch_inputs=batch_size)
-        self._models: dict[str, Any] = {}
+        self._models: dict[str, tuple[Any, str | None]] = {}  # name -> (model, its version)
+        self._sources: dict[str, str] = {}  # name -> where it loads from
         self._busy: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
         self._counters: dict[str, _Counter] = {}
         self._lock = threading.Lock()
@@ -215,13 +219,33 @@ class SentenceTransformersEngine:
         """
         return self.load(spec.name, loading_for(spec))
 
+    def version(self, spec: ModelSpec, *, fresh: bool = False) -> str | None:
+        """The version of the files the model loads from (`embeddingcache.versions`): a
+        folder's digest, or the commit a Hub id resolves to in the local Hugging Face cache."""
+        return watch_for(self._source(spec.name, loading_for(spec))).current(fresh=fresh)
+
+    def holds(self, spec: ModelSpec, version: str) -> bool | None:
+        """Whether the weights of ``version`` can still be loaded (`versions.weights_exist`)."""
+        return weights_exist(self._source(spec.name, loading_for(spec)), version)
+
+    def _source(self, name: str, loading: Loading) -> str:
+        source = self._sources.get(name)
+        if source is None:
+            source = self._sources[name] = loading.load_source()
+        return source
+
     def load(self, name: str, loading: Loading) -> Any:
         """The loaded ``SentenceTransformer`` named ``name``, loaded as ``loading`` says on
-        first use; raises as `model` does."""
+        first use, and again once its files changed; raises as `model` does."""
         with self._lock:
-            loaded = self._models.get(name)
-            if loaded is not None:
-                return loaded
+            source = self._source(name, loading)
+            version = watch_for(source).current()
+            found = self._models.get(name)
+            if found is not None and found[1] == version:
+                return found[0]
+            if found is not None:
+                logger.info("model %s changed in %s; loading it again", name, source)
+                self._counters.pop(name, None)
             try:
                 from sentence_transformers import SentenceTransformer
             except ImportError as exc:
@@ -229,7 +253,6 @@ class SentenceTransformersEngine:
                     "sentence-transformers is not installed",
                     fix="pip install 'embeddingcache[local]' to compute them here",
                 ) from exc
-            source = loading.load_source()
             device = self.device or pick_device()
             logger.info("loading model %s from %s on %s", name, source, device)
             try:
@@ -238,7 +261,11 @@ class SentenceTransformersEngine:
                 )
             except Exception as exc:  # any failure to load is this one error to the caller
                 raise load_error(name, loading, source, exc) from exc
-            self._models[name] = loaded
+            # The version seen before loading (files changed meanwhile load again on the
+            # next call); a Hub id downloaded just now has its commit only now.
+            if version is None:
+                version = watch_for(source).current(fresh=True)
+            self._models[name] = (loaded, version)
             return loaded
 
     def dimension(self, spec: ModelSpec) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import exc as sa_exc
 
 from ..errors import InvalidInputError, StorageError
+from ..versions import model_of
 from .layout import ShardPlace, SQLiteLayout
 from .retry import retry_write
 from .sqlite import SHARD_PAGE_SIZE, compact, write_transaction
@@ -67,10 +68,12 @@ def prune(
     older_than_s: float | None = None,
     max_size: int | None = None,
     dry_run: bool = False,
+    shards: Sequence[str] | None = None,
 ) -> PruneReport:
     """Remove entries from the cache.
 
-    ``model`` limits the removal to that model's shard, and alone removes all of it.
+    ``model`` limits the removal to that model's shards (every version of it), and alone
+    removes all of them. ``shards`` removes those shards whole (stale model versions).
     ``older_than_s`` removes entries not used for that many seconds. ``max_size`` then removes
     the least recently used entries until the cache takes at most that many bytes on disk.
     Texts that no shard refers to any longer go too; the SQLite files that changed are
@@ -81,7 +84,7 @@ def prune(
             database other than SQLite.
         StorageError: the cache could not be read or written.
     """
-    if model is None and older_than_s is None and max_size is None:
+    if model is None and older_than_s is None and max_size is None and shards is None:
         raise InvalidInputError("say what to prune: a model, a maximum age or a maximum size")
     if max_size is not None and not isinstance(store.layout, SQLiteLayout):
         raise InvalidInputError(
@@ -90,6 +93,8 @@ def prune(
         )
     store.flush()  # last use that waits in memory counts
     try:
+        if shards is not None:
+            return _remove_whole(store, _shards(store), set(shards), dry_run)
         return _prune(store, model, older_than_s, max_size, dry_run)
     except sa_exc.SQLAlchemyError as exc:
         reason = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
@@ -106,22 +111,14 @@ def _prune(
     dry_run: bool,
 ) -> PruneReport:
     shards = _shards(store)
-    scope = [s for s in shards if model is None or s.model == model]
+    scope = [s for s in shards if model is None or model_of(s.model) == model]
     if model is not None and not scope:
         raise InvalidInputError(f"nothing is stored for model {model!r}")
     bytes_before = store.total_bytes()
     share = _text_share(store)
 
     if model is not None and older_than_s is None and max_size is None:
-        shard = scope[0]
-        if dry_run:
-            freed = shard.bytes + int(share * shard.entries)
-            return PruneReport(
-                {shard.model: shard.entries}, 0, bytes_before, max(bytes_before - freed, 0), True
-            )
-        _empty(store, shard)
-        texts = _drop_orphan_texts(store, None)
-        return _finish(store, {shard.model: shard.entries}, texts, bytes_before, [shard.place])
+        return _remove_whole(store, shards, {s.model for s in scope}, dry_run)
 
     chosen: dict[str, list[bytes]] = {}
     if older_than_s is not None:
@@ -170,6 +167,24 @@ def _prune(
             dirty = _remove(scope, lru, removed)
             texts += _drop_orphan_texts(store, [k for keys in lru.values() for k in keys])
     return _finish(store, removed, texts, bytes_before, list(dirty.values()))
+
+
+def _remove_whole(
+    store: Store, shards: Sequence[_Shard], names: set[str], dry_run: bool
+) -> PruneReport:
+    """Remove the named shards' every vector, and the texts only they used."""
+    scope = [s for s in shards if s.model in names]
+    bytes_before = store.total_bytes()
+    removed = {s.model: s.entries for s in scope}
+    if dry_run:
+        freed = sum(s.bytes for s in scope) + int(_text_share(store) * sum(removed.values()))
+        return PruneReport(removed, 0, bytes_before, max(bytes_before - freed, 0), True)
+    if not scope:
+        return PruneReport({}, 0, bytes_before, bytes_before)
+    for shard in scope:
+        _empty(store, shard)
+    texts = _drop_orphan_texts(store, None)
+    return _finish(store, removed, texts, bytes_before, [s.place for s in scope])
 
 
 def _remove(

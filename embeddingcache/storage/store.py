@@ -13,6 +13,7 @@ once 10,000 rows wait; and at ``close`` or exit). A hit costs one comparison, ne
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import sqlite3
@@ -91,6 +92,8 @@ class ModelInfo:
     dimension: int
     dtype: str
     library_version: str
+    revision: str | None = None
+    """The model's version (`embeddingcache.versions`) the shard holds vectors of."""
 
 
 class Lookup(NamedTuple):
@@ -131,6 +134,9 @@ class ShardSummary:
     """Lookups that found a vector, counted across every run (see docs/storage.md)."""
     misses: int = 0
     """Lookups that did not."""
+    revision: str | None = None
+    """The version of the model its vectors are of (`embeddingcache.versions`): a later
+    version of a model has a shard of its own, named ``<model>@<16 hex digits>``."""
 
 
 @dataclass
@@ -174,6 +180,28 @@ class Store:
         """The shard's sanity row, or ``None`` when nothing is stored for the model yet."""
         shard = self._open_shard(model)
         return shard.info if shard is not None else None
+
+    def claim_revision(self, model: str, revision: str) -> str | None:
+        """Record the model's version in a shard whose model row has none (the first check
+        of a shard made before versions were recorded); the version it holds afterwards.
+        A read-only shard records nothing: it answers ``revision``, as the check would."""
+        shard = self._open_shard(model)
+        if shard is None or shard.info is None:
+            return None
+        if shard.info.revision is not None:
+            return shard.info.revision
+        place = shard.place
+        if self.layout.read_only(place):
+            return revision
+        try:
+            with write_transaction(place.engine) as connection:
+                held = shard.table.claim_revision(connection, revision)
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._error(f"cannot record the version of {model!r}", exc) from exc
+        with self._lock:
+            info = dataclasses.replace(shard.info, revision=held)
+            self._shards[model] = dataclasses.replace(shard, info=info)
+        return held
 
     def lookup(self, model: str, keys: Sequence[bytes]) -> Lookup:
         """Find the stored vectors of distinct ``keys``; read-only."""
@@ -296,6 +324,7 @@ class Store:
                     created_at=row.created_at if row else None,
                     hits=row.hits if row else 0,
                     misses=row.misses if row else 0,
+                    revision=row.revision if row else None,
                 )
             )
         return result
@@ -386,8 +415,11 @@ class Store:
         vectors: np.ndarray,
         *,
         replace: Sequence[bytes] = (),
+        revision: str | None = None,
     ) -> None:
         """Store texts and their vectors; rows already present are kept as they are.
+        ``revision`` is the model's version they were computed at, recorded in the shard's
+        model row if it has none yet.
 
         Keys in ``replace`` are overwritten: their stored vectors were found damaged.
         Texts go in first: a crash between the two transactions leaves a text without a
@@ -419,6 +451,7 @@ class Store:
                     texts[start:end],
                     matrix[start:end],
                     replace=[k for k in replace if k in part],
+                    revision=revision,
                 )
             return
         now = int(time.time())
@@ -430,7 +463,9 @@ class Store:
         ]
         try:
             removals = retry_write(lambda: self._put_texts(text_rows))
-            retry_write(lambda: self._put_vectors(model, matrix.shape[1], vector_rows, replace))
+            retry_write(
+                lambda: self._put_vectors(model, matrix.shape[1], vector_rows, replace, revision)
+            )
             # Again, now that the vectors are in, if a prune removed texts between the two
             # transactions: it may have removed these (its check and its delete are one
             # transaction, so the texts are either seen with their vectors or put back here).
@@ -455,13 +490,18 @@ class Store:
             return removals
 
     def _put_vectors(
-        self, model: str, dimension: int, rows: list[dict[str, Any]], replace: Sequence[bytes]
+        self,
+        model: str,
+        dimension: int,
+        rows: list[dict[str, Any]],
+        replace: Sequence[bytes],
+        revision: str | None,
     ) -> None:
         place = self.layout.shard_place(model)
         self._ready(place, create=True)
         table = shard_table(place)
         with write_transaction(place.engine) as connection:
-            info = _ensure_info(connection, table, model, dimension)
+            info = _ensure_info(connection, table, model, dimension, revision)
             if replace:
                 table.delete(connection, replace)
             table.put_new(connection, rows)
@@ -485,7 +525,7 @@ class Store:
             raise self._error(f"cannot read the shard of {model!r}", exc) from exc
         if row is None:
             return None
-        info = ModelInfo(row.model, row.dimension, row.dtype, row.library_version)
+        info = _model_info(row)
         _check_model(info, model, place)
         shard = _Shard(table, info, self.layout.reader(place))
         with self._lock:
@@ -616,8 +656,16 @@ def _vanished(exc: BaseException) -> bool:
     )
 
 
+def _model_info(row: Any) -> ModelInfo:
+    return ModelInfo(row.model, row.dimension, row.dtype, row.library_version, row.revision)
+
+
 def _ensure_info(
-    connection: Connection, table: ShardTable, model: str, dimension: int
+    connection: Connection,
+    table: ShardTable,
+    model: str,
+    dimension: int,
+    revision: str | None = None,
 ) -> ModelInfo:
     row = table.claim(
         connection,
@@ -627,11 +675,20 @@ def _ensure_info(
             "dtype": DTYPE,
             "library_version": __version__,
             "created_at": int(time.time()),
+            "revision": revision,
         },
     )
     # Whoever claimed the shard, it is checked as if it had been there before.
-    info = ModelInfo(row.model, row.dimension, row.dtype, row.library_version)
+    info = _model_info(row)
     _check_model(info, model, table.place)
+    if revision is not None and info.revision != revision:
+        held = table.claim_revision(connection, revision)
+        if held != revision:
+            raise ShardMismatchError(
+                f"the shard {table.place.name} holds version {held} of model {model!r}, "
+                f"not {revision}: the model changed while this call computed; call again"
+            )
+        info = dataclasses.replace(info, revision=revision)
     if info.dimension != dimension:
         raise DimensionMismatchError(
             f"model {model!r} gave {dimension}-d vectors, but its shard holds "

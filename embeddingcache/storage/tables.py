@@ -198,6 +198,15 @@ class ShardTable:
             found = connection.execute(select(self.model_info)).one()
         return found
 
+    def claim_revision(self, connection: Connection, revision: str) -> str | None:
+        """The model's version recorded in the model row: ``revision`` if the row had none
+        (a shard of an earlier embeddingcache, or one claimed without it), else the one
+        it holds."""
+        info = self.model_info
+        connection.execute(update(info).where(info.c.revision.is_(None)).values(revision=revision))
+        found = connection.execute(select(info.c.revision)).first()
+        return None if found is None else found.revision
+
     def add_use(self, connection: Connection, hits: int, misses: int) -> None:
         info = self.model_info
         connection.execute(
