@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -369,11 +369,15 @@ class Pipeline:
         *,
         compute: bool = True,
         options: EmbedOptions | None = None,
+        progress: Callable[[Slice], None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """The call's vectors in input order, and which of them the store held (``None``:
         all of them). Without ``compute``, the rows of vectors nobody had are zeros.
+        ``progress`` is called with each slice as it comes (a progress bar's).
         Raises what `resolve` raises."""
         slices = self.resolve(call, compute=compute, options=options)
+        if progress is not None:
+            slices = _reported(slices, progress)
         first = next(slices, None)
         n = len(call.firsts)
         if first is not None and first.source == "hit" and len(first.positions) == n:
@@ -698,6 +702,12 @@ class Pipeline:
         with self._lock:
             for name, amount in amounts.items():
                 self._stats[name] += amount
+
+
+def _reported(slices: Iterator[Slice], progress: Callable[[Slice], None]) -> Iterator[Slice]:
+    for part in slices:
+        progress(part)
+        yield part
 
 
 def _finished(future: Future[tuple[np.ndarray, Deferred]]) -> np.ndarray:
