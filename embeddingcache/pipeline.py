@@ -277,12 +277,21 @@ class Pipeline:
         call that needs texts another call is computing waits for it (the model's lock),
         then reads what it stored and computes only the rest (a server's concurrent
         requests, say)."""
-        with self._computing(call.spec.name):
-            meanwhile, missing = self._stored_meanwhile(call, missing)
-            if meanwhile is not None:
-                yield meanwhile
+        lock = self._computing(call.spec.name)
+        waited = not lock.acquire(blocking=False)
+        if waited:
+            lock.acquire()
+        try:
+            # Only a call that waited can find texts stored meanwhile by this process; what
+            # another process stores, `_store_rows` finds (and returns) when it writes.
+            if waited:
+                meanwhile, missing = self._stored_meanwhile(call, missing)
+                if meanwhile is not None:
+                    yield meanwhile
             if len(missing):
                 yield from self._compute_slices(call, missing, options, damaged)
+        finally:
+            lock.release()
 
     def _compute_slices(
         self, call: Call, missing: np.ndarray, options: EmbedOptions, damaged: set[bytes]
@@ -675,8 +684,11 @@ class Pipeline:
             )
         texts = [call.embedded[call.firsts[u]] for u in positions]
         try:
-            self.storage.put(spec.name, keys, texts, vectors, replace=replace)
-            stored = self.storage.lookup(spec.name, keys)
+            kept = self.storage.put(spec.name, keys, texts, vectors, replace=replace)
+            # Read back only when another writer stored some first: when none was, the
+            # vectors given are the ones stored (a read of every slice cost a tenth of a
+            # fast model's time: issue 17).
+            stored = self.storage.lookup(spec.name, keys) if kept else None
             self.storage_worked = True
         except StorageError as exc:
             if not self.degrades(exc):
@@ -685,6 +697,8 @@ class Pipeline:
             _degraded(f"could not store {len(keys)} vector(s) ({exc}); returning them as computed")
             return np.asarray(vectors, dtype=np.float32)
         self.keep_within()
+        if stored is None:
+            return np.asarray(vectors, dtype=np.float32)
         if len(stored.positions) == len(keys):
             return stored.vectors
         vectors = np.array(vectors, dtype=np.float32)
