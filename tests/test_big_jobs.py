@@ -455,3 +455,21 @@ def test_a_process_killed_mid_call_keeps_its_stored_slices_whole_and_a_rerun_com
     out, err = rest.communicate(timeout=120)
     assert rest.returncode == 0, err
     assert out.split() == ["encoded", str(n - stored)]  # only the rest
+
+
+def test_a_static_embedding_model_is_computed_once_and_read_back_as_encoded(
+    static_model: str, cache_dir: Path, encode_spy: Any
+) -> None:
+    """The benchmarks' fast model (tests/tiny_model.py) goes through the real path too."""
+    from sentence_transformers import SentenceTransformer
+
+    texts = [f"cold text {i} of the corpus" for i in range(3000)]
+    with EmbeddingCache(static_model, cache_dir=cache_dir, device="cpu") as cache:
+        cache.pipeline.store_every = StoreEvery(vectors=1000, seconds=3600)
+        vectors = cache.get_embeddings(texts, batch_size=256)
+        assert len(encode_spy.texts) == len(texts)
+        np.testing.assert_array_equal(cache.get_embeddings(texts), vectors)
+        assert len(encode_spy.texts) == len(texts)  # all read back
+    bare = SentenceTransformer(static_model, device="cpu").encode(texts, batch_size=256)
+    assert vectors.shape == (3000, 256)
+    np.testing.assert_allclose(vectors, bare, atol=1e-6)

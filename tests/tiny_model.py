@@ -66,7 +66,7 @@ def build_static_model(target: Path) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.models import StaticEmbedding
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", *STATIC_WORDS, *"0123456789"])}
