@@ -37,6 +37,7 @@ def _suites() -> dict[str, Callable[[Path, bool], list[Result]]]:
     return {
         "hits": bench_hits.warm_hits,
         "cold": bench_compute.cold_misses,
+        "static": bench_compute.static_cold_misses,
         "process": bench_compute.fresh_process,
         "langchain": bench_alternatives.langchain,
         "remote": bench_remote.remote,

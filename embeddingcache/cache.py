@@ -7,7 +7,7 @@ import functools
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -28,6 +28,7 @@ from .errors import InvalidInputError, InvalidInputTypeError, TextTooLongError
 from .keys import normalizer, validate_texts
 from .models import ModelSpec, resolve_model
 from .pipeline import CHAINS, Pipeline
+from .progress import Progress
 from .reading import Dtype, Output, apply, read_options
 from .storage import ShardSummary, Store, layout_for
 from .storage.evict import PruneReport
@@ -231,7 +232,9 @@ class EmbeddingCache:
         picks one of the model's prompts (``"document"``, the default, or ``"query"`` for
         nomic-embed-text-v2); ``prompt`` gives the prefix itself instead (``""`` for none),
         as sentence-transformers' ``encode(prompt=...)`` does. Either way the prompt is part
-        of the embedded string, hence of the key.
+        of the embedded string, hence of the key. ``show_progress`` draws one bar on stderr
+        for the whole call: texts per second, the hits and computed so far, and the model's
+        loading bars when it loads (never the model's own per-batch bar).
 
         Raises:
             InvalidInputError: a text is ``None``, empty or whitespace only (a ``ValueError``).
@@ -242,6 +245,41 @@ class EmbeddingCache:
                 process (once it has worked, a fault is an ``EmbeddingCacheWarning`` and the
                 call returns computed vectors); or a shard of another model or dimension.
         """
+        total = 1 if isinstance(texts, str) else len(texts) if isinstance(texts, Sized) else None
+        with Progress(total, enabled=show_progress) as progress:
+            result: np.ndarray | list[float] | list[list[float]] | torch.Tensor = self._get(
+                texts,
+                model,
+                progress,
+                normalize=normalize,
+                batch_size=batch_size,
+                normalize_embeddings=normalize_embeddings,
+                dimensions=dimensions,
+                dtype=dtype,
+                truncate=truncate,
+                prompt_name=prompt_name,
+                prompt=prompt,
+                output=output,
+            )
+        return result
+
+    def _get(
+        self,
+        texts: str | Sequence[str],
+        model: str | None,
+        progress: Progress,
+        *,
+        normalize: str | None = None,
+        batch_size: int | None = None,
+        normalize_embeddings: bool = False,
+        dimensions: int | None = None,
+        dtype: Dtype = "float32",
+        truncate: bool = False,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        output: Output = "numpy",
+    ) -> Any:
+        """`get_embeddings`, moving ``progress`` as its slices come."""
         items, single = validate_texts(texts)
         reading = read_options(
             dimensions=dimensions,
@@ -251,19 +289,23 @@ class EmbeddingCache:
         )
         spec = resolve_model(model if model is not None else self.model)
         norm = normalizer(normalize if normalize is not None else self.normalize)
-        if batch_size is None and not show_progress and not truncate:
+        if batch_size is None and not progress.enabled and not truncate:
             options = self._default_options
         else:
             options = EmbedOptions(
                 batch_size=positive_int(batch_size, "batch_size")
                 if batch_size is not None
                 else self.batch_size,
-                show_progress=show_progress,
+                show_progress=progress.enabled,
                 truncate=truncate,
             )
         prefix = _prompt_prefix(spec, prompt_name, prompt)
         call = self.pipeline.prepare(spec, list(map(norm, items)), prefix)
-        vectors, _ = self.pipeline.vectors(call, options=options)
+        if not progress.enabled:
+            vectors, _ = self.pipeline.vectors(call, options=options)
+        else:
+            vectors, _ = self.pipeline.vectors(call, options=options, progress=progress.slice)
+            progress.add(len(items) - len(call.firsts))  # the repeats of texts done
         return apply(vectors, reading, model=spec.name, single=single)
 
     def embed(
@@ -293,6 +335,8 @@ class EmbeddingCache:
         may be shorter). Each chunk is a `get_embeddings` call, with its ``options``: what it
         computes is stored as it goes, and memory is bounded by the chunk, not the corpus.
         Nothing is read from ``texts`` before the first array is asked for.
+        ``show_progress=True`` draws one bar for the whole iteration (with an ETA when
+        ``texts`` has a length).
 
         Raises:
             InvalidInputTypeError: ``texts`` is a ``str`` (pass a list of texts).
@@ -310,20 +354,28 @@ class EmbeddingCache:
                 "iter_embeddings yields numpy arrays; for lists use get_embeddings(output=...)"
             )
         positive_int(chunk_size, "chunk_size")
-        return self._iter_chunks(iter(texts), model, chunk_size, options)
+        total = len(texts) if isinstance(texts, Sized) else None
+        return self._iter_chunks(iter(texts), model, chunk_size, total, options)
 
     def _iter_chunks(
-        self, texts: Iterator[str], model: str | None, chunk_size: int, options: dict[str, Any]
+        self,
+        texts: Iterator[str],
+        model: str | None,
+        chunk_size: int,
+        total: int | None,
+        options: dict[str, Any],
     ) -> Iterator[np.ndarray]:
         done = 0
-        while chunk := list(itertools.islice(texts, chunk_size)):
-            validate_texts(chunk, offset=done)
-            try:
-                vectors: np.ndarray = self.get_embeddings(chunk, model, **options)
-            except TextTooLongError as exc:
-                raise TextTooLongError(exc.detail, index=done + exc.index) from None
-            done += len(chunk)
-            yield vectors
+        shown = bool(options.pop("show_progress", False))
+        with Progress(total, enabled=shown) as progress:
+            while chunk := list(itertools.islice(texts, chunk_size)):
+                validate_texts(chunk, offset=done)
+                try:
+                    vectors: np.ndarray = self._get(chunk, model, progress, **options)
+                except TextTooLongError as exc:
+                    raise TextTooLongError(exc.detail, index=done + exc.index) from None
+                done += len(chunk)
+                yield vectors
 
     async def aget_embeddings(
         self, texts: str | Sequence[str], model: str | None = None, **options: Any

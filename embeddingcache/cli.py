@@ -23,6 +23,7 @@ from . import __version__
 from .cache import EmbeddingCache
 from .config import ENV_TOKEN
 from .errors import EmbeddingCacheError
+from .progress import Progress
 from .protocol import Limits
 
 __all__ = ["main"]
@@ -316,8 +317,6 @@ def _embed(args: argparse.Namespace) -> int:
 def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> int:
     """Embed ``total`` lines as they are read, writing each chunk's output as it comes: memory
     is bounded by a chunk, not by the file."""
-    from tqdm import tqdm
-
     kind = _output_format(args)
     to_stdout = kind == "jsonl" and args.out is None
     with contextlib.ExitStack() as stack:
@@ -332,9 +331,8 @@ def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> 
                 device=args.device,
             )
         )
-        bar = stack.enter_context(
-            tqdm(total=total, unit="text", file=sys.stderr, disable=total < PROGRESS_MIN)
-        )
+        # The library's bar (texts/s, hits, computed, ETA), moved once per chunk.
+        bar = stack.enter_context(Progress(total, enabled=total >= PROGRESS_MIN))
         jsonl = None
         if kind == "jsonl":
             jsonl = (
@@ -360,8 +358,8 @@ def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> 
                     matrix[done : done + len(chunk)] = vectors
                 done += len(chunk)
                 stats = cache.stats
-                bar.set_postfix(hits=stats["hits"], computed=stats["computed"], refresh=False)
-                bar.update(len(chunk))
+                hits = stats["hits"] + stats["remote_hits"]
+                bar.add(len(chunk), hits=hits - bar.hits, computed=stats["computed"] - bar.computed)
         except KeyboardInterrupt:
             bar.close()
             stats = cache.stats

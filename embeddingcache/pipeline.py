@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -474,12 +474,21 @@ class Pipeline:
         call that needs texts another call is computing waits for it (the model's lock),
         then reads what it stored and computes only the rest (a server's concurrent
         requests, say)."""
-        with self._computing(call.spec.name):
-            meanwhile, missing = self._stored_meanwhile(call, missing)
-            if meanwhile is not None:
-                yield meanwhile
+        lock = self._computing(call.spec.name)
+        waited = not lock.acquire(blocking=False)
+        if waited:
+            lock.acquire()
+        try:
+            # Only a call that waited can find texts stored meanwhile by this process; what
+            # another process stores, `_store_rows` finds (and returns) when it writes.
+            if waited:
+                meanwhile, missing = self._stored_meanwhile(call, missing)
+                if meanwhile is not None:
+                    yield meanwhile
             if len(missing):
                 yield from self._compute_slices(call, missing, options, damaged)
+        finally:
+            lock.release()
 
     def _compute_slices(
         self, call: Call, missing: np.ndarray, options: EmbedOptions, damaged: set[bytes]
@@ -569,11 +578,15 @@ class Pipeline:
         *,
         compute: bool = True,
         options: EmbedOptions | None = None,
+        progress: Callable[[Slice], None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """The call's vectors in input order, and which of them the store held (``None``:
         all of them). Without ``compute``, the rows of vectors nobody had are zeros.
+        ``progress`` is called with each slice as it comes (a progress bar's).
         Raises what `resolve` raises."""
         slices = self.resolve(call, compute=compute, options=options)
+        if progress is not None:
+            slices = _reported(slices, progress)
         first = next(slices, None)
         n = len(call.firsts)
         if first is not None and first.source == "hit" and len(first.positions) == n:
@@ -921,8 +934,11 @@ class Pipeline:
         texts = [call.embedded[call.firsts[u]] for u in positions]
         shard, version = into if into is not None else (call.shard, call.version)
         try:
-            self.storage.put(shard, keys, texts, vectors, replace=replace, revision=version)
-            stored = self.storage.lookup(shard, keys)
+            kept = self.storage.put(shard, keys, texts, vectors, replace=replace, revision=version)
+            # Read back only when another writer stored some first: when none was, the
+            # vectors given are the ones stored (a read of every slice cost a tenth of a
+            # fast model's time: issue 17).
+            stored = self.storage.lookup(shard, keys) if kept else None
             self.storage_worked = True
         except StorageError as exc:
             if not self.degrades(exc):
@@ -931,6 +947,8 @@ class Pipeline:
             _degraded(f"could not store {len(keys)} vector(s) ({exc}); returning them as computed")
             return np.asarray(vectors, dtype=np.float32)
         self.keep_within()
+        if stored is None:
+            return np.asarray(vectors, dtype=np.float32)
         if len(stored.positions) == len(keys):
             return stored.vectors
         vectors = np.array(vectors, dtype=np.float32)
@@ -948,6 +966,12 @@ class Pipeline:
         with self._lock:
             for name, amount in amounts.items():
                 self._stats[name] += amount
+
+
+def _reported(slices: Iterator[Slice], progress: Callable[[Slice], None]) -> Iterator[Slice]:
+    for part in slices:
+        progress(part)
+        yield part
 
 
 def _finished(future: Future[tuple[np.ndarray, Deferred]]) -> np.ndarray:

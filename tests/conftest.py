@@ -21,7 +21,7 @@ os.environ["EMBEDDING_CACHE_DIGESTS"] = os.path.join(
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_model import build_tiny_model
+from tiny_model import build_static_model, build_tiny_model
 
 import embeddingcache
 from embeddingcache import EmbeddingCache
@@ -32,6 +32,13 @@ from embeddingcache.storage import retry
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real sentence-transformers model folder: 32-d, one token per character."""
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def static_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real sentence-transformers StaticEmbedding model folder (256-d): as fast as a
+    transformer on a GPU, built offline."""
+    return str(build_static_model(tmp_path_factory.mktemp("models") / "static"))
 
 
 @pytest.fixture(scope="session")

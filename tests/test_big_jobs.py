@@ -315,3 +315,165 @@ def test_the_cli_memory_does_not_grow_with_the_lines(tmp_path: Path, kind: str) 
 
     small, large = peak(6_000), peak(30_000)
     assert large - small < 512 * (64 * 4 + 64 + 40) * 2, (small, large)  # two CLI chunks
+
+
+def test_show_progress_draws_one_bar_for_the_whole_call_and_nothing_without_it(
+    tiny_model: str, cache_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu", batch_size=4) as cache:
+        cache.pipeline.store_every = StoreEvery(vectors=8, seconds=3600)  # several slices
+        cache.get_embeddings(TEXTS[:20])  # the first miss loads the model, quietly
+        assert capfd.readouterr().err == ""
+        cache.get_embeddings(TEXTS[10:30] + TEXTS[10:12], show_progress=True)
+        err = capfd.readouterr().err
+    assert err.count("\n") == 1, err  # one bar, closed once; no model bar below it
+    assert "Batches" not in err and "Loading" not in err
+    last = err.split("\r")[-1]
+    assert "22/22" in last and "text/s" in last and "hits=10, computed=10" in last, last
+
+
+def test_the_model_loading_bar_shows_only_when_progress_is_asked_for(
+    tiny_model: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    with EmbeddingCache(tiny_model, cache_dir=tmp_path / "a", device="cpu") as cache:
+        cache.get_embeddings(["one text"], show_progress=True)
+    assert "Loading weights" in capfd.readouterr().err
+    with EmbeddingCache(tiny_model, cache_dir=tmp_path / "b", device="cpu") as cache:
+        cache.get_embeddings(["one text"])
+        assert cache.stats["computed"] == 1
+    assert capfd.readouterr().err == ""
+
+
+def test_iter_embeddings_shows_one_bar_across_its_chunks(
+    sliced: EmbeddingCache, capfd: pytest.CaptureFixture[str]
+) -> None:
+    sliced.get_embeddings(TEXTS[:5])
+    capfd.readouterr()
+    chunks = sliced.iter_embeddings(iter(TEXTS), chunk_size=7, show_progress=True)
+    assert sum(len(c) for c in chunks) == len(TEXTS)
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "40text" in err.split("\r")[-1] and "hits=5, computed=35" in err, err
+
+
+SIGNAL_SCRIPT = """
+import atexit, sys, time
+from sentence_transformers import SentenceTransformer
+from embeddingcache import EmbeddingCache
+from embeddingcache.pipeline import StoreEvery
+
+model, directory, n, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+encoded = [0]
+original = SentenceTransformer.encode
+
+
+def encode(self, inputs, *args, **kwargs):
+    # Measurement (texts encoded, said at exit) and, in the first run, a slower model, so
+    # that the signal lands mid-call.
+    if mode != "rest":
+        time.sleep(0.05)
+    vectors = original(self, inputs, *args, **kwargs)
+    encoded[0] += len(inputs)
+    return vectors
+
+
+SentenceTransformer.encode = encode
+atexit.register(lambda: print("encoded", encoded[0], flush=True))
+texts = [f"text {i} of a long call" for i in range(n)]
+with EmbeddingCache(model, cache_dir=directory, device="cpu", batch_size=16) as cache:
+    cache.pipeline.store_every = StoreEvery(vectors=16, seconds=3600)  # a slice per call
+    if mode == "iter":
+        for _ in cache.iter_embeddings(iter(texts), chunk_size=64):
+            pass
+    else:
+        cache.get_embeddings(texts)
+"""
+
+
+@pytest.mark.parametrize(("signal_name", "mode"), [("SIGINT", "list"), ("SIGKILL", "iter")])
+def test_a_process_killed_mid_call_keeps_its_stored_slices_whole_and_a_rerun_computes_the_rest(
+    tiny_model: str, cache_dir: Path, direct_model: Any, signal_name: str, mode: str
+) -> None:
+    """SIGINT (Ctrl-C) in a long list, SIGKILL in a generator's loop: every slice stored is
+    whole, the files pass SQLite's integrity check, the vectors are the model's, and the
+    same call in a new process encodes only the texts not stored."""
+    import os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    n = 1200
+    texts = [f"text {i} of a long call" for i in range(n)]
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir) as cache:
+        shard = cache._store.layout.shard_place(cache.model).path
+    assert shard is not None
+
+    def stored_rows() -> int:
+        if not shard.exists():
+            return 0
+        try:
+            with sqlite3.connect(f"file:{shard}?mode=ro", uri=True) as db:
+                return int(db.execute("SELECT count(*) FROM embedding").fetchone()[0])
+        except sqlite3.OperationalError:  # not created yet
+            return 0
+
+    def run(run_mode: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-c", SIGNAL_SCRIPT, tiny_model, str(cache_dir), str(n), run_mode],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            # One torch thread: on a busy machine, torch's thread pool made each of the tiny
+            # model's operations wait a scheduler slice (18 s for this, instead of 0.6).
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+
+    child = run(mode)
+    deadline = time.monotonic() + 120
+    while stored_rows() < 32:
+        assert child.poll() is None, child.communicate()
+        assert time.monotonic() < deadline, "no slice was stored in time"
+        time.sleep(0.02)
+    child.send_signal(getattr(signal, signal_name))
+    out, err = child.communicate(timeout=60)
+    assert child.returncode != 0, (out, err)  # stopped mid-call, not finished
+    stored = stored_rows()
+    assert 32 <= stored < n and stored % 16 == 0, stored  # whole slices only
+    if signal_name == "SIGINT":
+        assert "KeyboardInterrupt" in err, err
+        assert out.split() == ["encoded", str(stored)]  # all it computed, it stored
+    for name in ("hashstring.db", shard.name):
+        with sqlite3.connect(cache_dir / name) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as cache:
+        found = cache._store.lookup(cache.model, keys_of(texts))
+    assert len(found.positions) == stored and not len(found.damaged)
+    np.testing.assert_allclose(
+        found.vectors[:64],
+        direct_model.encode([texts[i] for i in found.positions[:64]], batch_size=16),
+        atol=1e-5,
+    )
+    rest = run(mode)
+    out, err = rest.communicate(timeout=120)
+    assert rest.returncode == 0, err
+    assert out.split() == ["encoded", str(n - stored)]  # only the rest
+
+
+def test_a_static_embedding_model_is_computed_once_and_read_back_as_encoded(
+    static_model: str, cache_dir: Path, encode_spy: Any
+) -> None:
+    """The benchmarks' fast model (tests/tiny_model.py) goes through the real path too."""
+    from sentence_transformers import SentenceTransformer
+
+    texts = [f"cold text {i} of the corpus" for i in range(3000)]
+    with EmbeddingCache(static_model, cache_dir=cache_dir, device="cpu") as cache:
+        cache.pipeline.store_every = StoreEvery(vectors=1000, seconds=3600)
+        vectors = cache.get_embeddings(texts, batch_size=256)
+        assert len(encode_spy.texts) == len(texts)
+        np.testing.assert_array_equal(cache.get_embeddings(texts), vectors)
+        assert len(encode_spy.texts) == len(texts)  # all read back
+    bare = SentenceTransformer(static_model, device="cpu").encode(texts, batch_size=256)
+    assert vectors.shape == (3000, 256)
+    np.testing.assert_allclose(vectors, bare, atol=1e-6)

@@ -53,6 +53,8 @@ class EmbedOptions:
     """Per-call options of `Engine.embed` that do not change a vector."""
 
     batch_size: int = 32
+    # The caller shows one bar for its whole call (embeddingcache.progress): an engine draws
+    # no bar of its own per batch, and may show what loading a model takes only then.
     show_progress: bool = False
     truncate: bool = False
 

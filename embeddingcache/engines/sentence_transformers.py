@@ -9,6 +9,7 @@ the cache does not pay for it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import importlib.util
@@ -210,14 +211,15 @@ class SentenceTransformersEngine:
         self._counters: dict[str, _Counter] = {}
         self._lock = threading.Lock()
 
-    def model(self, spec: ModelSpec) -> Any:
-        """The loaded ``SentenceTransformer`` for a spec, loading it on first use.
+    def model(self, spec: ModelSpec, *, progress: bool = False) -> Any:
+        """The loaded ``SentenceTransformer`` for a spec, loading it on first use; the
+        loader's bars ("Loading weights", downloads) are shown only with ``progress``.
 
         Raises:
             ProviderError: sentence-transformers is not installed.
             ModelLoadError: the model could not be loaded.
         """
-        return self.load(spec.name, loading_for(spec))
+        return self.load(spec.name, loading_for(spec), progress=progress)
 
     def version(self, spec: ModelSpec, *, fresh: bool = False) -> str | None:
         """The version of the files the model loads from (`embeddingcache.versions`): a
@@ -234,7 +236,7 @@ class SentenceTransformersEngine:
             source = self._sources[name] = loading.load_source()
         return source
 
-    def load(self, name: str, loading: Loading) -> Any:
+    def load(self, name: str, loading: Loading, *, progress: bool = False) -> Any:
         """The loaded ``SentenceTransformer`` named ``name``, loaded as ``loading`` says on
         first use, and again once its files changed; raises as `model` does."""
         with self._lock:
@@ -256,9 +258,10 @@ class SentenceTransformersEngine:
             device = self.device or pick_device()
             logger.info("loading model %s from %s on %s", name, source, device)
             try:
-                loaded = SentenceTransformer(
-                    source, device=device, trust_remote_code=loading.trust_remote_code
-                )
+                with _loading_bars(shown=progress):
+                    loaded = SentenceTransformer(
+                        source, device=device, trust_remote_code=loading.trust_remote_code
+                    )
             except Exception as exc:  # any failure to load is this one error to the caller
                 raise load_error(name, loading, source, exc) from exc
             # The version seen before loading (files changed meanwhile load again on the
@@ -279,16 +282,14 @@ class SentenceTransformersEngine:
     def embed(
         self, spec: ModelSpec, texts: Sequence[str], *, prompt: str, options: EmbedOptions
     ) -> np.ndarray:
-        model = self.model(spec)
+        model = self.model(spec, progress=options.show_progress)
         # One computation per model at a time: the length check switches the shared fast
         # tokenizer's truncation off, which a concurrent encode (a server's other request)
         # would otherwise see, and undo. Found by concurrent requests to `serve`.
         with self._busy[spec.name]:
             if not options.truncate:
                 self._check_lengths(spec, model, texts, prompt)
-            return self._encode(
-                model, list(texts), prompt, options.batch_size, options.show_progress
-            )
+            return self._encode(model, list(texts), prompt, options.batch_size)
 
     def count_tokens(self, spec: ModelSpec, embedded: Sequence[str]) -> list[int] | None:
         """Tokens of each embedded string by the model's tokenizer, special tokens left
@@ -365,16 +366,16 @@ class SentenceTransformersEngine:
                     index=index,
                 )
 
-    def _encode(
-        self, model: Any, texts: list[str], prompt: str, batch_size: int, show_progress: bool
-    ) -> np.ndarray:
+    def _encode(self, model: Any, texts: list[str], prompt: str, batch_size: int) -> np.ndarray:
         while True:
             try:
                 vectors = model.encode(
                     texts,
                     prompt=prompt,
                     batch_size=batch_size,
-                    show_progress_bar=show_progress,
+                    # The caller's bar covers the whole call (embeddingcache.progress); the
+                    # model's own, per engine call, would stack under it (issue 17).
+                    show_progress_bar=False,
                     convert_to_numpy=True,
                 )
                 return np.asarray(vectors, dtype=np.float32)
@@ -393,6 +394,25 @@ class SentenceTransformersEngine:
         with self._lock:
             self._models.clear()
             self._counters.clear()
+
+
+@contextlib.contextmanager
+def _loading_bars(*, shown: bool) -> Iterator[None]:
+    """transformers' bars while a model loads ("Loading weights") and huggingface_hub's
+    (downloads), shown only when the caller asked for progress: before issue 17 every first
+    miss printed one, even under the command line's one-line summary. Both follow one
+    process-wide switch (``transformers.utils.logging``), put back as it was afterwards;
+    loading holds the engine's lock, so two loads never race on it."""
+    from transformers.utils import logging as transformers_logging
+
+    if shown or not transformers_logging.is_progress_bar_enabled():
+        yield
+        return
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def _bytes_at_most(text: str) -> int:

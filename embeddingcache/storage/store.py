@@ -416,8 +416,9 @@ class Store:
         *,
         replace: Sequence[bytes] = (),
         revision: str | None = None,
-    ) -> None:
-        """Store texts and their vectors; rows already present are kept as they are.
+    ) -> int:
+        """Store texts and their vectors; rows already present are kept as they are, and
+        their number returned (0: every vector given is the one stored now).
         ``revision`` is the model's version they were computed at, recorded in the shard's
         model row if it has none yet.
 
@@ -435,17 +436,18 @@ class Store:
             StorageError: the database refused the write after the retries.
         """
         if not keys:
-            return
+            return 0
         matrix = _checked_matrix(vectors, len(keys))
         for place in (self.layout.text_place(), self.layout.shard_place(model)):
             if self.layout.read_only(place):
                 self._ready_read_only(place, None, create=True)  # raises
         batch = tables.WRITE_BATCH
         if len(keys) > batch:
+            kept = 0
             for start in range(0, len(keys), batch):
                 end = start + batch
                 part = set(keys[start:end])
-                self.put(
+                kept += self.put(
                     model,
                     keys[start:end],
                     texts[start:end],
@@ -453,7 +455,7 @@ class Store:
                     replace=[k for k in replace if k in part],
                     revision=revision,
                 )
-            return
+            return kept
         now = int(time.time())
         text_rows = [{"hashid": k, "text": t} for k, t in zip(keys, texts, strict=True)]
         blobs = [row.tobytes() for row in matrix]
@@ -463,7 +465,7 @@ class Store:
         ]
         try:
             removals = retry_write(lambda: self._put_texts(text_rows))
-            retry_write(
+            kept = retry_write(
                 lambda: self._put_vectors(model, matrix.shape[1], vector_rows, replace, revision)
             )
             # Again, now that the vectors are in, if a prune removed texts between the two
@@ -474,6 +476,7 @@ class Store:
             retry_write(lambda: self._put_texts(text_rows, unless_removals=removals))
         except sa_exc.SQLAlchemyError as exc:
             raise self._error("cannot write to the cache", exc) from exc
+        return kept
 
     def _put_texts(
         self, rows: list[dict[str, Any]], *, unless_removals: int | None = None
@@ -496,7 +499,8 @@ class Store:
         rows: list[dict[str, Any]],
         replace: Sequence[bytes],
         revision: str | None,
-    ) -> None:
+    ) -> int:
+        """Store vector rows; how many were stored already (and kept)."""
         place = self.layout.shard_place(model)
         self._ready(place, create=True)
         table = shard_table(place)
@@ -504,9 +508,10 @@ class Store:
             info = _ensure_info(connection, table, model, dimension, revision)
             if replace:
                 table.delete(connection, replace)
-            table.put_new(connection, rows)
+            kept = table.put_new(connection, rows)
         with self._lock:
             self._shards[model] = _Shard(table, info, self.layout.reader(place))
+        return kept
 
     # -- opening --------------------------------------------------------------------------
 
