@@ -659,10 +659,12 @@ class Pipeline:
             ProviderError: the engine cannot load or reach the model.
         """
         loaded = self.engine(spec).dimension(spec)
-        stored = self.known_dimension(spec)
-        if self.storage.info(self.shard_for(spec)) is not None and stored != loaded:
+        # One read of the sanity row: another process may create the shard meanwhile.
+        info = self.storage.info(self.shard_for(spec))
+        if info is not None and info.dimension != loaded:
             raise DimensionMismatchError(
-                f"model {spec.name!r} gives {loaded}-d vectors but its shard holds {stored}-d"
+                f"model {spec.name!r} gives {loaded}-d vectors but its shard holds "
+                f"{info.dimension}-d"
             )
         with self._lock:
             self._dimensions[spec.name] = loaded
