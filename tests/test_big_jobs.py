@@ -211,24 +211,42 @@ print(peak)
 """
 
 
-def test_iter_embeddings_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
-    """Peak traced memory over 60,000 texts stays under a bound that does not depend on the
-    count (a few chunks), and five times the texts of 12,000 add less than a chunk's worth,
-    in fresh interpreters."""
+def peaks(script: str, tmp_path: Path, *counts: int, kind: str | None = None) -> list[int]:
+    """The peak traced memory of ``script`` run over each count of texts, in fresh
+    interpreters run side by side (each prints its peak last)."""
     import subprocess
     import sys
 
-    def peak(n: int) -> int:
-        done = subprocess.run(
-            [sys.executable, "-c", MEMORY_SCRIPT, str(n), str(tmp_path / f"c{n}")],
-            capture_output=True,
+    runs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                script,
+                str(n),
+                str(tmp_path / f"c{n}"),
+                *([kind] if kind else []),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            check=False,
         )
-        assert done.returncode == 0, done.stderr
-        return int(done.stdout.split()[-1])
+        for n in counts
+    ]
+    found: list[int] = []
+    for run in runs:
+        out, err = run.communicate(timeout=900)
+        assert run.returncode == 0, err
+        found.append(int(out.split()[-1]))
+    return found
 
-    small, large = peak(12_000), peak(60_000)
+
+def test_iter_embeddings_memory_does_not_grow_with_the_corpus(tmp_path: Path) -> None:
+    """Peak traced memory over 200,000 texts stays under a bound that does not depend on the
+    count (a few chunks), and five times the texts of 40,000 add less than a chunk's worth,
+    in fresh interpreters."""
+
+    small, large = peaks(MEMORY_SCRIPT, tmp_path, 40_000, 200_000)
     chunk_bytes = 2000 * (64 * 4 + 64 + 40)  # a chunk's vectors, keys and texts
     assert large < 40 * chunk_bytes, large  # a few chunks in flight, not the corpus
     assert large - small < chunk_bytes, (small, large)
@@ -300,20 +318,8 @@ print(peak)
 
 @pytest.mark.parametrize("kind", ["npy", "jsonl", "stdout"])
 def test_the_cli_memory_does_not_grow_with_the_lines(tmp_path: Path, kind: str) -> None:
-    import subprocess
-    import sys
 
-    def peak(n: int) -> int:
-        done = subprocess.run(
-            [sys.executable, "-c", CLI_MEMORY_SCRIPT, str(n), str(tmp_path / f"c{n}"), kind],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        return int(done.stdout.split()[-1])
-
-    small, large = peak(6_000), peak(30_000)
+    small, large = peaks(CLI_MEMORY_SCRIPT, tmp_path, 40_000, 200_000, kind=kind)
     assert large - small < 512 * (64 * 4 + 64 + 40) * 2, (small, large)  # two CLI chunks
 
 
