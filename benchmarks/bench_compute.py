@@ -12,6 +12,7 @@ from typing import Any
 
 from embeddingcache import EmbeddingCache
 
+from .bench_storage import raw_sqlite_insert
 from .common import MODEL, Result, fill, median, random_vectors, sentences
 
 
@@ -63,7 +64,16 @@ def static_cold_misses(work: Path, quick: bool) -> list[Result]:
         model.encode(sentences(64, seed=99), batch_size=batch)
         library, baseline = _alternating(cache, model, n, batch, rounds, seed=2000, tag="static")
         assert cache.stats["computed"] == n * rounds + 64
+        # The floor under any cache of these vectors: hand-written sqlite3 storing the same
+        # rows, nothing else. Where the model keeps every core busy (a CPU model), the
+        # writer's time adds to the model's instead of overlapping it.
+        texts = sentences(n, seed=2000, prefix="static raw ")
+        vectors = model.encode(texts, batch_size=batch)
+        raw = median(
+            [raw_sqlite_insert(work / f"static-raw-{r}", texts, vectors) for r in range(rounds)]
+        )
     ratio = baseline / library
+    ceiling = baseline / (baseline + raw)
     return [
         Result(
             "3. cold misses, fast model",
@@ -75,7 +85,11 @@ def static_cold_misses(work: Path, quick: bool) -> list[Result]:
             ">= 0.85x",
             ratio >= 0.85,
             unit="texts/s",
-            notes=[f"{ratio:.2f}x the bare encode (median of {rounds} rounds)"],
+            notes=[
+                f"{ratio:.2f}x the bare encode (median of {rounds} rounds)",
+                f"raw sqlite3 storing the same rows alone takes {raw / baseline:.0%} of the "
+                f"bare encode's time: {ceiling:.2f}x if it could not overlap the model",
+            ],
         )
     ]
 

@@ -35,7 +35,7 @@ def _keys(texts: list[str]) -> list[bytes]:
     return [hashlib.sha512(t.encode()).digest() for t in texts]
 
 
-def _raw_sqlite_insert(directory: Path, texts: list[str], vectors: np.ndarray) -> float:
+def raw_sqlite_insert(directory: Path, texts: list[str], vectors: np.ndarray) -> float:
     """Seconds for hand-written sqlite3 to store the rows in the same two tables, each file
     in WAL mode, one transaction and one executemany INSERT OR IGNORE per table."""
     directory.mkdir(parents=True)
@@ -86,7 +86,7 @@ def writes(work: Path, quick: bool) -> list[Result]:
         store.put(MODEL, keys[1:], texts[1:], vectors[1:])
         library.append(time.perf_counter() - started)
         store.close()
-        baseline.append(_raw_sqlite_insert(work / f"raw-writes-{run}", texts[1:], vectors[1:]))
+        baseline.append(raw_sqlite_insert(work / f"raw-writes-{run}", texts[1:], vectors[1:]))
     lib, base = median(library), median(baseline)
     n = N_WRITE - 1
     return [
