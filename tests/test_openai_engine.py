@@ -9,7 +9,11 @@ small ASGI app of tests/test_openai_client.py.
 from __future__ import annotations
 
 import base64
+import json
+import logging
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from embeddingcache.errors import (
     AllProvidersFailedError,
     DimensionMismatchError,
     InvalidInputError,
+    TextTooLongError,
 )
 from embeddingcache.keys import keys_of
 from embeddingcache.models import OPENAI_BASE_URL, Access, resolve_model
@@ -340,7 +345,7 @@ def test_an_answer_of_another_dimension_than_the_shard_holds_stores_nothing(
 
     def narrower(body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
         data = [
-            {"index": i, "embedding": base64.b64encode(np.ones(DIM - 1, "<f4")).decode()}
+            {"index": i, "embedding": base64.b64encode(np.ones(DIM - 1, "<f4").tobytes()).decode()}
             for i in range(len(body["input"]))
         ]
         return 200, {}, {"data": data}
@@ -386,3 +391,150 @@ def test_an_interrupted_run_keeps_every_vector_it_paid_for(
         cache.get_embeddings(texts, "openai:m")
         again = [t for body, _ in app.requests[sent:] for t in body["input"]]
     assert sorted(again) == sorted(set(texts) - set(paid))
+
+
+def test_the_langchain_adapter_passes_base_url_and_api_key_through(
+    upstream: tuple[Upstream, str], tmp_path: Path
+) -> None:
+    pytest.importorskip("langchain_core")
+    from embeddingcache.integrations.langchain import CachedEmbeddings
+
+    app, url = upstream
+    embeddings = CachedEmbeddings(
+        "openai:m", base_url=url, api_key=KEY, cache_dir=tmp_path / "cache", remote_url=False
+    )
+    try:
+        assert embeddings.embed_documents(TEXTS) == vectors_for(TEXTS).tolist()
+    finally:
+        embeddings.close()
+    assert KEY not in repr(embeddings)
+    assert {headers["authorization"] for _, headers in app.requests} == {f"Bearer {KEY}"}
+
+
+# -- input limits: checked before anything is sent ------------------------------------------
+
+# Over 8,192 tokens of cl100k_base, though not by much in bytes: " x" is one token.
+LONG = "start" + " x" * 9000
+
+
+def test_a_text_over_openais_input_limit_is_refused_by_index_before_anything_is_sent(
+    upstream: tuple[Upstream, str], tmp_path: Path
+) -> None:
+    pytest.importorskip("tiktoken")
+    app, url = upstream
+    with _api_cache(tmp_path / "cache", url) as cache:
+        with pytest.raises(TextTooLongError, match=r"9001 tokens.*at most 8192") as refused:
+            cache.get_embeddings(["short", "also short", LONG], "openai:text-embedding-3-small")
+    assert refused.value.index == 2
+    sent = [text for body, _ in app.requests for text in body["input"]]
+    assert LONG not in sent and "short" not in sent  # only the probe was asked
+
+
+def test_truncate_cuts_a_long_text_to_the_limit_by_tokens(
+    upstream: tuple[Upstream, str], tmp_path: Path
+) -> None:
+    tiktoken = pytest.importorskip("tiktoken")
+    from embeddingcache.engines.openai import load_encoding
+
+    app, url = upstream
+    model = "openai:text-embedding-3-small"
+    with _api_cache(tmp_path / "cache", url) as cache:
+        got = cache.get_embeddings(["short", LONG], model, truncate=True)
+        assert got.shape == (2, DIM)
+        assert cache.count_tokens([LONG], model) == [9001]
+    sent = app.requests[-1][0]["input"]
+    encoding = load_encoding("text-embedding-3-small")
+    assert isinstance(encoding, tiktoken.Encoding) and encoding.encode("hello world") == [
+        15339,
+        1917,  # cl100k_base itself
+    ]
+    assert sent[0] == "short" and LONG.startswith(sent[1])
+    assert len(encoding.encode(sent[1])) == 8192
+
+
+def test_truncate_without_a_tokenizer_says_to_install_the_openai_extra(
+    upstream: tuple[Upstream, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # not installed
+    app, url = upstream
+    with _api_cache(tmp_path / "cache", url) as cache:
+        with pytest.raises(AllProvidersFailedError, match=r"texts\[1\].*embeddingcache\[openai\]"):
+            cache.get_embeddings(["short", LONG], "openai:text-embedding-3-small", truncate=True)
+        assert cache.count_tokens(["short"], "openai:text-embedding-3-small") is None
+        # Without truncate, the API checks its own limit: the text is sent as it is.
+        cache.get_embeddings([LONG], "openai:text-embedding-3-small")
+    assert app.requests[-1][0]["input"] == [LONG]
+
+
+def test_truncate_for_a_model_unknown_to_tiktoken_is_a_clear_error(
+    upstream: tuple[Upstream, str], tmp_path: Path
+) -> None:
+    _, url = upstream
+    with _api_cache(tmp_path / "cache", url) as cache:
+        with pytest.raises(AllProvidersFailedError, match="input limit and tokenizer are unknown"):
+            cache.get_embeddings([LONG], "openai:nomic-embed-text", truncate=True)
+        # Short texts need no cut, and a long one is the server's to judge without truncate.
+        assert cache.get_embeddings(["short"], "openai:nomic-embed-text", truncate=True).size
+
+
+# -- the key ----------------------------------------------------------------------------------
+
+
+def test_the_key_is_in_no_cache_file_log_record_or_error(
+    upstream: tuple[Upstream, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every API path (computing, retrying, refused, a bad answer, hits, the LangChain
+    adapter's), logged at DEBUG: the key is only ever in the Authorization header."""
+    caplog.set_level(logging.DEBUG)
+    app, url = upstream
+    folder = tmp_path / "cache"
+    errors: list[str] = []
+    with _api_cache(folder, url) as cache:
+        cache.get_embeddings(TEXTS, "openai:m")
+        app.script.extend([_status(429, {"retry-after": "0"}), ok])
+        cache.get_embeddings(["retried"], "openai:m", api_key=KEY)
+        for fault in (_status(401), _bad("nan")):
+            app.script.append(fault)
+            with pytest.raises(AllProvidersFailedError) as failed:
+                cache.get_embeddings(["refused"], "openai:m")
+            errors += [str(failed.value), repr(failed.value), str(failed.value.__cause__)]
+        cache.get_embeddings(TEXTS, "openai:m")  # hits
+        errors += [
+            repr(cache),
+            repr(cache.pipeline.settings),
+            repr(cache.pipeline.engine(resolve_model("openai:m", base_url=url))),
+        ]
+    assert {headers["authorization"] for _, headers in app.requests} == {f"Bearer {KEY}"}
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert files and not [p for p in files if KEY.encode() in p.read_bytes()]
+    logged = [r.getMessage() + str(r.args) + str(r.exc_info) for r in caplog.records]
+    assert len(logged) > 3 and not [line for line in logged if KEY in line]
+    assert not [text for text in errors if KEY in text]
+
+
+# -- what a hit costs -------------------------------------------------------------------------
+
+
+def test_a_process_that_only_reads_api_vectors_imports_neither_torch_nor_tiktoken(
+    upstream: tuple[Upstream, str], tmp_path: Path
+) -> None:
+    _, url = upstream
+    folder = tmp_path / "cache"
+    model = "openai:text-embedding-3-small"
+    with _api_cache(folder, url) as cache:
+        cache.get_embeddings(TEXTS, model)
+    script = (
+        "import json, sys\n"
+        "from embeddingcache import EmbeddingCache\n"
+        f"cache = EmbeddingCache(cache_dir={str(folder)!r}, remote_url=False, base_url={url!r})\n"
+        f"vectors = cache.get_embeddings({TEXTS!r}, {model!r})\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'tiktoken': 'tiktoken' in "
+        "sys.modules, 'hits': cache.stats['hits'], 'rows': vectors.tolist()}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["torch"] is False and seen["tiktoken"] is False and seen["hits"] == 3
+    assert np.array_equal(np.asarray(seen["rows"], dtype=np.float32), vectors_for(TEXTS))
