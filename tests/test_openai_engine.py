@@ -393,6 +393,28 @@ def test_an_interrupted_run_keeps_every_vector_it_paid_for(
     assert sorted(again) == sorted(set(texts) - set(paid))
 
 
+def test_each_answer_is_stored_in_a_write_of_its_own_as_it_arrives(
+    upstream: tuple[Upstream, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed run loses no answered request: none waits for others to be stored."""
+    monkeypatch.setenv("EMBEDDING_CACHE_API_TOKEN_BUDGET", "60")
+    app, url = upstream
+    texts = [f"text number {i:03d}" for i in range(40)]
+    with _api_cache(tmp_path / "cache", url) as cache:
+        cache.get_embeddings(["the probe first"], "openai:m")
+        writes: list[int] = []
+        put = cache.pipeline.storage.put
+
+        def counted(model: str, keys: list[bytes], *args: Any, **kwargs: Any) -> Any:
+            writes.append(len(keys))
+            return put(model, keys, *args, **kwargs)
+
+        monkeypatch.setattr(cache.pipeline.storage, "put", counted)
+        sent = len(app.requests)
+        cache.get_embeddings(texts, "openai:m")
+    assert writes == [4] * 10 and len(app.requests) == sent + 10
+
+
 def test_the_langchain_adapter_passes_base_url_and_api_key_through(
     upstream: tuple[Upstream, str], tmp_path: Path
 ) -> None:
