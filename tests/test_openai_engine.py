@@ -118,11 +118,11 @@ def test_engine_settings_never_show_the_key_or_the_token() -> None:
 # -- against the project's own serve ----------------------------------------------------------
 
 
-def _upstream_vectors(url: str, model: str, texts: list[str]) -> np.ndarray:
+def _upstream_vectors(url: str, model: str, texts: list[str], **asked: Any) -> np.ndarray:
     """What the upstream's /v1/embeddings answers, decoded from its base64."""
     answer = httpx.post(
         f"{url}/v1/embeddings",
-        json={"model": model, "input": texts, "encoding_format": "base64"},
+        json={"model": model, "input": texts, "encoding_format": "base64", **asked},
         timeout=60,
     )
     answer.raise_for_status()
@@ -165,6 +165,12 @@ def test_vectors_through_openai_are_bit_equal_to_the_upstreams_and_asked_once(
         before = _requests(server.url)
         assert np.array_equal(cache.get_embeddings(TEXTS, model), got)
         assert _requests(server.url) == before + 1 and cache.stats["computed"] == 0
+        # OpenAI's dimensions, asked of the upstream, answered as it answers them.
+        short = cache.get_embeddings(TEXTS, model, dimensions=16)
+        assert np.array_equal(
+            short, _upstream_vectors(server.url, tiny_model, TEXTS, dimensions=16)
+        )
+        assert cache.dimension(model) == 32
 
 
 def test_the_module_function_takes_base_url_and_api_key(
