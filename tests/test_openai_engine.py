@@ -248,6 +248,32 @@ def test_a_model_changed_under_its_name_gets_a_new_shard_and_no_stale_vector(
     assert len(shards) == 2 and shards[0] == name and shards[1].startswith(name + "@")
 
 
+def test_a_serve_restarted_with_another_model_under_the_name_gets_a_new_shard(
+    serve_process: Callable[..., Any], tiny_model: str, tmp_path: Path
+) -> None:
+    """The upstream is stopped and started again at the same port with new weights for the
+    same model name, as an Ollama or vLLM is when its model is replaced."""
+    from test_model_versions import fine_tune
+
+    folder = tmp_path / "served-model"
+    shutil.copytree(tiny_model, folder)
+    serving = ("--model", str(folder), "--cache-dir", str(tmp_path / "server"), "--device", "cpu")
+    server = serve_process(*serving)
+    model, url = f"openai:{folder}", server.url + "/v1"
+    with _api_cache(tmp_path / "cache", url) as cache:
+        before = cache.get_embeddings(TEXTS, model)
+    server.stop()
+    fine_tune(folder, seed=11)
+    port = server.url.rsplit(":", 1)[1]
+    restarted = serve_process(*serving, "--port", port)
+    assert restarted.url == server.url
+    with _api_cache(tmp_path / "cache", url) as cache:
+        after = cache.get_embeddings(TEXTS, model)
+        assert cache.stats["computed"] == 3
+    assert np.array_equal(after, _upstream_vectors(restarted.url, str(folder), TEXTS))
+    assert not np.allclose(after, before, atol=1e-3)
+
+
 @pytest.mark.usefixtures("storage")
 def test_an_api_model_is_cached_alike_on_sqlite_and_postgres(
     start_server: Callable[..., tuple[RunningServer, Any]],
