@@ -464,6 +464,39 @@ def test_each_answer_is_stored_in_a_write_of_its_own_as_it_arrives(
     assert writes == [4] * 10 and len(app.requests) == sent + 10
 
 
+def test_an_interrupt_while_storing_still_stores_the_answers_in_flight(
+    upstream: tuple[Upstream, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C lands while the first answer is written: that write is lost, and every other
+    answer paid for, those in flight included, is stored before the interrupt goes on."""
+    monkeypatch.setenv("EMBEDDING_CACHE_API_TOKEN_BUDGET", "60")
+    monkeypatch.setenv("EMBEDDING_CACHE_API_IN_FLIGHT", "2")
+    app, url = upstream
+    app.delay = 0.1
+    texts = [f"text number {i:03d}" for i in range(40)]
+    shard = f"openai:m;endpoint={url}"
+    with _api_cache(tmp_path / "cache", url) as cache:
+        cache.get_embeddings(["the probe first"], "openai:m")
+        put = cache.pipeline.storage.put
+        interrupted: list[list[bytes]] = []
+
+        def interrupting(model: str, keys: list[bytes], *args: Any, **kwargs: Any) -> Any:
+            if not interrupted:
+                interrupted.append(keys)
+                raise KeyboardInterrupt
+            return put(model, keys, *args, **kwargs)
+
+        monkeypatch.setattr(cache.pipeline.storage, "put", interrupting)
+        sent = len(app.requests)
+        with pytest.raises(KeyboardInterrupt):
+            cache.get_embeddings(texts, "openai:m")
+        answered = [t for body, _ in app.requests[sent:] for t in body["input"]]
+        lost = set(keys_of(texts)) & set(interrupted[0])
+        assert len(lost) == 4 and 8 <= len(answered) < len(texts)  # it stopped early
+        kept = [t for t, key in zip(answered, keys_of(answered), strict=True) if key not in lost]
+        assert sorted(_stored(cache, shard, texts)) == sorted(kept)
+
+
 def test_the_langchain_adapter_passes_base_url_and_api_key_through(
     upstream: tuple[Upstream, str], tmp_path: Path
 ) -> None:
