@@ -14,18 +14,19 @@ yielded.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from ._util import Deferred, deferred_warnings, first_non_finite, warn
-from .batching import plan_count
+from .batching import plan, plan_count, token_bound
 from .engines import EmbedOptions, Engine, EngineSettings, create
 from .errors import (
     AllProvidersFailedError,
@@ -71,6 +72,8 @@ logger = logging.getLogger("embeddingcache")
 CHAINS = ("local", "remote")
 # How often a long-running process asks a model known by its answers (an API's) the probe again.
 PROBE_EVERY_S = 3600.0
+# How long the read path leaves a model alone after its probe failed (see Pipeline._probed).
+PROBE_RETRY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,7 @@ class Pipeline:
         self._compute_locks: dict[str, threading.Lock] = {}
         self._refused: set[tuple[str, str]] = set()  # backend versions warned about
         self._probes: dict[str, tuple[str, float]] = {}  # model -> (version, when probed)
+        self._unprobed: dict[str, float] = {}  # model -> when a probe last failed
         self._probing: dict[str, threading.Lock] = {}
         self._writer: ThreadPoolExecutor | None = None  # stores slices while the next computes
         self._stats = {"hits": 0, "misses": 0, "remote_hits": 0, "computed": 0, "pushed": 0}
@@ -298,36 +302,47 @@ class Pipeline:
                 if version is not None:
                     return version, True
             elif engine is not None and engine.versioned_by == "probe":
-                version = self._probed(spec, engine)
+                version = self._probed(spec, engine, fresh=fresh)
                 if version is not None:
                     return version, True
         remote = self.backend()
         return (remote.version(spec) if remote is not None else None), False
 
-    def _probed(self, spec: ModelSpec, engine: Engine) -> str | None:
+    def _probed(self, spec: ModelSpec, engine: Engine, *, fresh: bool) -> str | None:
         """The version of a model known only by its answers: its answers to `PROBE`, asked
         on the first call of this process and again every ``PROBE_EVERY_S``, matched within
         `PROBE_TOLERANCE` against the probe stored in each of its shards; a new version
         when none matches. ``None`` while the engine cannot answer (the shard's recorded
-        version stands)."""
+        version stands).
+
+        A hit must not wait on an API that cannot be reached (offline, no key): on the read
+        path the probe is asked once, without retries, and not again for `PROBE_RETRY_S`
+        after it failed; before computing (``fresh``) it is asked with the engine's
+        retries, since the texts are about to be sent anyway."""
         now = time.monotonic()
         with self._lock:
             known = self._probes.get(spec.name)
+            failed_at = self._unprobed.get(spec.name)
             lock = self._probing.setdefault(spec.name, threading.Lock())
         if known is not None and now - known[1] < PROBE_EVERY_S:
             return known[0]
+        if not fresh and failed_at is not None and now - failed_at < PROBE_RETRY_S:
+            return known[0] if known is not None else None
         with lock:
             known = self._probes.get(spec.name)
             if known is not None and now - known[1] < PROBE_EVERY_S:
                 return known[0]
             try:
-                answers = engine.embed(spec, PROBE, prompt="", options=EmbedOptions())
+                answers = engine.embed(spec, PROBE, prompt="", options=EmbedOptions(retries=fresh))
             except ProviderError as exc:
                 logger.warning("cannot probe model %r for its version: %s", spec.name, exc)
+                with self._lock:
+                    self._unprobed[spec.name] = time.monotonic()
                 return known[0] if known is not None else None
             version = self._match_probe(spec, np.asarray(answers, dtype=np.float32))
             with self._lock:
                 self._probes[spec.name] = (version, time.monotonic())
+                self._unprobed.pop(spec.name, None)
             return version
 
     def _match_probe(self, spec: ModelSpec, answers: np.ndarray) -> str:
@@ -500,20 +515,30 @@ class Pipeline:
         stored before the exception goes on."""
         failed: list[tuple[str, ProviderError]] = []
         every = self.store_every
-        step = max(1, min(every.vectors, options.batch_size * STEP_BATCHES))
+        steps, in_flight, billed = self._steps(call, missing, options, failed)
         # Slices handed to the writer, oldest first: one is yielded once the next is
         # computed, so the write of one overlaps the computing of the next.
         writing: list[tuple[Future[tuple[np.ndarray, Deferred]], np.ndarray]] = []
         parts: list[tuple[np.ndarray, np.ndarray]] = []  # computed, not handed over yet
         held, started = 0, time.monotonic()
         engine: Engine | None = None
+        computed = self._computed_steps(
+            call,
+            steps,
+            options,
+            failed,
+            in_flight,
+            lambda p, v, e: _wait_quietly(self._hand_over(call, [(p, v)], damaged, e)[0]),
+        )
         try:
-            for start, stop in plan_count(len(missing), most=step):
-                positions = missing[start:stop]
-                vectors, engine = self._compute(call, positions, options, failed)
+            for positions, vectors, engine in computed:
                 parts.append((positions, vectors))
                 held += len(positions)
-                if held < every.vectors and time.monotonic() - started < every.seconds:
+                if (
+                    not billed
+                    and held < every.vectors
+                    and time.monotonic() - started < every.seconds
+                ):
                     continue
                 writing.append(self._hand_over(call, parts, damaged, engine))
                 parts, held, started = [], 0, time.monotonic()
@@ -531,11 +556,126 @@ class Pipeline:
         except BaseException:
             # Keep what was computed: store it before the error reaches the caller. A
             # failure to store it is logged; the caller sees the error that stopped the call.
+            computed.close()  # the requests still in flight are stored as they end
             if parts and engine is not None:
                 writing.append(self._hand_over(call, parts, damaged, engine))
             for future, _ in writing:
                 _wait_quietly(future)
             raise
+
+    def _steps(
+        self,
+        call: Call,
+        missing: np.ndarray,
+        options: EmbedOptions,
+        failed: list[tuple[str, ProviderError]],
+    ) -> tuple[list[np.ndarray], int, bool]:
+        """The positions of each engine call, how many may run at once, and whether each
+        call's vectors are stored as they come: as the first engine of the chain can take
+        them (its `Limits`). A model on this machine takes `STEP_BATCHES` batches per call,
+        one call at a time, stored by `store_every`; an engine that bounds a batch by tokens
+        (an API's, billed per token) takes one request's worth per call, ``in_flight`` at a
+        time, so that requests run together, and each answer is stored as it comes: an
+        interrupted (even killed) run keeps every vector it paid for. An engine that checks
+        its inputs (``check_inputs``) sees them all first, before anything is sent."""
+        lead = self._lead(call.spec)
+        limits = lead.limits if lead is not None else None
+        texts: list[str] | None = None
+        check = getattr(lead, "check_inputs", None) if lead is not None else None
+        if check is not None and lead is not self._backend:
+            texts = [call.embedded[call.firsts[u]] for u in missing]
+            try:
+                check(call.spec, texts, truncate=options.truncate)
+            except TextTooLongError as exc:
+                raise TextTooLongError(exc.detail, index=call.firsts[missing[exc.index]]) from None
+            except ProviderError as exc:  # it cannot compute these: the next engine may
+                logger.debug("engine local cannot take these texts: %s", exc)
+                failed.append(("local", exc))
+        if limits is None or (limits.token_budget is None and limits.in_flight <= 1):
+            step = max(1, min(self.store_every.vectors, options.batch_size * STEP_BATCHES))
+            return [missing[a:b] for a, b in plan_count(len(missing), most=step)], 1, False
+        if texts is None:
+            texts = [call.embedded[call.firsts[u]] for u in missing]
+        ranges = plan(
+            map(token_bound, texts),
+            most=min(limits.batch_inputs, self.store_every.vectors),
+            budget=limits.token_budget,
+        )
+        return [missing[a:b] for a, b in ranges], max(1, limits.in_flight), True
+
+    def _lead(self, spec: ModelSpec) -> Engine | None:
+        """The first engine of the chain that is configured here (None: none is)."""
+        for name in self.chain:
+            if name == "remote":
+                remote = self.backend()
+                if remote is not None:
+                    return remote
+                continue
+            try:
+                return self.engine(spec)
+            except InvalidInputError:
+                continue  # no such engine here: the compute step says so
+        return None
+
+    def _computed_steps(
+        self,
+        call: Call,
+        steps: list[np.ndarray],
+        options: EmbedOptions,
+        failed: list[tuple[str, ProviderError]],
+        in_flight: int,
+        rescue: Callable[[np.ndarray, np.ndarray, Engine], None],
+    ) -> Generator[tuple[np.ndarray, np.ndarray, Engine], None, None]:
+        """``(positions, vectors, engine)`` of each step, computed ``in_flight`` at a time, in
+        the order they finish. When one fails (or this thread is interrupted while it
+        waits), no other step is started, the steps already running are awaited and yielded
+        (their vectors are paid for), and then the error goes on. When the caller stops
+        taking them (its own error, an interrupt while it stores), the steps still running
+        are awaited and handed to ``rescue``, which stores them."""
+        if in_flight <= 1 or len(steps) <= 1:
+            for positions in steps:
+                vectors, engine = self._compute(call, positions, options, failed)
+                yield positions, vectors, engine
+            return
+        pool = ThreadPoolExecutor(in_flight, thread_name_prefix="embeddingcache-compute")
+        running: dict[Future[tuple[np.ndarray, Engine]], np.ndarray] = {}
+        queue = iter(steps)
+        error: BaseException | None = None
+        try:
+            for positions in itertools.islice(queue, in_flight):
+                future = pool.submit(self._compute, call, positions, options, failed)
+                running[future] = positions
+            while running:
+                try:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                except BaseException as exc:  # interrupted: finish what is running
+                    error = error or exc
+                    done, _ = wait(running)
+                for future in done:
+                    positions = running.pop(future)
+                    try:
+                        vectors, engine = future.result()
+                    except BaseException as exc:
+                        error = error or exc
+                        continue
+                    if error is None:
+                        for following in itertools.islice(queue, 1):
+                            running[
+                                pool.submit(self._compute, call, following, options, failed)
+                            ] = following
+                    yield positions, vectors, engine
+            if error is not None:
+                raise error
+        finally:
+            if running:
+                logger.info("storing the %d answer(s) still in flight", len(running))
+            for future, positions in running.items():
+                try:
+                    vectors, engine = future.result()
+                except BaseException:  # its error is not the one the caller must see
+                    continue
+                rescue(positions, vectors, engine)
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _hand_over(
         self,

@@ -39,7 +39,7 @@ from .errors import (
     TextTooLongError,
 )
 from .keys import normalizer
-from .models import ModelSpec, catalog_name, resolve_model
+from .models import ModelSpec, catalog_name
 from .openai_wire import OpenAIRequest
 from .protocol import (
     JSON,
@@ -98,7 +98,7 @@ class Backend:
         self.models: dict[str, Served] = {}
         self._aliases: dict[str, str] = {}
         for name in models or [cache.model]:
-            spec = resolve_model(name)
+            spec = cache.model_spec(name)  # an API model at the cache's base_url
             self.models[spec.name] = Served(spec, cache.dimension(spec.name))
             self._aliases[name] = spec.name
         self.default_model = next(iter(self.models))
