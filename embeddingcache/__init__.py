@@ -111,6 +111,8 @@ def get_embeddings(
     prompt_name: str | None = None,
     prompt: str | None = None,
     output: Literal["numpy"] = "numpy",
+    base_url: str | None = None,
+    api_key: str | None = None,
 ) -> np.ndarray: ...
 
 
@@ -131,6 +133,8 @@ def get_embeddings(
     prompt_name: str | None = None,
     prompt: str | None = None,
     output: Literal["list"],
+    base_url: str | None = None,
+    api_key: str | None = None,
 ) -> list[float] | list[list[float]]: ...
 
 
@@ -151,6 +155,8 @@ def get_embeddings(
     prompt_name: str | None = None,
     prompt: str | None = None,
     output: Literal["torch"],
+    base_url: str | None = None,
+    api_key: str | None = None,
 ) -> torch.Tensor: ...
 
 
@@ -170,12 +176,16 @@ def get_embeddings(
     prompt_name: str | None = None,
     prompt: str | None = None,
     output: Output = "numpy",
+    base_url: str | None = None,
+    api_key: str | None = None,
 ) -> np.ndarray | list[float] | list[list[float]] | torch.Tensor:
     """Embeddings of ``texts``: ``(n, dim)`` for a sequence, ``(dim,)`` for one ``str``.
 
     Each distinct text is computed once per model, ever; later calls read it from the cache.
     `EmbeddingCache.get_embeddings` of the process-wide cache of ``cache_dir`` or ``db_url``:
-    see it for the options and the errors raised.
+    see it for the options and the errors raised. ``get_embeddings(texts,
+    "openai:text-embedding-3-small")`` computes misses with OpenAI's API (``api_key=`` or
+    ``OPENAI_API_KEY``); ``base_url=`` points it at any OpenAI-compatible server.
     """
     # Any: the overloads of the method are picked by the literal here, checked above.
     cache: Any = _shared_cache(cache_dir, db_url)
@@ -192,6 +202,8 @@ def get_embeddings(
         prompt_name=prompt_name,
         prompt=prompt,
         output=output,
+        base_url=base_url,
+        api_key=api_key,
     )
     return result
 

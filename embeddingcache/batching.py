@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-__all__ = ["plan", "plan_count"]
+__all__ = ["plan", "plan_count", "token_bound"]
 
 
 def plan(
@@ -35,3 +35,10 @@ def plan_count(n: int, *, most: int) -> Iterator[tuple[int, int]]:
     most = max(1, most)
     for start in range(0, n, most):
         yield start, min(n, start + most)
+
+
+def token_bound(text: str) -> int:
+    """At least as many as the tokens of ``text`` for any byte-level BPE tokenizer
+    (tiktoken's, OpenAI's): its UTF-8 length, since every such token is one byte or more.
+    It bounds a request's tokens without a tokenizer, so none is loaded to plan batches."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))

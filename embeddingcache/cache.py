@@ -26,7 +26,7 @@ from .config import (
 from .engines import EmbedOptions, EngineSettings
 from .errors import InvalidInputError, InvalidInputTypeError, TextTooLongError
 from .keys import normalizer, validate_texts
-from .models import ModelSpec, resolve_model
+from .models import ModelSpec, endpoint_of, resolve_model
 from .pipeline import CHAINS, Pipeline
 from .progress import Progress
 from .reading import Dtype, Output, apply, read_options
@@ -82,6 +82,12 @@ class EmbeddingCache:
         max_size: a budget in bytes on disk for a SQLite cache directory: when a write takes
             the cache over it, the least recently used entries are removed until it takes
             90% of it (see `prune`).
+        base_url: where ``openai:`` models are computed, an OpenAI-compatible API
+            (``POST {base_url}/embeddings``); default ``OPENAI_BASE_URL``, else OpenAI's.
+            Its endpoint (scheme, host, port, path) is part of the model's identity: the
+            same model name at two endpoints never shares a shard.
+        api_key: the key of that API; default ``OPENAI_API_KEY``. Never stored, logged or
+            shown.
 
     Raises:
         InvalidInputError: an unknown provider or normalization policy, or ``max_size``
@@ -103,6 +109,8 @@ class EmbeddingCache:
         batch_size: int = 32,
         device: str | None = None,
         max_size: int | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.model = resolve_model_name(model)
         self.cache_dir = resolve_cache_dir(cache_dir)
@@ -134,6 +142,12 @@ class EmbeddingCache:
                     "by whoever runs it (embeddingcache prune --older-than / --model)"
                 )
         self.max_size = max_size
+        if base_url is not None:
+            try:
+                endpoint_of(base_url)  # fail now on a URL no request could go to
+            except ValueError as exc:
+                raise InvalidInputError(str(exc)) from None
+        self.base_url = base_url
         self._store = Store(layout_for(self.cache_dir, self.db_url))
         self.pipeline = Pipeline(
             self._store,
@@ -143,6 +157,8 @@ class EmbeddingCache:
                 remote_url=self.remote_url,
                 timeout=self.timeout,
                 token=self.token,
+                base_url=base_url,
+                api_key=api_key,
             ),
             chain=self.fallback_providers,
             push=self.push,
@@ -168,6 +184,8 @@ class EmbeddingCache:
         prompt_name: str | None = None,
         prompt: str | None = None,
         output: Literal["numpy"] = "numpy",
+        base_url: str | None = None,
+        api_key: str | None = None,
     ) -> np.ndarray: ...
 
     @overload
@@ -186,6 +204,8 @@ class EmbeddingCache:
         prompt_name: str | None = None,
         prompt: str | None = None,
         output: Literal["list"],
+        base_url: str | None = None,
+        api_key: str | None = None,
     ) -> list[float] | list[list[float]]: ...
 
     @overload
@@ -204,6 +224,8 @@ class EmbeddingCache:
         prompt_name: str | None = None,
         prompt: str | None = None,
         output: Literal["torch"],
+        base_url: str | None = None,
+        api_key: str | None = None,
     ) -> torch.Tensor: ...
 
     def get_embeddings(
@@ -221,6 +243,8 @@ class EmbeddingCache:
         prompt_name: str | None = None,
         prompt: str | None = None,
         output: Output = "numpy",
+        base_url: str | None = None,
+        api_key: str | None = None,
     ) -> np.ndarray | list[float] | list[list[float]] | torch.Tensor:
         """Embeddings of ``texts``, computed only for what the cache does not hold.
 
@@ -235,6 +259,10 @@ class EmbeddingCache:
         of the embedded string, hence of the key. ``show_progress`` draws one bar on stderr
         for the whole call: texts per second, the hits and computed so far, and the model's
         loading bars when it loads (never the model's own per-batch bar).
+
+        For an ``openai:`` model, ``base_url`` and ``api_key`` override the cache's for this
+        call, and ``dimensions`` is sent to the API as OpenAI's ``dimensions``: the vectors
+        it returns for one setting have a shard of their own, never served for another.
 
         Raises:
             InvalidInputError: a text is ``None``, empty or whitespace only (a ``ValueError``).
@@ -260,6 +288,8 @@ class EmbeddingCache:
                 prompt_name=prompt_name,
                 prompt=prompt,
                 output=output,
+                base_url=base_url,
+                api_key=api_key,
             )
         return result
 
@@ -278,6 +308,8 @@ class EmbeddingCache:
         prompt_name: str | None = None,
         prompt: str | None = None,
         output: Output = "numpy",
+        base_url: str | None = None,
+        api_key: str | None = None,
     ) -> Any:
         """`get_embeddings`, moving ``progress`` as its slices come."""
         items, single = validate_texts(texts)
@@ -287,7 +319,7 @@ class EmbeddingCache:
             dtype=dtype,
             output=output,
         )
-        spec = resolve_model(model if model is not None else self.model)
+        spec = self._spec(model, base_url=base_url, api_key=api_key, dimensions=dimensions)
         norm = normalizer(normalize if normalize is not None else self.normalize)
         if batch_size is None and not progress.enabled and not truncate:
             options = self._default_options
@@ -401,7 +433,7 @@ class EmbeddingCache:
                 loaded model gives (the shard was filled by another model of that name).
             ProviderError: the model is not stored and cannot be loaded here.
         """
-        return self.pipeline.dimension(resolve_model(model if model is not None else self.model))
+        return self.pipeline.dimension(self._spec(model))
 
     def count_tokens(
         self,
@@ -421,11 +453,29 @@ class EmbeddingCache:
             ProviderError: the model cannot be loaded here.
         """
         validate_texts(list(texts))
-        spec = resolve_model(model if model is not None else self.model)
+        spec = self._spec(model)
         prefix = prompt if prompt is not None else spec.prompt(prompt_name)
         norm = normalizer(self.normalize)
         engine = self.pipeline.engine(spec)
         return engine.count_tokens(spec, [prefix + norm(text) for text in texts])
+
+    def _spec(
+        self,
+        model: str | None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        dimensions: int | None = None,
+    ) -> ModelSpec:
+        """The spec of a model name (this cache's model by default), an API model's reached
+        through ``base_url`` and ``api_key`` (this cache's by default)."""
+        settings = self.pipeline.settings
+        return resolve_model(
+            model if model is not None else self.model,
+            base_url=base_url if base_url is not None else settings.base_url,
+            api_key=api_key if api_key is not None else settings.api_key,
+            dimensions=dimensions,
+        )
 
     def migrate(self) -> list[str]:
         """Bring the stored tables to this version's schema (opening them does it too).
@@ -484,7 +534,7 @@ class EmbeddingCache:
                 raise InvalidInputError("stale_versions=True prunes alone: call prune again")
             stale = self.pipeline.stale_versions()
             return self.pipeline.prune(shards=stale, dry_run=dry_run)
-        name = resolve_model(model).name if model is not None else None
+        name = self._spec(model).name if model is not None else None
         return self.pipeline.prune(model=name, older_than_s=age, max_size=max_size, dry_run=dry_run)
 
     def export_to(self, path: str | os.PathLike[str], model: str | None = None) -> ExportReport:
@@ -496,7 +546,7 @@ class EmbeddingCache:
             StorageError: the cache could not be read.
             OSError: the file could not be written.
         """
-        spec = resolve_model(model if model is not None else self.model)
+        spec = self._spec(model)
         return export_shard(self._store, spec.name, path)
 
     def import_from(self, path: str | os.PathLike[str]) -> ImportReport:

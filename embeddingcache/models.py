@@ -1,22 +1,46 @@
 """The model catalog: what identifies a model (its name, engine, prompts, dimension).
 
-A name that is not in the catalog is used as it is: a Hugging Face id, or a local model folder
-(resolved to an absolute path, so that ``./model`` run from two folders never shares a shard).
+The one place where a model name becomes a provider and an identity (`resolve_model`):
+
+- ``openai:MODEL`` is ``MODEL`` behind an OpenAI-compatible ``POST {base_url}/embeddings``
+  (engine ``"openai"``). Its shard name holds everything that changes its vectors: the model,
+  the endpoint (scheme, host, port and path of ``base_url``, without credentials or query)
+  unless it is OpenAI's own, and OpenAI's ``dimensions`` when asked:
+  ``openai:text-embedding-3-small``, ``openai:nomic-embed-text;endpoint=http://127.0.0.1:11434/v1``,
+  ``openai:text-embedding-3-large;dimensions=256``. The same model name at two endpoints is
+  two shards. How the model is reached (the base URL as given, the key) is the spec's
+  `Access`, which is no part of its identity and never shown.
+- A catalog name, in any spelling of it.
+- Any other name is used as it is: a Hugging Face id, or a local model folder (resolved to an
+  absolute path, so that ``./model`` run from two folders never shares a shard).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import InvalidInputError
 
-__all__ = ["CATALOG", "DEFAULT_MODEL", "ModelSpec", "resolve_model"]
+__all__ = [
+    "CATALOG",
+    "DEFAULT_MODEL",
+    "ENV_OPENAI_API_KEY",
+    "ENV_OPENAI_BASE_URL",
+    "OPENAI_BASE_URL",
+    "Access",
+    "ModelSpec",
+    "endpoint_of",
+    "resolve_model",
+]
 
 DEFAULT_MODEL = "nomic-embed-text-v2"
 # Where sentence-transformers keeps a saved model's prompts.
@@ -24,6 +48,44 @@ ST_CONFIG = "config_sentence_transformers.json"
 
 
 SENTENCE_TRANSFORMERS = "sentence-transformers"
+OPENAI = "openai"
+OPENAI_PREFIX = "openai:"
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+ENV_OPENAI_BASE_URL = "OPENAI_BASE_URL"
+ENV_OPENAI_API_KEY = "OPENAI_API_KEY"
+
+
+def endpoint_of(base_url: str) -> str:
+    """The part of a base URL that names where vectors come from: scheme, host, port and path,
+    without credentials, query or fragment, and without a trailing slash.
+
+    Raises:
+        ValueError: not an http(s) URL with a host.
+    """
+    parts = urlsplit(base_url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"base_url must be an http(s) URL with a host, not {base_url!r}")
+    host = parts.hostname
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+_OPENAI_ENDPOINT = endpoint_of(OPENAI_BASE_URL)
+
+
+@dataclass(frozen=True, repr=False)
+class Access:
+    """How this process reaches a model behind an API: the base URL as given (it may hold a
+    query an Azure deployment needs, or credentials) and the API key. Neither is identity,
+    and neither is ever shown: the repr names the endpoint only."""
+
+    base_url: str
+    api_key: str | None = None
+
+    def __repr__(self) -> str:
+        return f"Access({endpoint_of(self.base_url)!r})"
 
 
 @dataclass(frozen=True)
@@ -35,7 +97,9 @@ class ModelSpec:
     loads or reaches the model is the engine's business. ``prompts`` maps prompt names to
     the prefix the model expects; ``default_prompt`` is the one applied when the caller names
     none. ``options`` holds what changes the vectors beyond the name (an API model's
-    endpoint, a request option); ``aliases`` the other names that mean this model.
+    ``model`` name, ``endpoint`` and ``dimensions``); ``aliases`` the other names that mean
+    this model. ``access`` says how an API model is reached (`Access`): not compared, not
+    shown, not stored.
     """
 
     name: str
@@ -45,6 +109,7 @@ class ModelSpec:
     dimension: int | None = None
     options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     aliases: tuple[str, ...] = ()
+    access: Access | None = field(default=None, repr=False, compare=False)
 
     def prompt(self, prompt_name: str | None) -> str:
         """The prefix for ``prompt_name`` (the default one when ``None``)."""
@@ -91,10 +156,29 @@ def catalog_name(model: str) -> str | None:
     return _BY_LOWER_NAME.get(model.lower())
 
 
-def resolve_model(model: str) -> ModelSpec:
-    """The spec for a model name: a catalog entry, a local folder, or a Hub id."""
+def resolve_model(
+    model: str,
+    *,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    dimensions: int | None = None,
+) -> ModelSpec:
+    """The spec for a model name: an API model (``openai:MODEL``), a catalog entry, a local
+    folder, or a Hub id.
+
+    ``base_url``, ``api_key`` and ``dimensions`` concern API models only (a local model's
+    ``dimensions`` is applied on read, by the caller): ``base_url`` defaults to
+    ``OPENAI_BASE_URL``, else OpenAI's; ``api_key`` to ``OPENAI_API_KEY``; ``dimensions`` is
+    sent to the API as OpenAI's ``dimensions`` and is part of the identity.
+
+    Raises:
+        InvalidInputError: an empty name, a malformed ``openai:`` name, a ``base_url`` that
+            is not an http(s) URL, or one that contradicts the endpoint the name holds.
+    """
     if not isinstance(model, str) or not model.strip():
         raise InvalidInputError(f"model must be a non-empty str, not {model!r}")
+    if model.startswith(OPENAI_PREFIX):
+        return _api_spec(model, base_url, api_key, dimensions)
     name = catalog_name(model)
     if name is not None:
         return CATALOG[name]
@@ -128,3 +212,75 @@ def _local_spec(folder: str, stamp: tuple[int, int] | None) -> ModelSpec:
         named = config.get("default_prompt_name")
         default = named if isinstance(named, str) and named in prompts else None
     return ModelSpec(name=folder, prompts=MappingProxyType(prompts), default_prompt=default)
+
+
+# openai:MODEL[;endpoint=URL][;dimensions=N], the shard name of an API model.
+_API_NAME = re.compile(
+    r"openai:(?P<model>[^;]+?)(?:;endpoint=(?P<endpoint>[^;]+))?(?:;dimensions=(?P<dim>[0-9]+))?"
+)
+
+
+def _api_spec(
+    model: str, base_url: str | None, api_key: str | None, dimensions: int | None
+) -> ModelSpec:
+    """The spec of ``openai:MODEL``, named by `api_name` from what the name holds and what
+    the caller gives (the two must agree)."""
+    found = _API_NAME.fullmatch(model)
+    if found is None or not found["model"].strip():
+        raise InvalidInputError(
+            f"model {model!r}: an API model is named openai:MODEL, optionally followed by "
+            ";endpoint=URL and ;dimensions=N"
+        )
+    named_endpoint, named_dim = found["endpoint"], found["dim"]
+    url = base_url if base_url is not None else os.environ.get(ENV_OPENAI_BASE_URL) or None
+    try:
+        endpoint = endpoint_of(url) if url is not None else None
+        if named_endpoint is not None and endpoint_of(named_endpoint) != named_endpoint:
+            raise ValueError(f"the endpoint {named_endpoint!r} is not in its canonical form")
+    except ValueError as exc:
+        raise InvalidInputError(f"model {model!r}: {exc}") from None
+    if named_endpoint is not None:
+        if base_url is not None and endpoint != named_endpoint:
+            raise InvalidInputError(
+                f"model {model!r} is at {named_endpoint}, and base_url is {endpoint}"
+            )
+        if endpoint != named_endpoint:
+            url, endpoint = named_endpoint, named_endpoint  # the name says where
+    if endpoint is None:
+        url, endpoint = OPENAI_BASE_URL, _OPENAI_ENDPOINT
+    if ";" in endpoint:
+        raise InvalidInputError(f"base_url {endpoint!r}: an endpoint may not contain ';'")
+    if named_dim is not None:
+        if dimensions is not None and dimensions != int(named_dim):
+            raise InvalidInputError(
+                f"model {model!r} has dimensions={named_dim}, and dimensions={dimensions} was asked"
+            )
+        dimensions = int(named_dim)
+    if dimensions is not None and (
+        isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+    ):
+        raise InvalidInputError(f"dimensions must be a positive int, not {dimensions!r}")
+    name = api_name(found["model"], endpoint, dimensions)
+    options: dict[str, Any] = {"model": found["model"], "endpoint": endpoint}
+    if dimensions is not None:
+        options["dimensions"] = dimensions
+    assert url is not None
+    key = api_key if api_key is not None else os.environ.get(ENV_OPENAI_API_KEY) or None
+    return ModelSpec(
+        name=name,
+        engine=OPENAI,
+        dimension=dimensions,
+        options=MappingProxyType(options),
+        access=Access(url, key),
+    )
+
+
+def api_name(model: str, endpoint: str, dimensions: int | None = None) -> str:
+    """The shard name of an API model: ``openai:MODEL``, then ``;endpoint=...`` unless it is
+    OpenAI's, then ``;dimensions=N`` when asked."""
+    name = OPENAI_PREFIX + model
+    if endpoint != _OPENAI_ENDPOINT:
+        name += f";endpoint={endpoint}"
+    if dimensions is not None:
+        name += f";dimensions={dimensions}"
+    return name

@@ -24,7 +24,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from email.utils import parsedate_to_datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -33,12 +32,12 @@ import tenacity
 from ._util import first_non_finite
 from ._version import __version__
 from .errors import ProviderError
+from .models import OPENAI_BASE_URL, endpoint_of
 
 __all__ = ["APIError", "OpenAIClient", "endpoint_of"]
 
 logger = logging.getLogger("embeddingcache.openai")
 
-OPENAI_BASE_URL = "https://api.openai.com/v1"
 RETRIED_STATUSES = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 # Bounds on retrying one request: attempts, total seconds, and the longest single wait (a
 # server's Retry-After beyond it is capped, as openai-python caps it).
@@ -60,19 +59,6 @@ class APIError(ProviderError):
         super().__init__(message)
         self.status = status
         self.retried = retried
-
-
-def endpoint_of(base_url: str) -> str:
-    """The part of a base URL that names where vectors come from: scheme, host, port and path,
-    without credentials, query or fragment, and without a trailing slash."""
-    parts = urlsplit(base_url.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base_url must be an http(s) URL with a host, not {base_url!r}")
-    host = parts.hostname
-    if ":" in host:  # an IPv6 literal
-        host = f"[{host}]"
-    netloc = host if parts.port is None else f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
 class _Retryable(Exception):

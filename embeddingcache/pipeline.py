@@ -14,18 +14,19 @@ yielded.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from ._util import Deferred, deferred_warnings, first_non_finite, warn
-from .batching import plan_count
+from .batching import plan, plan_count, token_bound
 from .engines import EmbedOptions, Engine, EngineSettings, create
 from .errors import (
     AllProvidersFailedError,
@@ -500,7 +501,7 @@ class Pipeline:
         stored before the exception goes on."""
         failed: list[tuple[str, ProviderError]] = []
         every = self.store_every
-        step = max(1, min(every.vectors, options.batch_size * STEP_BATCHES))
+        steps, in_flight = self._steps(call, missing, options, failed)
         # Slices handed to the writer, oldest first: one is yielded once the next is
         # computed, so the write of one overlaps the computing of the next.
         writing: list[tuple[Future[tuple[np.ndarray, Deferred]], np.ndarray]] = []
@@ -508,9 +509,9 @@ class Pipeline:
         held, started = 0, time.monotonic()
         engine: Engine | None = None
         try:
-            for start, stop in plan_count(len(missing), most=step):
-                positions = missing[start:stop]
-                vectors, engine = self._compute(call, positions, options, failed)
+            for positions, vectors, engine in self._computed_steps(
+                call, steps, options, failed, in_flight
+            ):
                 parts.append((positions, vectors))
                 held += len(positions)
                 if held < every.vectors and time.monotonic() - started < every.seconds:
@@ -536,6 +537,108 @@ class Pipeline:
             for future, _ in writing:
                 _wait_quietly(future)
             raise
+
+    def _steps(
+        self,
+        call: Call,
+        missing: np.ndarray,
+        options: EmbedOptions,
+        failed: list[tuple[str, ProviderError]],
+    ) -> tuple[list[np.ndarray], int]:
+        """The positions of each engine call, and how many may run at once: as the first
+        engine of the chain can take them (its `Limits`). A model on this machine takes
+        `STEP_BATCHES` batches per call, one call at a time; an engine that bounds a batch by
+        tokens (an API's) takes one request's worth per call, ``in_flight`` at a time, so
+        that requests run together and each answer is stored as it comes: an interrupted
+        run keeps every vector it paid for. An engine that checks its inputs
+        (``check_inputs``) sees them all first, before anything is sent."""
+        lead = self._lead(call.spec)
+        limits = lead.limits if lead is not None else None
+        texts: list[str] | None = None
+        check = getattr(lead, "check_inputs", None) if lead is not None else None
+        if check is not None and lead is not self._backend:
+            texts = [call.embedded[call.firsts[u]] for u in missing]
+            try:
+                check(call.spec, texts, truncate=options.truncate)
+            except TextTooLongError as exc:
+                raise TextTooLongError(exc.detail, index=call.firsts[missing[exc.index]]) from None
+            except ProviderError as exc:  # it cannot compute these: the next engine may
+                logger.debug("engine local cannot take these texts: %s", exc)
+                failed.append(("local", exc))
+        if limits is None or (limits.token_budget is None and limits.in_flight <= 1):
+            step = max(1, min(self.store_every.vectors, options.batch_size * STEP_BATCHES))
+            return [missing[a:b] for a, b in plan_count(len(missing), most=step)], 1
+        if texts is None:
+            texts = [call.embedded[call.firsts[u]] for u in missing]
+        ranges = plan(
+            map(token_bound, texts),
+            most=min(limits.batch_inputs, self.store_every.vectors),
+            budget=limits.token_budget,
+        )
+        return [missing[a:b] for a, b in ranges], max(1, limits.in_flight)
+
+    def _lead(self, spec: ModelSpec) -> Engine | None:
+        """The first engine of the chain that is configured here (None: none is)."""
+        for name in self.chain:
+            if name == "remote":
+                remote = self.backend()
+                if remote is not None:
+                    return remote
+                continue
+            try:
+                return self.engine(spec)
+            except InvalidInputError:
+                continue  # no such engine here: the compute step says so
+        return None
+
+    def _computed_steps(
+        self,
+        call: Call,
+        steps: list[np.ndarray],
+        options: EmbedOptions,
+        failed: list[tuple[str, ProviderError]],
+        in_flight: int,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, Engine]]:
+        """``(positions, vectors, engine)`` of each step, computed ``in_flight`` at a time, in
+        the order they finish. When one fails (or the caller is interrupted), no other step
+        is started, the steps already running are awaited and yielded (their vectors are
+        paid for), and then the error goes on."""
+        if in_flight <= 1 or len(steps) <= 1:
+            for positions in steps:
+                vectors, engine = self._compute(call, positions, options, failed)
+                yield positions, vectors, engine
+            return
+        pool = ThreadPoolExecutor(in_flight, thread_name_prefix="embeddingcache-compute")
+        running: dict[Future[tuple[np.ndarray, Engine]], np.ndarray] = {}
+        queue = iter(steps)
+        error: BaseException | None = None
+        try:
+            for positions in itertools.islice(queue, in_flight):
+                future = pool.submit(self._compute, call, positions, options, failed)
+                running[future] = positions
+            while running:
+                try:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                except BaseException as exc:  # interrupted: finish what is running
+                    error = error or exc
+                    done, _ = wait(running)
+                for future in done:
+                    positions = running.pop(future)
+                    try:
+                        vectors, engine = future.result()
+                    except BaseException as exc:
+                        error = error or exc
+                        continue
+                    if error is None:
+                        for following in itertools.islice(queue, 1):
+                            running[
+                                pool.submit(self._compute, call, following, options, failed)
+                            ] = following
+                    yield positions, vectors, engine
+            if error is not None:
+                raise error
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _hand_over(
         self,

@@ -194,7 +194,7 @@ class HashEngine:
 
 engines.register("hash", lambda settings: HashEngine())
 spec = ModelSpec(name="hash-model", engine="hash", dimension=64)
-cache_module.resolve_model = lambda name: spec
+cache_module.resolve_model = lambda name, **api: spec
 n, directory = int(sys.argv[1]), sys.argv[2]
 cache = embeddingcache.EmbeddingCache("hash-model", cache_dir=directory, remote_url=False)
 texts = (f"line {i} of the corpus" for i in range(n))

@@ -10,6 +10,12 @@ Engines of this package:
   in this process.
 - ``backend`` (`embeddingcache.engines.backend`): an ``embeddingcache serve`` backend asked
   over HTTP; it also answers lookups and takes pushed vectors.
+- ``openai`` (`embeddingcache.engines.openai`): a model behind an OpenAI-compatible
+  ``POST /embeddings`` (``openai:MODEL``).
+
+An engine may also have ``check_inputs(spec, texts, *, truncate)``: the pipeline calls it on
+every text of a call before the first batch is computed, so that a text too long is refused
+before anything is sent (and paid for).
 
 Who may change this contract: any change to `Engine`, `Limits` or `EmbedOptions` is a change
 to every engine, and goes with them (see docs/architecture.md).
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -61,13 +67,20 @@ class EmbedOptions:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """How this process reaches its engines: the cache's own settings."""
+    """How this process reaches its engines: the cache's own settings.
+
+    ``base_url`` and ``api_key`` are the defaults of API models (``openai:``) whose spec
+    carries no `embeddingcache.models.Access` of its own; ``None``: ``OPENAI_BASE_URL``,
+    else OpenAI's, and ``OPENAI_API_KEY``. Keys and tokens are left out of the repr.
+    """
 
     device: str | None = None
     batch_size: int = 32
     remote_url: str | None = None
     timeout: float = 5.0
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
 
 
 class Engine(Protocol):
@@ -125,6 +138,7 @@ EngineFactory = Callable[[EngineSettings], Engine]
 REGISTRY: dict[str, str | EngineFactory] = {
     "sentence-transformers": "embeddingcache.engines.sentence_transformers:create",
     "backend": "embeddingcache.engines.backend:create",
+    "openai": "embeddingcache.engines.openai:create",
 }
 
 
