@@ -345,7 +345,8 @@ def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> 
                 timeout=args.timeout,
                 batch_size=args.batch_size,
                 device=args.device,
-                **_api_options(args),
+                base_url=args.base_url,
+                api_key=_api_key(args),
             )
         )
         # The library's bar (texts/s, hits, computed, ETA), moved once per chunk.
@@ -410,34 +411,29 @@ def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _api_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``base_url`` and ``api_key`` for `EmbeddingCache`, only those the command line gives:
-    the library's own defaults ($OPENAI_BASE_URL, $OPENAI_API_KEY) apply to the rest.
-
-    The key is read from the variable ``--api-key-env`` names, so that it never appears in
-    a command line (which ``ps`` and shell histories show). No error repeats what was given
-    for NAME: it may be a key pasted by mistake.
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The API key of ``openai:`` models, read from the variable ``--api-key-env`` names
+    (``None`` without it: the library's default, $OPENAI_API_KEY, applies). A key is never
+    taken from a command line, which ``ps`` and shell histories show; and no error repeats
+    what was given for NAME: it may be a key pasted by mistake.
 
     Raises:
         EmbeddingCacheError: NAME is not a variable name, or the variable is unset or empty.
     """
-    options: dict[str, Any] = {}
-    if args.base_url is not None:
-        options["base_url"] = args.base_url
     name = args.api_key_env
-    if name is not None:
-        if not _ENV_NAME.fullmatch(name):
-            raise EmbeddingCacheError(
-                "--api-key-env takes the name of an environment variable (letters, digits and "
-                "_, e.g. OPENAI_API_KEY), not a key: put the key in that variable"
-            )
-        key = os.environ.get(name, "").strip()
-        if not key:
-            raise EmbeddingCacheError(
-                f"--api-key-env {name}: the environment variable {name} is not set or empty"
-            )
-        options["api_key"] = key
-    return options
+    if name is None:
+        return None
+    if not _ENV_NAME.fullmatch(name):
+        raise EmbeddingCacheError(
+            "--api-key-env takes the name of an environment variable (letters, digits and "
+            "_, e.g. OPENAI_API_KEY), not a key: put the key in that variable"
+        )
+    key = os.environ.get(name, "").strip()
+    if not key:
+        raise EmbeddingCacheError(
+            f"--api-key-env {name}: the environment variable {name} is not set or empty"
+        )
+    return key
 
 
 def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -622,7 +618,8 @@ def _serve(args: argparse.Namespace) -> int:
         fallback_providers=("local",),
         batch_size=args.batch_size,
         device=args.device,
-        **_api_options(args),
+        base_url=args.base_url,
+        api_key=_api_key(args),
     )
     try:
         backend = Backend(

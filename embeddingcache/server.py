@@ -97,8 +97,11 @@ class Backend:
         self.started = time.time()
         self.models: dict[str, Served] = {}
         self._aliases: dict[str, str] = {}
+        # An API model is reached through the cache's base_url and key (its endpoint is part
+        # of its name): the served spec carries them to every request.
+        settings = cache.pipeline.settings
         for name in models or [cache.model]:
-            spec = resolve_model(name)
+            spec = resolve_model(name, base_url=settings.base_url, api_key=settings.api_key)
             self.models[spec.name] = Served(spec, cache.dimension(spec.name))
             self._aliases[name] = spec.name
         self.default_model = next(iter(self.models))
