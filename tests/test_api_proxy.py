@@ -1,0 +1,177 @@
+"""`embeddingcache serve --model openai:NAME` as a team's caching proxy: the chain client ->
+proxy -> upstream (`serve --model TINY`, standing in for the provider), each a real process
+on 127.0.0.1. The key lives in the proxy's environment only."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from embeddingcache import EmbeddingCache
+
+KEY = "sk-test-proxy-4f1c9e0b7a2d"  # what the upstream requires, as a provider would
+KEY_ENV = "EC_TEST_PROVIDER_KEY"
+TEXTS = ["the proxy computes this once", "and this", "a third text", "the proxy computes this once"]
+
+
+def _upstream_requests(upstream: Any) -> int:
+    """How many embedding requests the upstream has answered (its own counter)."""
+    answer = httpx.get(
+        f"{upstream.url}/stats", headers={"Authorization": f"Bearer {KEY}"}, timeout=30
+    )
+    answer.raise_for_status()
+    return int(answer.json()["requests"])
+
+
+def _upstream_vectors(upstream: Any, model: str, texts: list[str]) -> np.ndarray:
+    """The upstream's own answer for ``texts``, base64 float32 as it sent it."""
+    answer = httpx.post(
+        f"{upstream.url}/v1/embeddings",
+        json={"model": model, "input": texts, "encoding_format": "base64"},
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    answer.raise_for_status()
+    rows = sorted(answer.json()["data"], key=lambda item: item["index"])
+    return np.stack([np.frombuffer(base64.b64decode(r["embedding"]), "<f4") for r in rows])
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+def test_a_proxy_serves_every_client_the_upstreams_vectors_and_asks_it_each_text_once(
+    store: str,
+    tiny_model: str,
+    tmp_path: Path,
+    serve_process: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+) -> None:
+    """Through the `openai` package and through our msgpack client, vectors bit-equal to the
+    upstream's; a second round of both clients sends the upstream nothing; the key is in no
+    line the proxy wrote, though it logged every request."""
+    import openai
+
+    where = (
+        ["--db-url", request.getfixturevalue("pg_url")]
+        if store == "postgres"
+        else ["--cache-dir", str(tmp_path / "proxy")]
+    )
+    upstream = serve_process(
+        "-m", tiny_model, "--cache-dir", str(tmp_path / "upstream"), "--token", KEY
+    )
+    monkeypatch.setenv(KEY_ENV, KEY)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")  # every line the proxy writes, as it writes it
+    model = f"openai:{tiny_model}"
+    proxy = serve_process(
+        "-m",
+        model,
+        "--base-url",
+        f"{upstream.url}/v1",
+        "--api-key-env",
+        KEY_ENV,
+        "--access-log",
+        *where,
+    )
+    monkeypatch.delenv(KEY_ENV)  # the clients run without any key of the provider's
+    distinct = list(dict.fromkeys(TEXTS))
+
+    def through_the_sdk() -> tuple[np.ndarray, int]:
+        client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="no provider key here")
+        try:
+            raw = client.embeddings.with_raw_response.create(model=model, input=TEXTS)
+        finally:
+            client.close()
+        answer = raw.parse()
+        got = np.asarray([item.embedding for item in answer.data], dtype=np.float32)
+        return got, int(raw.headers["x-embeddingcache-hits"])
+
+    def through_our_client(name: str) -> tuple[np.ndarray, dict[str, Any]]:
+        with EmbeddingCache(
+            model,
+            cache_dir=tmp_path / name,
+            remote_url=proxy.url,
+            fallback_providers=("remote",),
+        ) as cache:
+            return cache.get_embeddings(TEXTS), dict(cache.stats)
+
+    sdk_first, sdk_hits = through_the_sdk()
+    ours_first, stats = through_our_client("client-1")
+    after_first = _upstream_requests(upstream)
+    assert sdk_hits == 0
+    assert stats["remote_hits"] == len(distinct)
+
+    sdk_again, sdk_hits = through_the_sdk()
+    ours_again, stats = through_our_client("client-2")
+    assert _upstream_requests(upstream) == after_first, "a second round reached the upstream"
+    assert sdk_hits == len(TEXTS)
+    assert stats["remote_hits"] == len(distinct) and stats["computed"] == 0
+
+    expected = _upstream_vectors(upstream, tiny_model, TEXTS)
+    for got in (sdk_first, ours_first, sdk_again, ours_again):
+        assert got.dtype == np.float32
+        assert got.tobytes() == expected.tobytes()
+
+    deadline = time.monotonic() + 30
+    while "POST /v1/embeddings" not in "".join(proxy.output):  # the access log, unbuffered
+        assert time.monotonic() < deadline, "".join(proxy.output)
+        time.sleep(0.05)
+    assert KEY not in "".join(proxy.output)
+    if store == "sqlite":
+        for path in (tmp_path / "proxy").rglob("*"):
+            if path.is_file():
+                assert KEY.encode() not in path.read_bytes(), f"the key is in {path}"
+
+
+def test_a_proxy_whose_key_the_upstream_refuses_stops_at_once_without_showing_it(
+    tiny_model: str,
+    tmp_path: Path,
+    serve_process: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A wrong key is a 401 on the first request the proxy makes: `serve` exits with one line
+    naming the endpoint and the model, and neither key appears in it."""
+    import subprocess
+    import sys
+
+    upstream = serve_process(
+        "-m", tiny_model, "--cache-dir", str(tmp_path / "upstream"), "--token", KEY
+    )
+    wrong = "sk-test-wrong-key-0000"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embeddingcache.cli",
+            "serve",
+            "--port",
+            "0",
+            "-m",
+            f"openai:{tiny_model}",
+            "--base-url",
+            f"{upstream.url}/v1",
+            "--api-key-env",
+            KEY_ENV,
+            "--cache-dir",
+            str(tmp_path / "proxy"),
+        ],
+        env={**_environ(), KEY_ENV: wrong},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "401" in result.stderr and f"{upstream.url}/v1" in result.stderr
+    assert wrong not in result.stderr + result.stdout and KEY not in result.stderr
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
