@@ -10,6 +10,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ def serving(*args: str) -> Iterator[str]:
                 break
         if not url:
             raise RuntimeError("embeddingcache serve did not start")
+        # Keep reading: a server whose stderr pipe fills (a model's loading bars) would stop.
+        threading.Thread(target=server.stderr.read, daemon=True).start()
         yield url
     finally:
         server.terminate()
