@@ -5,6 +5,9 @@ on 127.0.0.1. The key lives in the proxy's environment only."""
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,19 @@ from embeddingcache import EmbeddingCache
 KEY = "sk-test-proxy-4f1c9e0b7a2d"  # what the upstream requires, as a provider would
 KEY_ENV = "EC_TEST_PROVIDER_KEY"
 TEXTS = ["the proxy computes this once", "and this", "a third text", "the proxy computes this once"]
+
+
+@pytest.fixture
+def upstream(tiny_model: str, tmp_path: Path, serve_process: Any) -> Any:
+    """`serve --model TINY`, standing in for a provider: it requires `KEY`."""
+    return serve_process(
+        "-m", tiny_model, "--cache-dir", str(tmp_path / "upstream"), "--token", KEY
+    )
+
+
+def _through(upstream: Any, model: str) -> list[str]:
+    """The options that name ``openai:MODEL`` at the upstream, its key in `KEY_ENV`."""
+    return ["-m", f"openai:{model}", "--base-url", f"{upstream.url}/v1", "--api-key-env", KEY_ENV]
 
 
 def _upstream_requests(upstream: Any) -> int:
@@ -47,6 +63,7 @@ def test_a_proxy_serves_every_client_the_upstreams_vectors_and_asks_it_each_text
     store: str,
     tiny_model: str,
     tmp_path: Path,
+    upstream: Any,
     serve_process: Any,
     monkeypatch: pytest.MonkeyPatch,
     request: pytest.FixtureRequest,
@@ -61,23 +78,11 @@ def test_a_proxy_serves_every_client_the_upstreams_vectors_and_asks_it_each_text
         if store == "postgres"
         else ["--cache-dir", str(tmp_path / "proxy")]
     )
-    upstream = serve_process(
-        "-m", tiny_model, "--cache-dir", str(tmp_path / "upstream"), "--token", KEY
-    )
     monkeypatch.setenv(KEY_ENV, KEY)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")  # every line the proxy writes, as it writes it
     model = f"openai:{tiny_model}"
-    proxy = serve_process(
-        "-m",
-        model,
-        "--base-url",
-        f"{upstream.url}/v1",
-        "--api-key-env",
-        KEY_ENV,
-        "--access-log",
-        *where,
-    )
+    proxy = serve_process(*_through(upstream, tiny_model), "--access-log", *where)
     monkeypatch.delenv(KEY_ENV)  # the clients run without any key of the provider's
     distinct = list(dict.fromkeys(TEXTS))
 
@@ -123,55 +128,83 @@ def test_a_proxy_serves_every_client_the_upstreams_vectors_and_asks_it_each_text
         time.sleep(0.05)
     assert KEY not in "".join(proxy.output)
     if store == "sqlite":
-        for path in (tmp_path / "proxy").rglob("*"):
-            if path.is_file():
-                assert KEY.encode() not in path.read_bytes(), f"the key is in {path}"
+        _assert_no_file_holds_the_key(tmp_path / "proxy")
 
 
 def test_a_proxy_whose_key_the_upstream_refuses_stops_at_once_without_showing_it(
-    tiny_model: str,
-    tmp_path: Path,
-    serve_process: Any,
-    monkeypatch: pytest.MonkeyPatch,
+    tiny_model: str, tmp_path: Path, upstream: Any
 ) -> None:
     """A wrong key is a 401 on the first request the proxy makes: `serve` exits with one line
     naming the endpoint and the model, and neither key appears in it."""
-    import subprocess
-    import sys
-
-    upstream = serve_process(
-        "-m", tiny_model, "--cache-dir", str(tmp_path / "upstream"), "--token", KEY
-    )
     wrong = "sk-test-wrong-key-0000"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "embeddingcache.cli",
-            "serve",
-            "--port",
-            "0",
-            "-m",
-            f"openai:{tiny_model}",
-            "--base-url",
-            f"{upstream.url}/v1",
-            "--api-key-env",
-            KEY_ENV,
-            "--cache-dir",
-            str(tmp_path / "proxy"),
-        ],
-        env={**_environ(), KEY_ENV: wrong},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    result = _cli(
+        "serve",
+        "--port",
+        "0",
+        *_through(upstream, tiny_model),
+        "--cache-dir",
+        str(tmp_path / "proxy"),
+        key=wrong,
     )
     assert result.returncode == 1, result.stderr
     assert "401" in result.stderr and f"{upstream.url}/v1" in result.stderr
     assert wrong not in result.stderr + result.stdout and KEY not in result.stderr
 
 
-def _environ() -> dict[str, str]:
-    import os
+def _cli(*args: str, key: str) -> subprocess.CompletedProcess[str]:
+    """``embeddingcache ARGS`` with ``key`` in the variable `KEY_ENV` and no OPENAI_API_KEY."""
+    environ = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    return subprocess.run(
+        [sys.executable, "-m", "embeddingcache.cli", *args],
+        env={**environ, KEY_ENV: key},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
-    return {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+
+def _assert_no_file_holds_the_key(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), f"the key is in {path}"
+
+
+def test_embed_computes_an_api_model_through_base_url_with_the_key_its_variable_holds(
+    tiny_model: str, tmp_path: Path, upstream: Any
+) -> None:
+    """`embeddingcache embed --model openai:NAME --base-url URL --api-key-env NAME`: the
+    upstream's vectors, bit for bit; the second run computes nothing; the key is in neither
+    output stream, nor in the cache's files."""
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    out = tmp_path / "vectors.npy"
+    cache_dir = tmp_path / "cache"
+    args = (
+        "embed",
+        str(source),
+        *_through(upstream, tiny_model),
+        "--cache-dir",
+        str(cache_dir),
+        "--out",
+        str(out),
+    )
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return _cli(*args, key=KEY)
+
+    first = run()
+    assert first.returncode == 0, first.stderr
+    assert "0 from the cache, 0 from the backend, 3 computed" in first.stdout
+    expected = _upstream_vectors(upstream, tiny_model, TEXTS)
+    assert np.load(out).tobytes() == expected.tobytes()
+    requests = _upstream_requests(upstream)
+    second = run()
+    assert second.returncode == 0, second.stderr
+    assert "3 from the cache, 0 from the backend, 0 computed" in second.stdout
+    assert np.load(out).tobytes() == expected.tobytes()
+    # A new process probes the model's version once (see docs/api-models.md): no texts.
+    assert _upstream_requests(upstream) - requests <= 1
+    for result in (first, second):
+        assert KEY not in result.stdout + result.stderr
+    _assert_no_file_holds_the_key(cache_dir)
