@@ -319,7 +319,7 @@ class EmbeddingCache:
             dtype=dtype,
             output=output,
         )
-        spec = self._spec(model, base_url=base_url, api_key=api_key, dimensions=dimensions)
+        spec = self.model_spec(model, base_url=base_url, api_key=api_key, dimensions=dimensions)
         norm = normalizer(normalize if normalize is not None else self.normalize)
         if batch_size is None and not progress.enabled and not truncate:
             options = self._default_options
@@ -433,7 +433,7 @@ class EmbeddingCache:
                 loaded model gives (the shard was filled by another model of that name).
             ProviderError: the model is not stored and cannot be loaded here.
         """
-        return self.pipeline.dimension(self._spec(model))
+        return self.pipeline.dimension(self.model_spec(model))
 
     def count_tokens(
         self,
@@ -453,22 +453,27 @@ class EmbeddingCache:
             ProviderError: the model cannot be loaded here.
         """
         validate_texts(list(texts))
-        spec = self._spec(model)
+        spec = self.model_spec(model)
         prefix = prompt if prompt is not None else spec.prompt(prompt_name)
         norm = normalizer(self.normalize)
         engine = self.pipeline.engine(spec)
         return engine.count_tokens(spec, [prefix + norm(text) for text in texts])
 
-    def _spec(
+    def model_spec(
         self,
-        model: str | None,
+        model: str | None = None,
         *,
         base_url: str | None = None,
         api_key: str | None = None,
         dimensions: int | None = None,
     ) -> ModelSpec:
-        """The spec of a model name (this cache's model by default), an API model's reached
-        through ``base_url`` and ``api_key`` (this cache's by default)."""
+        """The identity of a model name as this cache resolves it (its own model by
+        default): an ``openai:`` model at ``base_url`` with ``api_key`` (this cache's by
+        default), ``dimensions`` asked of the API; see `embeddingcache.models`.
+
+        Raises:
+            InvalidInputError: a malformed name or base URL.
+        """
         settings = self.pipeline.settings
         return resolve_model(
             model if model is not None else self.model,
@@ -534,7 +539,7 @@ class EmbeddingCache:
                 raise InvalidInputError("stale_versions=True prunes alone: call prune again")
             stale = self.pipeline.stale_versions()
             return self.pipeline.prune(shards=stale, dry_run=dry_run)
-        name = self._spec(model).name if model is not None else None
+        name = self.model_spec(model).name if model is not None else None
         return self.pipeline.prune(model=name, older_than_s=age, max_size=max_size, dry_run=dry_run)
 
     def export_to(self, path: str | os.PathLike[str], model: str | None = None) -> ExportReport:
@@ -546,7 +551,7 @@ class EmbeddingCache:
             StorageError: the cache could not be read.
             OSError: the file could not be written.
         """
-        spec = self._spec(model)
+        spec = self.model_spec(model)
         return export_shard(self._store, spec.name, path)
 
     def import_from(self, path: str | os.PathLike[str]) -> ImportReport:

@@ -501,7 +501,7 @@ class Pipeline:
         stored before the exception goes on."""
         failed: list[tuple[str, ProviderError]] = []
         every = self.store_every
-        steps, in_flight = self._steps(call, missing, options, failed)
+        steps, in_flight, billed = self._steps(call, missing, options, failed)
         # Slices handed to the writer, oldest first: one is yielded once the next is
         # computed, so the write of one overlaps the computing of the next.
         writing: list[tuple[Future[tuple[np.ndarray, Deferred]], np.ndarray]] = []
@@ -514,7 +514,11 @@ class Pipeline:
             ):
                 parts.append((positions, vectors))
                 held += len(positions)
-                if held < every.vectors and time.monotonic() - started < every.seconds:
+                if (
+                    not billed
+                    and held < every.vectors
+                    and time.monotonic() - started < every.seconds
+                ):
                     continue
                 writing.append(self._hand_over(call, parts, damaged, engine))
                 parts, held, started = [], 0, time.monotonic()
@@ -544,14 +548,15 @@ class Pipeline:
         missing: np.ndarray,
         options: EmbedOptions,
         failed: list[tuple[str, ProviderError]],
-    ) -> tuple[list[np.ndarray], int]:
-        """The positions of each engine call, and how many may run at once: as the first
-        engine of the chain can take them (its `Limits`). A model on this machine takes
-        `STEP_BATCHES` batches per call, one call at a time; an engine that bounds a batch by
-        tokens (an API's) takes one request's worth per call, ``in_flight`` at a time, so
-        that requests run together and each answer is stored as it comes: an interrupted
-        run keeps every vector it paid for. An engine that checks its inputs
-        (``check_inputs``) sees them all first, before anything is sent."""
+    ) -> tuple[list[np.ndarray], int, bool]:
+        """The positions of each engine call, how many may run at once, and whether each
+        call's vectors are stored as they come: as the first engine of the chain can take
+        them (its `Limits`). A model on this machine takes `STEP_BATCHES` batches per call,
+        one call at a time, stored by `store_every`; an engine that bounds a batch by tokens
+        (an API's, billed per token) takes one request's worth per call, ``in_flight`` at a
+        time, so that requests run together, and each answer is stored as it comes: an
+        interrupted (even killed) run keeps every vector it paid for. An engine that checks
+        its inputs (``check_inputs``) sees them all first, before anything is sent."""
         lead = self._lead(call.spec)
         limits = lead.limits if lead is not None else None
         texts: list[str] | None = None
@@ -567,7 +572,7 @@ class Pipeline:
                 failed.append(("local", exc))
         if limits is None or (limits.token_budget is None and limits.in_flight <= 1):
             step = max(1, min(self.store_every.vectors, options.batch_size * STEP_BATCHES))
-            return [missing[a:b] for a, b in plan_count(len(missing), most=step)], 1
+            return [missing[a:b] for a, b in plan_count(len(missing), most=step)], 1, False
         if texts is None:
             texts = [call.embedded[call.firsts[u]] for u in missing]
         ranges = plan(
@@ -575,7 +580,7 @@ class Pipeline:
             most=min(limits.batch_inputs, self.store_every.vectors),
             budget=limits.token_budget,
         )
-        return [missing[a:b] for a, b in ranges], max(1, limits.in_flight)
+        return [missing[a:b] for a, b in ranges], max(1, limits.in_flight), True
 
     def _lead(self, spec: ModelSpec) -> Engine | None:
         """The first engine of the chain that is configured here (None: none is)."""

@@ -39,7 +39,7 @@ from .errors import (
     TextTooLongError,
 )
 from .keys import normalizer
-from .models import ModelSpec, catalog_name, resolve_model
+from .models import ModelSpec, catalog_name
 from .openai_wire import OpenAIRequest
 from .protocol import (
     JSON,
@@ -97,11 +97,8 @@ class Backend:
         self.started = time.time()
         self.models: dict[str, Served] = {}
         self._aliases: dict[str, str] = {}
-        # An API model is reached through the cache's base_url and key (its endpoint is part
-        # of its name): the served spec carries them to every request.
-        settings = cache.pipeline.settings
         for name in models or [cache.model]:
-            spec = resolve_model(name, base_url=settings.base_url, api_key=settings.api_key)
+            spec = cache.model_spec(name)  # an API model at the cache's base_url
             self.models[spec.name] = Served(spec, cache.dimension(spec.name))
             self._aliases[name] = spec.name
         self.default_model = next(iter(self.models))

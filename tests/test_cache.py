@@ -187,7 +187,7 @@ def test_a_prompt_is_part_of_the_key_and_of_what_the_model_reads(
         prompts={"document": "doc: ", "query": "query: "},
         default_prompt="document",
     )
-    monkeypatch.setattr("embeddingcache.cache.resolve_model", lambda name: spec)
+    monkeypatch.setattr("embeddingcache.cache.resolve_model", lambda name, **api: spec)
     document = file_cache.get_embeddings("what is up")
     query = file_cache.get_embeddings("what is up", prompt_name="query")
     np.testing.assert_allclose(document, direct_model.encode("doc: what is up"), atol=1e-5)

@@ -31,27 +31,44 @@ class CachedEmbeddings(Embeddings):
         cache: an open cache to use; by default one is made from ``model`` and
             ``cache_options`` (``cache_dir=``, ``db_url=``, ``remote_url=``...) and closed
             by `close`.
+        base_url, api_key: for an ``openai:`` model, the OpenAI-compatible API and its key
+            (see `embeddingcache.EmbeddingCache`), used by every call, also with ``cache=``.
+            The key is never stored, logged or shown.
     """
 
     def __init__(
-        self, model: str | None = None, *, cache: EmbeddingCache | None = None, **cache_options: Any
+        self,
+        model: str | None = None,
+        *,
+        cache: EmbeddingCache | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        **cache_options: Any,
     ) -> None:
         self._owned = cache is None
-        self.cache = cache if cache is not None else EmbeddingCache(model, **cache_options)
+        self.cache = (
+            cache
+            if cache is not None
+            else EmbeddingCache(model, base_url=base_url, api_key=api_key, **cache_options)
+        )
         self.model = model if model is not None else self.cache.model
+        self._api: dict[str, Any] = {"base_url": base_url, "api_key": api_key}
         self.document_prompt, self.query_prompt = document_and_query_prompts(self.model)
+
+    def __repr__(self) -> str:
+        return f"CachedEmbeddings(model={self.model!r})"
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """One vector per document, as lists of floats, in order."""
         vectors: list[list[float]] = self.cache.get_embeddings(
-            texts, self.model, prompt_name=self.document_prompt
+            texts, self.model, prompt_name=self.document_prompt, **self._api
         ).tolist()
         return vectors
 
     def embed_query(self, text: str) -> list[float]:
         """The vector of a query, with the model's query prompt."""
         vector: list[float] = self.cache.get_embeddings(
-            text, self.model, prompt_name=self.query_prompt
+            text, self.model, prompt_name=self.query_prompt, **self._api
         ).tolist()
         return vector
 
