@@ -103,10 +103,15 @@ class OpenAIClient:
         self._client.close()
 
     def embed(
-        self, model: str, texts: Sequence[str], *, dimensions: int | None = None
+        self,
+        model: str,
+        texts: Sequence[str],
+        *,
+        dimensions: int | None = None,
+        max_attempts: int | None = None,
     ) -> np.ndarray:
         """One request's vectors, ``(len(texts), dim)`` float32 in input order, retried as the
-        module says.
+        module says (at most ``max_attempts`` attempts, the client's by default).
 
         Raises:
             APIError: the request was refused, or failed after its retries, or its answer
@@ -114,7 +119,7 @@ class OpenAIClient:
         """
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(_Retryable),
-            stop=tenacity.stop_after_attempt(self.max_attempts)
+            stop=tenacity.stop_after_attempt(max_attempts or self.max_attempts)
             | tenacity.stop_after_delay(self.max_retry_seconds),
             wait=_wait,
             before_sleep=_log_retry,

@@ -72,6 +72,8 @@ logger = logging.getLogger("embeddingcache")
 CHAINS = ("local", "remote")
 # How often a long-running process asks a model known by its answers (an API's) the probe again.
 PROBE_EVERY_S = 3600.0
+# How long the read path leaves a model alone after its probe failed (see Pipeline._probed).
+PROBE_RETRY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ class Pipeline:
         self._compute_locks: dict[str, threading.Lock] = {}
         self._refused: set[tuple[str, str]] = set()  # backend versions warned about
         self._probes: dict[str, tuple[str, float]] = {}  # model -> (version, when probed)
+        self._unprobed: dict[str, float] = {}  # model -> when a probe last failed
         self._probing: dict[str, threading.Lock] = {}
         self._writer: ThreadPoolExecutor | None = None  # stores slices while the next computes
         self._stats = {"hits": 0, "misses": 0, "remote_hits": 0, "computed": 0, "pushed": 0}
@@ -299,36 +302,47 @@ class Pipeline:
                 if version is not None:
                     return version, True
             elif engine is not None and engine.versioned_by == "probe":
-                version = self._probed(spec, engine)
+                version = self._probed(spec, engine, fresh=fresh)
                 if version is not None:
                     return version, True
         remote = self.backend()
         return (remote.version(spec) if remote is not None else None), False
 
-    def _probed(self, spec: ModelSpec, engine: Engine) -> str | None:
+    def _probed(self, spec: ModelSpec, engine: Engine, *, fresh: bool) -> str | None:
         """The version of a model known only by its answers: its answers to `PROBE`, asked
         on the first call of this process and again every ``PROBE_EVERY_S``, matched within
         `PROBE_TOLERANCE` against the probe stored in each of its shards; a new version
         when none matches. ``None`` while the engine cannot answer (the shard's recorded
-        version stands)."""
+        version stands).
+
+        A hit must not wait on an API that cannot be reached (offline, no key): on the read
+        path the probe is asked once, without retries, and not again for `PROBE_RETRY_S`
+        after it failed; before computing (``fresh``) it is asked with the engine's
+        retries, since the texts are about to be sent anyway."""
         now = time.monotonic()
         with self._lock:
             known = self._probes.get(spec.name)
+            failed_at = self._unprobed.get(spec.name)
             lock = self._probing.setdefault(spec.name, threading.Lock())
         if known is not None and now - known[1] < PROBE_EVERY_S:
             return known[0]
+        if not fresh and failed_at is not None and now - failed_at < PROBE_RETRY_S:
+            return known[0] if known is not None else None
         with lock:
             known = self._probes.get(spec.name)
             if known is not None and now - known[1] < PROBE_EVERY_S:
                 return known[0]
             try:
-                answers = engine.embed(spec, PROBE, prompt="", options=EmbedOptions())
+                answers = engine.embed(spec, PROBE, prompt="", options=EmbedOptions(retries=fresh))
             except ProviderError as exc:
                 logger.warning("cannot probe model %r for its version: %s", spec.name, exc)
+                with self._lock:
+                    self._unprobed[spec.name] = time.monotonic()
                 return known[0] if known is not None else None
             version = self._match_probe(spec, np.asarray(answers, dtype=np.float32))
             with self._lock:
                 self._probes[spec.name] = (version, time.monotonic())
+                self._unprobed.pop(spec.name, None)
             return version
 
     def _match_probe(self, spec: ModelSpec, answers: np.ndarray) -> str:

@@ -265,6 +265,23 @@ def test_an_api_model_is_cached_alike_on_sqlite_and_postgres(
     assert np.array_equal(got, _upstream_vectors(server.url, tiny_model, TEXTS))
 
 
+def test_a_hit_does_not_wait_on_an_api_that_cannot_answer(
+    upstream: tuple[Upstream, str], tmp_path: Path
+) -> None:
+    """The version probe of a new process: one attempt on the read path, then none for a
+    while; the stored vectors are served meanwhile."""
+    app, url = upstream
+    with _api_cache(tmp_path / "cache", url) as cache:
+        cache.get_embeddings(TEXTS, "openai:m")
+    app.script.extend([_status(503)] * 20)
+    with _api_cache(tmp_path / "cache", url) as cache:
+        sent = len(app.requests)
+        assert np.array_equal(cache.get_embeddings(TEXTS, "openai:m"), vectors_for(TEXTS))
+        assert len(app.requests) == sent + 1
+        assert np.array_equal(cache.get_embeddings(TEXTS, "openai:m"), vectors_for(TEXTS))
+        assert len(app.requests) == sent + 1 and cache.stats["hits"] == 6
+
+
 # -- faults: retried or refused, and nothing wrong stored -------------------------------------
 
 

@@ -63,6 +63,9 @@ class EmbedOptions:
     # no bar of its own per batch, and may show what loading a model takes only then.
     show_progress: bool = False
     truncate: bool = False
+    # False: one attempt, no retries (a probe on the read path must not hold a hit up while
+    # an API cannot be reached); engines that do not retry ignore it.
+    retries: bool = True
 
 
 @dataclass(frozen=True)

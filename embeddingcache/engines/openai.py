@@ -134,7 +134,8 @@ class OpenAIEngine:
             )
         )
         if len(ranges) <= 1:
-            return client.embed(model, inputs, dimensions=dimensions)
+            attempts = None if options.retries else 1  # a probe on the read path: no retries
+            return client.embed(model, inputs, dimensions=dimensions, max_attempts=attempts)
         parts: list[np.ndarray | None] = [None] * len(ranges)
         batches = [inputs[start:stop] for start, stop in ranges]
         for index, vectors in client.embed_batches(model, batches, dimensions=dimensions):
