@@ -86,7 +86,10 @@ def parse_request(obj: Any, limits: Limits) -> OpenAIRequest:
     ):
         raise _bad(f"dimensions must be a positive integer, not {dimensions!r}", "dimensions")
     input_type = obj.get("input_type")
-    if input_type is not None and input_type not in INPUT_TYPES:
+    # A list or an object is no key of INPUT_TYPES, and hashing it would raise: a 500.
+    if input_type is not None and (
+        not isinstance(input_type, str) or input_type not in INPUT_TYPES
+    ):
         known = ", ".join(repr(k) for k in INPUT_TYPES)
         raise _bad(f"input_type must be one of {known}, not {input_type!r}", "input_type")
     user = obj.get("user")
