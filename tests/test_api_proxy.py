@@ -45,11 +45,11 @@ def _upstream_requests(upstream: Any) -> int:
     return int(answer.json()["requests"])
 
 
-def _upstream_vectors(upstream: Any, model: str, texts: list[str]) -> np.ndarray:
+def _upstream_vectors(upstream: Any, model: str, texts: list[str], **asked: Any) -> np.ndarray:
     """The upstream's own answer for ``texts``, base64 float32 as it sent it."""
     answer = httpx.post(
         f"{upstream.url}/v1/embeddings",
-        json={"model": model, "input": texts, "encoding_format": "base64"},
+        json={"model": model, "input": texts, "encoding_format": "base64", **asked},
         headers={"Authorization": f"Bearer {KEY}"},
         timeout=60,
     )
@@ -129,6 +129,40 @@ def test_a_proxy_serves_every_client_the_upstreams_vectors_and_asks_it_each_text
     assert KEY not in "".join(proxy.output)
     if store == "sqlite":
         _assert_no_file_holds_the_key(tmp_path / "proxy")
+
+
+def test_a_proxy_asks_the_api_for_openais_dimensions_and_keeps_them_in_a_shard_of_their_own(
+    tiny_model: str, tmp_path: Path, upstream: Any, serve_process: Any, monkeypatch: Any
+) -> None:
+    """`dimensions` sent to the proxy is sent on to the API (its shortened vectors are its own,
+    never cut here from the full ones), answered bit for bit, and stored apart: asked again,
+    the upstream hears nothing; more than the model has is a 400."""
+    import openai
+
+    monkeypatch.setenv(KEY_ENV, KEY)
+    proxy = serve_process(*_through(upstream, tiny_model), "--cache-dir", str(tmp_path / "proxy"))
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="no provider key here")
+    model = f"openai:{tiny_model}"
+    try:
+        full = client.embeddings.create(model=model, input=TEXTS)
+        assert len(full.data[0].embedding) == 32
+        before = _upstream_requests(upstream)
+        short = client.embeddings.create(model=model, input=TEXTS, dimensions=16)
+        assert _upstream_requests(upstream) > before  # asked of the API, not cut here
+        got = np.asarray([item.embedding for item in short.data], dtype=np.float32)
+        expected = _upstream_vectors(upstream, tiny_model, TEXTS, dimensions=16)
+        assert got.tobytes() == expected.tobytes()
+        before = _upstream_requests(upstream)
+        again = client.embeddings.create(model=model, input=TEXTS, dimensions=16)
+        assert _upstream_requests(upstream) == before
+        assert [item.embedding for item in again.data] == [item.embedding for item in short.data]
+        with pytest.raises(openai.BadRequestError, match="more than the model's 32"):
+            client.embeddings.create(model=model, input=TEXTS, dimensions=33)
+    finally:
+        client.close()
+    with EmbeddingCache(cache_dir=tmp_path / "proxy", remote_url=False) as cache:
+        shards = {s.model for s in cache.contents().shards}
+    assert f"{model};endpoint={upstream.url}/v1;dimensions=16" in shards
 
 
 def test_a_proxy_whose_key_the_upstream_refuses_stops_at_once_without_showing_it(
