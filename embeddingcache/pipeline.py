@@ -18,7 +18,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -522,10 +522,16 @@ class Pipeline:
         parts: list[tuple[np.ndarray, np.ndarray]] = []  # computed, not handed over yet
         held, started = 0, time.monotonic()
         engine: Engine | None = None
+        computed = self._computed_steps(
+            call,
+            steps,
+            options,
+            failed,
+            in_flight,
+            lambda p, v, e: _wait_quietly(self._hand_over(call, [(p, v)], damaged, e)[0]),
+        )
         try:
-            for positions, vectors, engine in self._computed_steps(
-                call, steps, options, failed, in_flight
-            ):
+            for positions, vectors, engine in computed:
                 parts.append((positions, vectors))
                 held += len(positions)
                 if (
@@ -550,6 +556,7 @@ class Pipeline:
         except BaseException:
             # Keep what was computed: store it before the error reaches the caller. A
             # failure to store it is logged; the caller sees the error that stopped the call.
+            computed.close()  # the requests still in flight are stored as they end
             if parts and engine is not None:
                 writing.append(self._hand_over(call, parts, damaged, engine))
             for future, _ in writing:
@@ -617,11 +624,14 @@ class Pipeline:
         options: EmbedOptions,
         failed: list[tuple[str, ProviderError]],
         in_flight: int,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray, Engine]]:
+        rescue: Callable[[np.ndarray, np.ndarray, Engine], None],
+    ) -> Generator[tuple[np.ndarray, np.ndarray, Engine], None, None]:
         """``(positions, vectors, engine)`` of each step, computed ``in_flight`` at a time, in
-        the order they finish. When one fails (or the caller is interrupted), no other step
-        is started, the steps already running are awaited and yielded (their vectors are
-        paid for), and then the error goes on."""
+        the order they finish. When one fails (or this thread is interrupted while it
+        waits), no other step is started, the steps already running are awaited and yielded
+        (their vectors are paid for), and then the error goes on. When the caller stops
+        taking them (its own error, an interrupt while it stores), the steps still running
+        are awaited and handed to ``rescue``, which stores them."""
         if in_flight <= 1 or len(steps) <= 1:
             for positions in steps:
                 vectors, engine = self._compute(call, positions, options, failed)
@@ -657,6 +667,14 @@ class Pipeline:
             if error is not None:
                 raise error
         finally:
+            if running:
+                logger.info("storing the %d answer(s) still in flight", len(running))
+            for future, positions in running.items():
+                try:
+                    vectors, engine = future.result()
+                except BaseException:  # its error is not the one the caller must see
+                    continue
+                rescue(positions, vectors, engine)
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _hand_over(

@@ -248,6 +248,32 @@ def test_a_model_changed_under_its_name_gets_a_new_shard_and_no_stale_vector(
     assert len(shards) == 2 and shards[0] == name and shards[1].startswith(name + "@")
 
 
+def test_a_serve_restarted_with_another_model_under_the_name_gets_a_new_shard(
+    serve_process: Callable[..., Any], tiny_model: str, tmp_path: Path
+) -> None:
+    """The upstream is stopped and started again at the same port with new weights for the
+    same model name, as an Ollama or vLLM is when its model is replaced."""
+    from test_model_versions import fine_tune
+
+    folder = tmp_path / "served-model"
+    shutil.copytree(tiny_model, folder)
+    serving = ("--model", str(folder), "--cache-dir", str(tmp_path / "server"), "--device", "cpu")
+    server = serve_process(*serving)
+    model, url = f"openai:{folder}", server.url + "/v1"
+    with _api_cache(tmp_path / "cache", url) as cache:
+        before = cache.get_embeddings(TEXTS, model)
+    server.stop()
+    fine_tune(folder, seed=11)
+    port = server.url.rsplit(":", 1)[1]
+    restarted = serve_process(*serving, "--port", port)
+    assert restarted.url == server.url
+    with _api_cache(tmp_path / "cache", url) as cache:
+        after = cache.get_embeddings(TEXTS, model)
+        assert cache.stats["computed"] == 3
+    assert np.array_equal(after, _upstream_vectors(restarted.url, str(folder), TEXTS))
+    assert not np.allclose(after, before, atol=1e-3)
+
+
 @pytest.mark.usefixtures("storage")
 def test_an_api_model_is_cached_alike_on_sqlite_and_postgres(
     start_server: Callable[..., tuple[RunningServer, Any]],
@@ -436,6 +462,39 @@ def test_each_answer_is_stored_in_a_write_of_its_own_as_it_arrives(
         sent = len(app.requests)
         cache.get_embeddings(texts, "openai:m")
     assert writes == [4] * 10 and len(app.requests) == sent + 10
+
+
+def test_an_interrupt_while_storing_still_stores_the_answers_in_flight(
+    upstream: tuple[Upstream, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C lands while the first answer is written: that write is lost, and every other
+    answer paid for, those in flight included, is stored before the interrupt goes on."""
+    monkeypatch.setenv("EMBEDDING_CACHE_API_TOKEN_BUDGET", "60")
+    monkeypatch.setenv("EMBEDDING_CACHE_API_IN_FLIGHT", "2")
+    app, url = upstream
+    app.delay = 0.1
+    texts = [f"text number {i:03d}" for i in range(40)]
+    shard = f"openai:m;endpoint={url}"
+    with _api_cache(tmp_path / "cache", url) as cache:
+        cache.get_embeddings(["the probe first"], "openai:m")
+        put = cache.pipeline.storage.put
+        interrupted: list[list[bytes]] = []
+
+        def interrupting(model: str, keys: list[bytes], *args: Any, **kwargs: Any) -> Any:
+            if not interrupted:
+                interrupted.append(keys)
+                raise KeyboardInterrupt
+            return put(model, keys, *args, **kwargs)
+
+        monkeypatch.setattr(cache.pipeline.storage, "put", interrupting)
+        sent = len(app.requests)
+        with pytest.raises(KeyboardInterrupt):
+            cache.get_embeddings(texts, "openai:m")
+        answered = [t for body, _ in app.requests[sent:] for t in body["input"]]
+        lost = set(keys_of(texts)) & set(interrupted[0])
+        assert len(lost) == 4 and 8 <= len(answered) < len(texts)  # it stopped early
+        kept = [t for t, key in zip(answered, keys_of(answered), strict=True) if key not in lost]
+        assert sorted(_stored(cache, shard, texts)) == sorted(kept)
 
 
 def test_the_langchain_adapter_passes_base_url_and_api_key_through(
