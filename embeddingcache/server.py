@@ -116,14 +116,31 @@ class Backend:
         if model is None:
             return self.models[self.default_model]
         name = catalog_name(model) or self._aliases.get(model, model)
-        try:
-            return self.models[name]
-        except KeyError:
+        found = self.models.get(name) or self._api_variant(model)
+        if found is None:
             raise ProtocolError(
                 422,
                 f"unknown model {model!r}; this server serves: {', '.join(self.models)}",
                 code="unknown_model",
-            ) from None
+            )
+        return found
+
+    def _api_variant(self, model: str) -> Served | None:
+        """A served API model asked for OpenAI's ``dimensions`` (``NAME;dimensions=N``, the
+        shard name a client's ``get_embeddings(..., dimensions=N)`` asks for): the API is
+        asked for them, into a shard of their own. ``None`` for anything else, a local
+        model's name included (its ``dimensions`` are cut on read, by the client)."""
+        base, marker, digits = model.rpartition(";dimensions=")
+        if not marker or not digits.isdigit() or int(digits) < 1:
+            return None
+        served = self.models.get(catalog_name(base) or self._aliases.get(base, base))
+        if served is None:
+            return None
+        spec = self.cache.model_spec(served.spec.name, dimensions=int(digits))
+        if spec == served.spec:
+            return None
+        openai_wire.check_dimensions(int(digits), served.dimension)
+        return Served(spec, int(digits))
 
     def embed(
         self, request: EmbedRequest, spec: ModelSpec | None = None

@@ -136,7 +136,8 @@ def test_a_proxy_asks_the_api_for_openais_dimensions_and_keeps_them_in_a_shard_o
 ) -> None:
     """`dimensions` sent to the proxy is sent on to the API (its shortened vectors are its own,
     never cut here from the full ones), answered bit for bit, and stored apart: asked again,
-    the upstream hears nothing; more than the model has is a 400."""
+    through the `openai` package or our client, the upstream hears nothing; more than the
+    model has is a 400."""
     import openai
 
     monkeypatch.setenv(KEY_ENV, KEY)
@@ -160,6 +161,13 @@ def test_a_proxy_asks_the_api_for_openais_dimensions_and_keeps_them_in_a_shard_o
             client.embeddings.create(model=model, input=TEXTS, dimensions=33)
     finally:
         client.close()
+    # Our client's dimensions=16 of the API model asks the proxy for that shard: served as is.
+    monkeypatch.delenv(KEY_ENV)
+    with EmbeddingCache(
+        model, cache_dir=tmp_path / "client", remote_url=proxy.url, fallback_providers=("remote",)
+    ) as ours:
+        assert ours.get_embeddings(TEXTS, dimensions=16).tobytes() == expected.tobytes()
+        assert ours.stats["remote_hits"] == len(set(TEXTS))
     with EmbeddingCache(cache_dir=tmp_path / "proxy", remote_url=False) as cache:
         shards = {s.model for s in cache.contents().shards}
     assert f"{model};endpoint={upstream.url}/v1;dimensions=16" in shards
