@@ -27,6 +27,7 @@ RESULTS = ROOT / "benchmarks" / "results.json"
 def _suites() -> dict[str, Callable[[Path, bool], list[Result]]]:
     from . import (
         bench_alternatives,
+        bench_api,
         bench_compute,
         bench_concurrency,
         bench_hits,
@@ -46,6 +47,7 @@ def _suites() -> dict[str, Callable[[Path, bool], list[Result]]]:
         "writes": bench_storage.writes,
         "readonly": bench_storage.read_only,
         "postgres": bench_storage.postgres,
+        "api": bench_api.api,
     }
 
 

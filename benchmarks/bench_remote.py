@@ -3,8 +3,6 @@ and the bytes a vector costs on the wire."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -14,10 +12,20 @@ from embeddingcache import EmbeddingCache
 from embeddingcache.engines.backend import LOOKUP_TEXTS, BackendEngine
 from embeddingcache.models import resolve_model
 
-from .common import DIM, MODEL, Result, fill, median, random_vectors, sentences, timings
+from .common import (
+    DIM,
+    MODEL,
+    OPENAI_INPUTS,
+    Result,
+    fill,
+    median,
+    random_vectors,
+    sentences,
+    serving,
+    timings,
+)
 
 N = 20_000
-OPENAI_INPUTS = 2048  # OpenAI's limit of inputs per request
 
 
 def remote(work: Path, quick: bool) -> list[Result]:
@@ -25,35 +33,8 @@ def remote(work: Path, quick: bool) -> list[Result]:
     texts = sentences(N, seed=4)
     vectors = random_vectors(N, seed=4)
     fill(directory, texts, vectors)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "embeddingcache.cli",
-            "serve",
-            "--port",
-            "0",
-            "-m",
-            MODEL,
-            "--cache-dir",
-            str(directory),
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stderr is not None
-        url = ""
-        for line in server.stderr:
-            if " at http://" in line:
-                url = line.rsplit(" at ", 1)[1].strip()
-                break
-        if not url:
-            raise RuntimeError("embeddingcache serve did not start")
+    with serving("-m", MODEL, "--cache-dir", str(directory)) as url:
         return _measure(work, url, directory, texts, vectors, quick)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _openai_hits(url: str, texts: list[str], vectors: object, repeat: int) -> tuple[float, float]:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
 import sqlite3
 import statistics
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = "all-MiniLM-L6-v2"
 DIM = 384
+OPENAI_INPUTS = 2048  # OpenAI's limit of inputs per request
 WORDS = (  # noqa: SIM905 (a sentence of words reads better than a list of strings)
     "cache vector text model store query batch token shard hash river stone cloud green "
     "quick brown fox jumps over lazy dog light paper music garden window table market"
@@ -74,6 +79,32 @@ def shard_path(cache_dir: Path, model: str = MODEL) -> Path:
     from embeddingcache.keys import model_slug
 
     return cache_dir / f"{model_slug(model)}.db"
+
+
+@contextlib.contextmanager
+def serving(*args: str) -> Iterator[str]:
+    """``embeddingcache serve --port 0 ARGS`` in a process of its own: its URL, and the
+    process stopped afterwards."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "embeddingcache.cli", "serve", "--port", "0", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stderr is not None
+        url = ""
+        for line in server.stderr:
+            if " at http://" in line:
+                url = line.rsplit(" at ", 1)[1].strip()
+                break
+        if not url:
+            raise RuntimeError("embeddingcache serve did not start")
+        # Keep reading: a server whose stderr pipe fills (a model's loading bars) would stop.
+        threading.Thread(target=server.stderr.read, daemon=True).start()
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def timings(run: Callable[[], object], repeat: int, warmup: int = 1) -> list[float]:

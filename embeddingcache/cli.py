@@ -74,9 +74,23 @@ def _parser() -> argparse.ArgumentParser:
         "(default: $EMBEDDING_CACHE_DB_URL)",
     )
 
+    api = _Parser(add_help=False)
+    api.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="the OpenAI-compatible API that computes openai: models, e.g. "
+        "http://127.0.0.1:11434/v1 (default: $OPENAI_BASE_URL, else OpenAI's)",
+    )
+    api.add_argument(
+        "--api-key-env",
+        metavar="NAME",
+        help="the NAME of the environment variable that holds the API key of openai: models "
+        "(default: OPENAI_API_KEY); never the key itself",
+    )
+
     embed = commands.add_parser(
         "embed",
-        parents=[storage],
+        parents=[storage, api],
         help="embed text files, one text per line",
         description="Embed the lines of each FILE (or of standard input, -), one text per "
         "line; print how many came from the cache, the backend, or were computed.",
@@ -136,10 +150,12 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
-        parents=[storage],
+        parents=[storage, api],
         help="run the HTTP backend that clients share",
-        description="Serve POST /embed (msgpack or JSON), GET /healthz, /models and /stats "
-        "over this cache, computing misses with the local model. See docs/protocol.md.",
+        description="Serve POST /embed (msgpack or JSON), POST /v1/embeddings, GET /healthz, "
+        "/models and /stats over this cache, computing misses with the local model, or, for "
+        "an openai: model, through its API with the key in this server's environment (a "
+        "caching proxy: clients need no key of the provider's). See docs/protocol.md.",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument(
@@ -329,6 +345,8 @@ def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> 
                 timeout=args.timeout,
                 batch_size=args.batch_size,
                 device=args.device,
+                base_url=args.base_url,
+                api_key=_api_key(args),
             )
         )
         # The library's bar (texts/s, hits, computed, ETA), moved once per chunk.
@@ -388,6 +406,34 @@ def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> 
         file=sys.stderr if to_stdout else sys.stdout,
     )
     return 0
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """The API key of ``openai:`` models, read from the variable ``--api-key-env`` names
+    (``None`` without it: the library's default, $OPENAI_API_KEY, applies). A key is never
+    taken from a command line, which ``ps`` and shell histories show; and no error repeats
+    what was given for NAME: it may be a key pasted by mistake.
+
+    Raises:
+        EmbeddingCacheError: NAME is not a variable name, or the variable is unset or empty.
+    """
+    name = args.api_key_env
+    if name is None:
+        return None
+    if not _ENV_NAME.fullmatch(name):
+        raise EmbeddingCacheError(
+            "--api-key-env takes the name of an environment variable (letters, digits and "
+            "_, e.g. OPENAI_API_KEY), not a key: put the key in that variable"
+        )
+    key = os.environ.get(name, "").strip()
+    if not key:
+        raise EmbeddingCacheError(
+            f"--api-key-env {name}: the environment variable {name} is not set or empty"
+        )
+    return key
 
 
 def _chunks(items: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -572,6 +618,8 @@ def _serve(args: argparse.Namespace) -> int:
         fallback_providers=("local",),
         batch_size=args.batch_size,
         device=args.device,
+        base_url=args.base_url,
+        api_key=_api_key(args),
     )
     try:
         backend = Backend(

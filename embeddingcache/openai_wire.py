@@ -21,11 +21,13 @@ from .protocol import Limits, ProtocolError
 __all__ = [
     "INPUT_TYPES",
     "OpenAIRequest",
+    "check_dimensions",
     "error_body",
     "model_item",
     "models_body",
     "parse_request",
     "response_body",
+    "shorten",
 ]
 
 # The extension field that picks a prompt (as NVIDIA's and Voyage's APIs name it), and the
@@ -86,7 +88,10 @@ def parse_request(obj: Any, limits: Limits) -> OpenAIRequest:
     ):
         raise _bad(f"dimensions must be a positive integer, not {dimensions!r}", "dimensions")
     input_type = obj.get("input_type")
-    if input_type is not None and input_type not in INPUT_TYPES:
+    # A list or an object is no key of INPUT_TYPES, and hashing it would raise: a 500.
+    if input_type is not None and (
+        not isinstance(input_type, str) or input_type not in INPUT_TYPES
+    ):
         known = ", ".join(repr(k) for k in INPUT_TYPES)
         raise _bad(f"input_type must be one of {known}, not {input_type!r}", "input_type")
     user = obj.get("user")
@@ -136,6 +141,21 @@ def _inputs(value: Any, limits: Limits) -> tuple[list[str], bool]:
     return list(items), single
 
 
+def check_dimensions(dimensions: int, model_dimension: int) -> None:
+    """Refuse OpenAI's ``dimensions`` beyond what the model's vectors have.
+
+    Raises:
+        ProtocolError: 400, more dimensions than the model's vectors have.
+    """
+    if dimensions > model_dimension:
+        raise ProtocolError(
+            400,
+            f"dimensions {dimensions} is more than the model's {model_dimension}",
+            code="invalid_value",
+            param="dimensions",
+        )
+
+
 def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
     """OpenAI's ``dimensions``: the first ``dimensions`` components, scaled to unit length.
 
@@ -144,13 +164,7 @@ def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
     """
     if dimensions is None:
         return vectors
-    if dimensions > vectors.shape[1]:
-        raise ProtocolError(
-            400,
-            f"dimensions {dimensions} is more than the model's {vectors.shape[1]}",
-            code="invalid_value",
-            param="dimensions",
-        )
+    check_dimensions(dimensions, vectors.shape[1])
     head = np.array(vectors[:, :dimensions], dtype=np.float32)
     norms = np.linalg.norm(head, axis=1, keepdims=True)
     np.divide(head, norms, out=head, where=norms > 0)

@@ -116,22 +116,43 @@ class Backend:
         if model is None:
             return self.models[self.default_model]
         name = catalog_name(model) or self._aliases.get(model, model)
-        try:
-            return self.models[name]
-        except KeyError:
+        found = self.models.get(name) or self._api_variant(model)
+        if found is None:
             raise ProtocolError(
                 422,
                 f"unknown model {model!r}; this server serves: {', '.join(self.models)}",
                 code="unknown_model",
-            ) from None
+            )
+        return found
 
-    def embed(self, request: EmbedRequest) -> tuple[np.ndarray, np.ndarray, Served, str | None]:
+    def _api_variant(self, model: str) -> Served | None:
+        """A served API model asked for OpenAI's ``dimensions`` (``NAME;dimensions=N``, the
+        shard name a client's ``get_embeddings(..., dimensions=N)`` asks for): the API is
+        asked for them, into a shard of their own. ``None`` for anything else, a local
+        model's name included (its ``dimensions`` are cut on read, by the client)."""
+        base, marker, digits = model.rpartition(";dimensions=")
+        if not marker or not digits.isdigit() or int(digits) < 1:
+            return None
+        served = self.models.get(catalog_name(base) or self._aliases.get(base, base))
+        if served is None:
+            return None
+        spec = self.cache.model_spec(served.spec.name, dimensions=int(digits))
+        if spec == served.spec:
+            return None
+        openai_wire.check_dimensions(int(digits), served.dimension)
+        return Served(spec, int(digits))
+
+    def embed(
+        self, request: EmbedRequest, spec: ModelSpec | None = None
+    ) -> tuple[np.ndarray, np.ndarray, Served, str | None]:
         """The vectors of a request (zeros where a lookup found nothing), which were stored
-        already, and the model's version they are of."""
+        already, and the model's version they are of; ``spec``: a variant of the served model
+        (an API model asked for OpenAI's ``dimensions``), else the served model itself."""
         served = self.served(request.model)
-        normalized, prompt = self._embedded(request.texts, request, served.spec)
+        spec = spec or served.spec
+        normalized, prompt = self._embedded(request.texts, request, spec)
         pipeline = self.cache.pipeline
-        call = pipeline.prepare(served.spec, normalized, prompt)
+        call = pipeline.prepare(spec, normalized, prompt)
         vectors, hits = pipeline.vectors(
             call,
             compute=not request.lookup_only,
@@ -161,13 +182,20 @@ class Backend:
                     param="input_type",
                 )
             prompt = spec.prompts[name]
+        # OpenAI's dimensions: an API model is asked for them (its shortened vectors are its
+        # own, in a shard of their own, never cut from the full ones); a local model's are cut
+        # from its stored vectors on read.
+        asked = spec
+        if request.dimensions is not None:
+            openai_wire.check_dimensions(request.dimensions, served.dimension)
+            asked = self.cache.model_spec(spec.name, dimensions=request.dimensions)
         vectors, hits, _, version = self.embed(
-            EmbedRequest(texts=request.texts, model=spec.name, prompt=prompt)
+            EmbedRequest(texts=request.texts, model=spec.name, prompt=prompt), asked
         )
         tokens = self.cache.count_tokens(
             request.texts, spec.name, prompt=prompt if prompt is not None else spec.prompt(None)
         )
-        shortened = openai_wire.shorten(vectors, request.dimensions)
+        shortened = vectors if asked != spec else openai_wire.shorten(vectors, request.dimensions)
         # A model whose engine has no tokenizer bills nothing it could count: 0.
         return shortened, sum(tokens or ()), int(hits.sum()), served, version
 

@@ -265,15 +265,16 @@ class ServerProcess:
 
         self.process = subprocess.Popen(
             [sys.executable, "-m", "embeddingcache.cli", "serve", "--port", "0", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            # Both streams, in `output`: uvicorn's access log goes to stdout.
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             text=True,
         )
         self.output: list[str] = []
-        assert self.process.stderr is not None
+        assert self.process.stdout is not None
         deadline = time.monotonic() + 120
         self.url = ""
-        for line in self.process.stderr:
+        for line in self.process.stdout:
             self.output.append(line)
             if " at http://" in line:
                 self.url = line.rsplit(" at ", 1)[1].strip()
@@ -287,8 +288,8 @@ class ServerProcess:
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
             self.output.append(line)
 
     def stop(self) -> None:

@@ -140,6 +140,8 @@ def test_serve_has_help_for_every_option() -> None:
         "--max-body-bytes",
         "--cache-dir",
         "--db-url",
+        "--base-url",
+        "--api-key-env",
     ):
         assert option in result.stdout
 
@@ -203,3 +205,23 @@ def test_info_says_where_the_cache_is_and_what_each_shard_holds(
     assert f"model {tiny_model}, 32-d float32, 2 vectors, version sha256:" in result.stdout
     assert f"by embeddingcache {__version__}" in result.stdout
     assert cli("info", "--help").returncode == 0
+
+
+def test_api_key_env_names_a_variable_and_an_error_never_repeats_a_key_given_instead(
+    tmp_path: Path, capsys: Any, monkeypatch: Any
+) -> None:
+    """--api-key-env takes a variable's name; a key pasted there is refused without an echo,
+    and an unset or empty variable is named, by `embed` and by `serve` alike."""
+    source = tmp_path / "texts.txt"
+    source.write_text("hello\n", encoding="utf-8")
+    where = ["--cache-dir", str(tmp_path / "cache")]
+    model = ["-m", "openai:text-embedding-3-small"]
+    monkeypatch.delenv("EC_TEST_UNSET_KEY", raising=False)
+    monkeypatch.setenv("EC_TEST_EMPTY_KEY", " ")
+    for command in (["embed", str(source)], ["serve", "--port", "0"]):
+        assert main([*command, *model, *where, "--api-key-env", "sk-proj-pasted-key-1"]) == 1
+        err = capsys.readouterr().err
+        assert "not a key" in err and "pasted-key" not in err and err.count("\n") == 1
+        for name in ("EC_TEST_UNSET_KEY", "EC_TEST_EMPTY_KEY"):
+            assert main([*command, *model, *where, "--api-key-env", name]) == 1
+            assert f"the environment variable {name} is not set or empty" in capsys.readouterr().err

@@ -136,6 +136,9 @@ def test_models_are_listed_as_openai_lists_them(start_server: Any, tiny_model: s
         ({"model": "M", "input": [1, 2, 3]}, "token arrays are not accepted"),
         ({"model": "M", "input": ["x"], "encoding_format": "int8"}, "encoding_format"),
         ({"model": "M", "input": ["x"], "dimensions": 0}, "dimensions must be a positive"),
+        # Unhashable: a 500 once (found by test_mutated_bodies_never_get_a_5xx).
+        ({"model": "M", "input": ["x"], "input_type": []}, "input_type must be one of"),
+        ({"model": "M", "input": ["x"], "input_type": {}}, "input_type must be one of"),
     ],
 )
 def test_bad_requests_are_400s_in_openais_shape_naming_what_is_wrong(
