@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import URL
 from sqlalchemy import exc as sa_exc
 
-from .tables import postgres_get_sql
+from .tables import HitRow, postgres_get_sql
 
 __all__ = ["PostgresConnections", "PostgresReader"]
 
@@ -79,11 +79,18 @@ class PostgresReader:
 
     def __init__(self, connections: PostgresConnections, table: str) -> None:
         self._connections = connections
-        self._query = postgres_get_sql(table)
-        self._one = postgres_get_sql(table, one=True)
+        # (many keys, one key), without and with the tokens column (``tables._hit_columns``).
+        self._queries = {
+            tokens: (
+                postgres_get_sql(table, tokens=tokens),
+                postgres_get_sql(table, one=True, tokens=tokens),
+            )
+            for tokens in (False, True)
+        }
 
-    def rows(self, keys: Sequence[bytes], chunk: int) -> list[tuple[bytes, bytes, int]]:
-        """``(hashid, vector, last_used)`` of the stored ``keys``, one query per ``chunk``.
+    def rows(self, keys: Sequence[bytes], chunk: int, *, tokens: bool = False) -> list[HitRow]:
+        """``(hashid, vector, last_used, tokens)`` of the stored ``keys``, one query per
+        ``chunk``; ``tokens`` is ``None`` unless asked for.
 
         Raises:
             sqlalchemy.exc.DBAPIError: the database could not be read.
@@ -92,24 +99,27 @@ class PostgresReader:
 
         try:
             try:
-                return self._rows(self._connections.get(), keys, chunk)
+                return self._rows(self._connections.get(), keys, chunk, tokens)
             except psycopg.OperationalError:
                 if not self._connections.drop():
                     raise
-                return self._rows(self._connections.get(), keys, chunk)  # on a new connection
+                # Again, on a new connection.
+                return self._rows(self._connections.get(), keys, chunk, tokens)
         except psycopg.Error as exc:
             # SQLAlchemy's error classes, as every other storage error: the store's handling
             # and its messages (the driver's reason, the password masked) stay one.
-            raise sa_exc.DBAPIError.instance(self._query, None, exc, psycopg.Error) from exc
+            query = self._queries[tokens][0]
+            raise sa_exc.DBAPIError.instance(query, None, exc, psycopg.Error) from exc
 
-    def _rows(self, connection: Any, keys: Sequence[bytes], chunk: int) -> list[Any]:
+    def _rows(self, connection: Any, keys: Sequence[bytes], chunk: int, tokens: bool) -> list[Any]:
+        many, one = self._queries[tokens]
         if len(keys) == 1:  # one cached text: a web service's every request
-            cursor = connection.execute(self._one, (keys[0],), prepare=True, binary=True)
+            cursor = connection.execute(one, (keys[0],), prepare=True, binary=True)
             return cursor.fetchall()  # type: ignore[no-any-return]
         found: list[Any] = []
         for start in range(0, len(keys), chunk):
             part = list(keys[start : start + chunk])
-            cursor = connection.execute(self._query, (part,), prepare=True, binary=True)
+            cursor = connection.execute(many, (part,), prepare=True, binary=True)
             found += cursor.fetchall()
         return found
 
