@@ -195,6 +195,24 @@ class _Counter:
     chars: int = 0
 
 
+def _token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
+    """The number of tokens of each text, special tokens left out. A transformer's
+    tokenizer is a ``transformers`` one (called); a StaticEmbedding model's is a bare
+    ``tokenizers.Tokenizer``, which is not callable (found counting the benchmarks' static
+    model, issue 16), and whose truncation and padding `_counter` turned off."""
+    if callable(tokenizer):
+        encoded = tokenizer(
+            texts,
+            add_special_tokens=False,
+            truncation=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,
+        )
+        return list(map(len, encoded["input_ids"]))
+    return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
 class SentenceTransformersEngine:
     """Computes vectors with sentence-transformers; one loaded model per name, loaded again
     when the files it was loaded from change (a model fine-tuned and saved in place)."""
@@ -305,15 +323,7 @@ class SentenceTransformersEngine:
             todo = list(dict.fromkeys(text for text in embedded if text not in memo))
             if not todo:
                 return [memo[text] for text in embedded]
-            encoded = counter.tokenizer(
-                todo,
-                add_special_tokens=False,
-                truncation=False,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-                verbose=False,
-            )
-            counts = dict(zip(todo, map(len, encoded["input_ids"]), strict=True))
+            counts = dict(zip(todo, _token_lengths(counter.tokenizer, todo), strict=True))
             found = [counts[text] if text in counts else memo[text] for text in embedded]
             size = sum(map(len, todo))
             if len(memo) + len(todo) > TOKEN_MEMO or counter.chars + size > TOKEN_MEMO_CHARS:
@@ -330,7 +340,11 @@ class SentenceTransformersEngine:
             tokenizer = getattr(self.model(spec), "tokenizer", None)
             if tokenizer is None:
                 return None
-            counter = _Counter(copy.deepcopy(tokenizer), threading.Lock(), {})
+            tokenizer = copy.deepcopy(tokenizer)
+            if not callable(tokenizer):  # a bare `tokenizers.Tokenizer`: see _token_lengths
+                tokenizer.no_truncation()
+                tokenizer.no_padding()
+            counter = _Counter(tokenizer, threading.Lock(), {})
             with self._lock:
                 counter = self._counters.setdefault(spec.name, counter)
         return counter
