@@ -999,8 +999,8 @@ class Pipeline:
             stats = self._stats
             stats["hits"] += hits
             stats["misses"] += misses
-            stats["tokens_saved"] += tokens_saved
             if tokens_saved:
+                stats["tokens_saved"] += tokens_saved
                 self._tokens_of(model_of(model))["saved"] += tokens_saved
         self.storage.record(model, hits, misses, tokens_saved)
 

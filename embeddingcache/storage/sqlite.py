@@ -223,7 +223,8 @@ class Reader:
         self.path = path
         self.read_only = read_only  # see read_only_uri
         self._table = table
-        self._queries: dict[tuple[int, bool], str] = {}
+        # Statements by number of keys, without and with the tokens column.
+        self._queries: dict[bool, dict[int, str]] = {False: {}, True: {}}
         self._local = threading.local()
         self._opened: list[_Connection] = []
         self._generation = 0
@@ -253,9 +254,10 @@ class Reader:
                 return found
 
     def _query(self, n: int, tokens: bool) -> str:
-        query = self._queries.get((n, tokens))
+        queries = self._queries[tokens]
+        query = queries.get(n)
         if query is None:
-            query = self._queries[n, tokens] = sqlite_get_sql(self._table, n, tokens=tokens)
+            query = queries[n] = sqlite_get_sql(self._table, n, tokens=tokens)
         return query
 
     def _connection(self) -> _Connection:

@@ -366,7 +366,8 @@ class Store:
                 use = self._use[model] = _Use()
             use.hits += hits
             use.misses += misses
-            use.tokens_saved += tokens_saved
+            if tokens_saved:
+                use.tokens_saved += tokens_saved
             now = time.monotonic()
             # Many rows waiting bring the write forward, but not sooner than an interval
             # after a write that failed: a hit never keeps waiting on another's lock.
