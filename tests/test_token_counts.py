@@ -215,3 +215,23 @@ def test_a_shard_made_at_s0003_is_upgraded_with_null_counts_and_nothing_lost(
             == [(None, None)] * 3
         )
     place.engine.dispose()
+
+
+def test_vectors_the_team_backend_computed_are_uncounted_here_and_counted_there(
+    start_server: Any,
+    tiny_model: str,
+    tmp_path: Path,
+    direct_model: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server, backend = start_server()
+    billing(backend.cache, monkeypatch)
+    here = tmp_path / "client"
+    with EmbeddingCache(
+        tiny_model, cache_dir=here, remote_url=server.url, fallback_providers=("remote",)
+    ) as client:
+        client.get_embeddings(TEXTS)
+        assert client.stats["computed"] == 4 and client.stats["tokens_computed"] == 0
+    assert shard_rows(here) == [(None, None)] * 4  # what they cost was paid by the backend
+    paid = sum(tokenizer_counts(direct_model, TEXTS))
+    assert httpx.get(f"{server.url}/stats").json()["tokens_computed"] == paid
