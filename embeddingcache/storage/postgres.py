@@ -79,18 +79,13 @@ class PostgresReader:
 
     def __init__(self, connections: PostgresConnections, table: str) -> None:
         self._connections = connections
-        # (many keys, one key), without and with the tokens column (``tables._hit_columns``).
-        self._queries = {
-            tokens: (
-                postgres_get_sql(table, tokens=tokens),
-                postgres_get_sql(table, one=True, tokens=tokens),
-            )
-            for tokens in (False, True)
-        }
+        self._query = postgres_get_sql(table)
+        self._one = postgres_get_sql(table, one=True)
 
     def rows(self, keys: Sequence[bytes], chunk: int, *, tokens: bool = False) -> list[HitRow]:
         """``(hashid, vector, last_used, tokens)`` of the stored ``keys``, one query per
-        ``chunk``; ``tokens`` is ``None`` unless asked for.
+        ``chunk``. The tokens each vector cost are read whatever ``tokens`` says: on Postgres
+        they cost nothing to read (``tables.postgres_get_sql``).
 
         Raises:
             sqlalchemy.exc.DBAPIError: the database could not be read.
@@ -99,27 +94,24 @@ class PostgresReader:
 
         try:
             try:
-                return self._rows(self._connections.get(), keys, chunk, tokens)
+                return self._rows(self._connections.get(), keys, chunk)
             except psycopg.OperationalError:
                 if not self._connections.drop():
                     raise
-                # Again, on a new connection.
-                return self._rows(self._connections.get(), keys, chunk, tokens)
+                return self._rows(self._connections.get(), keys, chunk)  # on a new connection
         except psycopg.Error as exc:
             # SQLAlchemy's error classes, as every other storage error: the store's handling
             # and its messages (the driver's reason, the password masked) stay one.
-            query = self._queries[tokens][0]
-            raise sa_exc.DBAPIError.instance(query, None, exc, psycopg.Error) from exc
+            raise sa_exc.DBAPIError.instance(self._query, None, exc, psycopg.Error) from exc
 
-    def _rows(self, connection: Any, keys: Sequence[bytes], chunk: int, tokens: bool) -> list[Any]:
-        many, one = self._queries[tokens]
+    def _rows(self, connection: Any, keys: Sequence[bytes], chunk: int) -> list[Any]:
         if len(keys) == 1:  # one cached text: a web service's every request
-            cursor = connection.execute(one, (keys[0],), prepare=True, binary=True)
+            cursor = connection.execute(self._one, (keys[0],), prepare=True, binary=True)
             return cursor.fetchall()  # type: ignore[no-any-return]
         found: list[Any] = []
         for start in range(0, len(keys), chunk):
             part = list(keys[start : start + chunk])
-            cursor = connection.execute(many, (part,), prepare=True, binary=True)
+            cursor = connection.execute(self._query, (part,), prepare=True, binary=True)
             found += cursor.fetchall()
         return found
 
