@@ -450,7 +450,7 @@ def _tokens(s: ShardSummary, price: float | None) -> str:
         f", {uncounted} vectors uncounted" if uncounted > 0 else ""
     )
     saved = f"{s.tokens_saved} saved by hits" + (
-        f" (${s.tokens_saved * price / 1e6:,.6f} at ${price:g} per million)"
+        f" ({_usd(s.tokens_saved * price / 1e6)} at ${price:g} per million)"
         if price is not None
         else ""
     )
@@ -535,6 +535,13 @@ def _age(value: str) -> float:
             f"{value!r} is not an age; write a number and a unit: 30d, 12h, 2w, 90m, 45s"
         )
     return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+
+
+def _usd(amount: float) -> str:
+    """Dollars and cents, or the digits that matter of less than a cent."""
+    if amount >= 0.01 or amount == 0:
+        return f"${amount:,.2f}"
+    return "$" + f"{amount:.8f}".rstrip("0")
 
 
 def _megabytes(n: int) -> str:

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import text
 
 from embeddingcache import EmbeddingCache
-from embeddingcache.cli import main
+from embeddingcache.cli import _usd, main
 from embeddingcache.engines import Limits
 from embeddingcache.keys import key_of
 from embeddingcache.models import resolve_model
@@ -128,13 +128,12 @@ def test_stats_on_the_command_line_shows_the_tokens_and_what_they_were_worth(
     paid = sum(tokenizer_counts(direct_model, TEXTS))
     assert main(["stats", "--cache-dir", str(cache_dir), "--price-per-million", "20"]) == 0
     out = capsys.readouterr().out
-    worth = f"${paid * 20 / 1e6:,.6f} at $20 per million"
+    worth = f"${paid * 20 / 1e6:.8f}".rstrip("0") + " at $20 per million"
     assert f"  tokens: {paid} for 4 vectors (exact); {paid} saved by hits ({worth})" in out
     monkeypatch.setenv("EMBEDDING_CACHE_PRICE_PER_MILLION", "0.02")
     assert main(["stats", "--cache-dir", str(cache_dir)]) == 0
-    assert f"{paid} saved by hits (${paid * 0.02 / 1e6:,.6f} at $0.02 per million)" in (
-        capsys.readouterr().out
-    )
+    assert f"{paid} saved by hits ($0.00000" in capsys.readouterr().out
+    assert (_usd(1234.5), _usd(0), _usd(0.00000044)) == ("$1,234.50", "$0.00", "$0.00000044")
     monkeypatch.setenv("EMBEDDING_CACHE_PRICE_PER_MILLION", "cheap")
     assert main(["stats", "--cache-dir", str(cache_dir)]) == 1
     err = capsys.readouterr().err
