@@ -234,3 +234,18 @@ def test_vectors_the_team_backend_computed_are_uncounted_here_and_counted_there(
     assert shard_rows(here) == [(None, None)] * 4  # what they cost was paid by the backend
     paid = sum(tokenizer_counts(direct_model, TEXTS))
     assert httpx.get(f"{server.url}/stats").json()["tokens_computed"] == paid
+
+
+def test_a_process_that_opened_a_shard_before_it_counted_reads_its_counts_after_a_flush(
+    tiny_model: str, cache_dir: Path, direct_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as reader:
+        reader.get_embeddings(["an uncounted text"])  # the shard is open here, not counting
+        with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as writer:
+            billing(writer, monkeypatch)
+            writer.get_embeddings(TEXTS)
+        reader.get_embeddings(TEXTS)
+        assert reader.stats["tokens_saved"] == 0  # its copy of the model row says "none"
+        reader.pipeline.storage.flush()  # what a running process does once a minute
+        reader.get_embeddings(TEXTS)
+        assert reader.stats["tokens_saved"] == sum(tokenizer_counts(direct_model, TEXTS))

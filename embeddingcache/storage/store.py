@@ -425,6 +425,13 @@ class Store:
             if use.hits or use.misses or use.tokens_saved:
                 shard.table.add_use(connection, use.hits, use.misses, use.tokens_saved)
             shard.table.touch(connection, stale, now, now - TOUCH_RESOLUTION_S)
+            counting = shard.info is not None and not shard.info.counts_tokens
+            row = shard.table.info(connection) if counting else None
+        if row is not None and row.counts_tokens:
+            # Another process stored the shard's first counted vectors since this one
+            # opened it: its hits read their tokens from now on (within a flush interval).
+            with self._lock:
+                self._shards[model] = dataclasses.replace(shard, info=_model_info(row))
 
     def _requeue(self, model: str, use: _Use) -> None:
         with self._lock:
