@@ -21,10 +21,11 @@ import numpy as np
 
 from . import __version__
 from .cache import EmbeddingCache
-from .config import ENV_TOKEN
+from .config import ENV_PRICE_PER_MILLION, ENV_TOKEN, resolve_price_per_million
 from .errors import EmbeddingCacheError
 from .progress import Progress
 from .protocol import Limits
+from .storage import ShardSummary
 
 __all__ = ["main"]
 
@@ -144,7 +145,15 @@ def _parser() -> argparse.ArgumentParser:
         help="what the cache holds",
         description="List the cache's model shards: entries, dimension, bytes on disk, and "
         "the hits and misses counted across every run since the shard was created (each "
-        "process adds its counts about once a minute and when it closes).",
+        "process adds its counts about once a minute and when it closes); for a model that "
+        "bills by the token (an API's), what its vectors cost and the tokens its hits saved.",
+    )
+    stats.add_argument(
+        "--price-per-million",
+        type=float,
+        metavar="USD",
+        help="what a million tokens cost: the tokens saved are shown in USD too "
+        f"(default: ${ENV_PRICE_PER_MILLION}; none)",
     )
     stats.set_defaults(run=_stats)
 
@@ -448,6 +457,7 @@ def _write_jsonl(texts: list[str], vectors: np.ndarray, stream: IO[str]) -> None
 
 
 def _stats(args: argparse.Namespace) -> int:
+    price = resolve_price_per_million(args.price_per_million)
     with EmbeddingCache(cache_dir=args.cache_dir, db_url=args.db_url) as cache:
         contents = cache.contents()
         print(f"cache: {contents.location}")
@@ -466,7 +476,31 @@ def _stats(args: argparse.Namespace) -> int:
                 f"{s.model or '(emptied)'}: {s.entries} vectors, {s.dimension or '?'}-d, "
                 f"{_megabytes(s.bytes_on_disk)}, {use}, version {s.revision or '?'} ({s.place})"
             )
+            print(f"  tokens: {_tokens(s, price)}")
     return 0
+
+
+def _tokens(s: ShardSummary, price: float | None) -> str:
+    """One shard's line of the savings report: what its vectors cost, what its hits saved."""
+    if not s.tokens_counted and not s.tokens_saved:
+        return "not counted (a local model, or vectors from before counts were kept)"
+    kind = (
+        "exact"
+        if not s.tokens_estimated
+        else "estimated"
+        if s.tokens_estimated == s.tokens
+        else f"{s.tokens_estimated} of them estimated"
+    )
+    uncounted = s.entries - s.tokens_counted
+    spent = f"{s.tokens} for {s.tokens_counted} vectors ({kind})" + (
+        f", {uncounted} vectors uncounted" if uncounted > 0 else ""
+    )
+    saved = f"{s.tokens_saved} saved by hits" + (
+        f" ({_usd(s.tokens_saved * price / 1e6)} at ${price:g} per million)"
+        if price is not None
+        else ""
+    )
+    return f"{spent}; {saved}"
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -547,6 +581,13 @@ def _age(value: str) -> float:
             f"{value!r} is not an age; write a number and a unit: 30d, 12h, 2w, 90m, 45s"
         )
     return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+
+
+def _usd(amount: float) -> str:
+    """Dollars and cents, or the digits that matter of less than a cent."""
+    if amount >= 0.01 or amount == 0:
+        return f"${amount:,.2f}"
+    return "$" + f"{amount:.8f}".rstrip("0")
 
 
 def _megabytes(n: int) -> str:

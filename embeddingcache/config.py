@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .errors import InvalidInputError
 from .models import DEFAULT_MODEL
 
 __all__ = [
@@ -12,11 +13,13 @@ __all__ = [
     "ENV_CACHE_DIR",
     "ENV_DB_URL",
     "ENV_MODEL",
+    "ENV_PRICE_PER_MILLION",
     "ENV_REMOTE_URL",
     "ENV_TOKEN",
     "resolve_cache_dir",
     "resolve_db_url",
     "resolve_model_name",
+    "resolve_price_per_million",
     "resolve_remote_url",
     "resolve_token",
 ]
@@ -26,6 +29,7 @@ ENV_DB_URL = "EMBEDDING_CACHE_DB_URL"
 ENV_REMOTE_URL = "EMBEDDING_CACHE_URL"
 ENV_MODEL = "EMBEDDING_CACHE_MODEL"
 ENV_TOKEN = "EMBEDDING_CACHE_TOKEN"
+ENV_PRICE_PER_MILLION = "EMBEDDING_CACHE_PRICE_PER_MILLION"
 DEFAULT_CACHE_DIR = "~/.cache/embedding-cache"
 
 
@@ -56,3 +60,25 @@ def resolve_model_name(model: str | None) -> str:
 
 def resolve_token(token: str | None) -> str | None:
     return token if token is not None else os.environ.get(ENV_TOKEN) or None
+
+
+def resolve_price_per_million(price: float | None) -> float | None:
+    """What a million tokens cost, in USD, for the savings report (`embeddingcache stats`);
+    ``None``: not priced.
+
+    Raises:
+        InvalidInputError: the price (or the environment's) is not a finite number >= 0.
+    """
+    given: object = price
+    if price is None:
+        given = os.environ.get(ENV_PRICE_PER_MILLION) or None
+        if given is None:
+            return None
+    try:
+        value = float(given)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0 <= value < float("inf"):  # NaN fails this too
+        where = f"${ENV_PRICE_PER_MILLION}" if price is None else "the price per million tokens"
+        raise InvalidInputError(f"{where} must be a number of USD >= 0, not {given!r}")
+    return value

@@ -42,6 +42,7 @@ from .models import ModelSpec, resolve_model
 from .storage import Lookup, Store
 from .storage.evict import PruneReport, prune
 from .storage.store import ReadOnlyStorageError
+from .tokens import Costs, costs
 from .versions import (
     PROBE,
     PROBE_TOLERANCE,
@@ -252,7 +253,16 @@ class Pipeline:
         self._unprobed: dict[str, float] = {}  # model -> when a probe last failed
         self._probing: dict[str, threading.Lock] = {}
         self._writer: ThreadPoolExecutor | None = None  # stores slices while the next computes
-        self._stats = {"hits": 0, "misses": 0, "remote_hits": 0, "computed": 0, "pushed": 0}
+        self._stats = {
+            "hits": 0,
+            "misses": 0,
+            "remote_hits": 0,
+            "computed": 0,
+            "pushed": 0,
+            "tokens_computed": 0,
+            "tokens_saved": 0,
+        }
+        self._tokens: dict[str, dict[str, int]] = {}  # model -> tokens computed and saved
 
     # -- the calls ------------------------------------------------------------------------
 
@@ -450,7 +460,7 @@ class Pipeline:
                 yield from self.resolve(call, compute=compute, options=options)
                 return
         hits = len(found.positions)
-        self._count_lookup(call.shard, hits, n - hits)
+        self._count_lookup(call.shard, hits, n - hits, found.tokens)
         if hits and not self.storage_worked:
             self.storage_worked = True
         if hits:
@@ -707,7 +717,15 @@ class Pipeline:
         into: tuple[str, str | None],
     ) -> tuple[np.ndarray, Deferred]:
         with deferred_warnings() as found:  # the caller's thread issues them
-            stored = self._store_rows(call, positions, vectors, damaged, into)
+            # Counted here, on the writer thread, so that tokenizing overlaps the computing
+            # of the next slice; by the engine that computed the slice (see tokens.costs).
+            cost = costs(engine, call.spec, [call.embedded[call.firsts[u]] for u in positions])
+            stored = self._store_rows(call, positions, vectors, damaged, into, cost)
+            if cost[0] is not None:
+                spent = sum(cost[0])
+                with self._lock:
+                    self._stats["tokens_computed"] += spent
+                    self._tokens_of(call.spec.name)["computed"] += spent
             if self.push and self.settings.remote_url is not None and engine.kind != "backend":
                 self._push(call, positions, stored, into[1])  # what the backend computed, it has
         return stored, found
@@ -868,6 +886,13 @@ class Pipeline:
     def stats(self) -> dict[str, int]:
         with self._lock:
             return dict(self._stats)
+
+    @property
+    def token_stats(self) -> dict[str, dict[str, int]]:
+        """Per model, in this process: the tokens its computed vectors cost (``computed``)
+        and the recorded tokens of its hits (``saved``); models with neither are left out."""
+        with self._lock:
+            return {model: dict(counts) for model, counts in self._tokens.items()}
 
     def close(self) -> None:
         """Close the engines and the backend client (not the store)."""
@@ -1049,10 +1074,12 @@ class Pipeline:
         vectors: np.ndarray,
         damaged: set[bytes],
         into: tuple[str, str | None] | None = None,
+        cost: Costs = (None, True),
     ) -> np.ndarray:
         """Store fresh vectors of the distinct texts at ``positions`` (insert-or-ignore) in
         one `Store.put`, in the call's shard (or ``into``: the shard and version they were
-        computed for); return the vectors as stored.
+        computed for), with what each cost in tokens (``cost``, see `tokens.costs`); return
+        the vectors as stored.
 
         Another call may have stored some of these texts first, its vectors computed in
         another batch and so different in the last bits: the stored ones are returned, so
@@ -1076,7 +1103,17 @@ class Pipeline:
         texts = [call.embedded[call.firsts[u]] for u in positions]
         shard, version = into if into is not None else (call.shard, call.version)
         try:
-            kept = self.storage.put(shard, keys, texts, vectors, replace=replace, revision=version)
+            tokens, exact = cost
+            kept = self.storage.put(
+                shard,
+                keys,
+                texts,
+                vectors,
+                replace=replace,
+                revision=version,
+                tokens=tokens,
+                tokens_exact=exact,
+            )
             # Read back only when another writer stored some first: when none was, the
             # vectors given are the ones stored (a read of every slice cost a tenth of a
             # fast model's time: issue 17).
@@ -1097,12 +1134,21 @@ class Pipeline:
         vectors[stored.positions] = stored.vectors
         return vectors
 
-    def _count_lookup(self, model: str, hits: int, misses: int) -> None:
+    def _count_lookup(self, model: str, hits: int, misses: int, tokens_saved: int) -> None:
         with self._lock:
             stats = self._stats
             stats["hits"] += hits
             stats["misses"] += misses
-        self.storage.record(model, hits, misses)
+            if tokens_saved:
+                stats["tokens_saved"] += tokens_saved
+                self._tokens_of(model_of(model))["saved"] += tokens_saved
+        self.storage.record(model, hits, misses, tokens_saved)
+
+    def _tokens_of(self, model: str) -> dict[str, int]:
+        found = self._tokens.get(model)
+        if found is None:
+            found = self._tokens[model] = {"computed": 0, "saved": 0}
+        return found
 
     def _count(self, **amounts: int) -> None:
         with self._lock:

@@ -256,6 +256,11 @@ class Backend:
             "hits": cache["hits"],
             "misses": cache["misses"],
             "computed": cache["computed"],
+            # Tokens since the server started (docs/storage.md, "What the cache saved"):
+            # what its computed vectors cost, and the recorded cost of the hits it served.
+            "tokens_computed": cache["tokens_computed"],
+            "tokens_saved": cache["tokens_saved"],
+            "tokens": self.cache.pipeline.token_stats,
             "uptime_s": round(time.time() - self.started, 3),
         }
 

@@ -172,6 +172,29 @@ def any_cache(tiny_model: str, storage: dict[str, Any]) -> Iterator[EmbeddingCac
 
 
 @pytest.fixture
+def upgrade_to() -> Callable[[Any, str | None, str], None]:
+    """``upgrade_to(connection, schema, revision)``: bring a place to an older revision with
+    Alembic, as an earlier embeddingcache left it (then a test fills it and opens it)."""
+
+    def upgrade(connection: Any, schema: str | None, revision: str) -> None:
+        from alembic import command
+        from alembic.config import Config
+        from sqlalchemy import text
+
+        from embeddingcache.storage import migrate
+
+        if schema is not None:
+            connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+        config = Config()
+        config.set_main_option("script_location", migrate.script_location())
+        config.attributes["connection"] = connection
+        config.attributes["schema"] = schema
+        command.upgrade(config, revision)
+
+    return upgrade
+
+
+@pytest.fixture
 def any_store(storage: dict[str, Any]) -> Iterator[Any]:
     from embeddingcache.storage import Store, layout_for
 

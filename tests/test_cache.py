@@ -37,7 +37,15 @@ def test_second_call_computes_nothing(cache: EmbeddingCache, encode_spy: EncodeS
     second = cache.get_embeddings(TEXTS)
     assert encode_spy.calls == []
     np.testing.assert_array_equal(first, second)
-    assert cache.stats == {"hits": 4, "misses": 4, "remote_hits": 0, "computed": 4, "pushed": 0}
+    assert cache.stats == {
+        "hits": 4,
+        "misses": 4,
+        "remote_hits": 0,
+        "computed": 4,
+        "pushed": 0,
+        "tokens_computed": 0,  # a local model's tokens are not counted
+        "tokens_saved": 0,
+    }
 
 
 def test_a_fresh_cache_on_the_same_directory_computes_nothing(

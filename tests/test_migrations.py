@@ -73,9 +73,14 @@ def test_a_cache_of_the_first_schema_is_upgraded_in_place_with_its_data(tmp_path
     assert store.text_count() == 5
     store.close()
     with sqlite3.connect(old / "legacy-model.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0003",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0004",)]
         columns = [row[1] for row in db.execute("PRAGMA table_info(model_info)")]
-        assert columns[-3:] == ["revision", "hits", "misses"]
+        assert columns[-5:] == ["revision", "hits", "misses", "tokens_saved", "counts_tokens"]
+        columns = [row[1] for row in db.execute("PRAGMA table_info(embedding)")]
+        assert columns[-2:] == ["tokens", "tokens_exact"]
+        assert db.execute("SELECT count(*) FROM embedding WHERE tokens IS NULL").fetchall() == [
+            (5,)
+        ]
         assert db.execute("SELECT model, dimension, revision FROM model_info").fetchall() == [
             ("legacy-model", 8, None)
         ]
@@ -93,19 +98,11 @@ def test_the_migrate_command_upgrades_ahead_of_time(
         assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("t0001",)]
 
 
-def test_an_older_postgres_schema_is_upgraded_in_place(pg_url: str) -> None:
-    from alembic import command
-    from alembic.config import Config
-
+def test_an_older_postgres_schema_is_upgraded_in_place(pg_url: str, upgrade_to: Any) -> None:
     layout = layout_for(Path("unused"), pg_url)
     place = layout.shard_place("legacy-model")
     with place.engine.begin() as connection:
-        connection.execute(text(f'CREATE SCHEMA "{place.schema}"'))
-        config = Config()
-        config.set_main_option("script_location", migrate.script_location())
-        config.attributes["connection"] = connection
-        config.attributes["schema"] = place.schema
-        command.upgrade(config, "s0001")
+        upgrade_to(connection, place.schema, "s0001")
         connection.execute(
             text(
                 f'INSERT INTO "{place.schema}".model_info VALUES '
@@ -134,7 +131,7 @@ def test_an_older_postgres_schema_is_upgraded_in_place(pg_url: str) -> None:
             text(f'SELECT version_num FROM "{place.schema}".alembic_version')
         )
     engine.dispose()
-    assert version == "s0003"
+    assert version == "s0004"
 
 
 OPENER = """
@@ -217,4 +214,4 @@ def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(site))
     with sqlite3.connect(cache / "m.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0003",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0004",)]

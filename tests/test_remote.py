@@ -64,6 +64,8 @@ def test_vectors_the_backend_holds_are_counted_as_remote_hits_and_kept(
             "remote_hits": 3,
             "computed": 1,
             "pushed": 0,
+            "tokens_computed": 0,  # a local model's tokens are not counted
+            "tokens_saved": 0,
         }
         np.testing.assert_array_equal(vectors[:3], computed)
         # Only the text the backend lacked was computed, here.

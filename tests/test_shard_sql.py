@@ -99,7 +99,7 @@ def test_each_backend_has_its_own_tables_and_put_new_reports_the_rows_it_kept(
     with write_transaction(place.engine) as connection:
         assert table.put_new(connection, rows) == 3
     with place.engine.connect() as connection:
-        stored = {bytes(k): v for k, v, _ in table.get(connection, [key_of("a"), key_of("b")])}
+        stored = {bytes(k): v for k, v, *_ in table.get(connection, [key_of("a"), key_of("b")])}
         assert stored[key_of("a")] == np.ones(3, np.float32).tobytes()
         assert [k for k, _ in table.after(connection, b"", 10)] == sorted(stored | {key_of("c"): 0})
         assert next(k for _, _, k in table.by_use(connection)) in (key_of("b"), key_of("c"))

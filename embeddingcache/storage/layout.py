@@ -29,6 +29,7 @@ from ..keys import check_model_name, model_slug
 from ..models import catalog_name
 from .schema import embedding_table, hashstring_table, model_info_table
 from .sqlite import SHARD_PAGE_SIZE, Reader, is_read_only, sqlite_engine
+from .tables import HitRow
 
 if TYPE_CHECKING:
     from .postgres import PostgresConnections
@@ -87,7 +88,7 @@ def _shard_place(engine: Engine, schema: str | None, path: Path | None, name: st
 class ShardReader(Protocol):
     """A shard's hit path outside SQLAlchemy (``sqlite.Reader``, ``postgres.PostgresReader``)."""
 
-    def rows(self, keys: Sequence[bytes], chunk: int) -> list[tuple[bytes, bytes, int]]: ...
+    def rows(self, keys: Sequence[bytes], chunk: int, *, tokens: bool = False) -> list[HitRow]: ...
     def close(self) -> None: ...
 
 

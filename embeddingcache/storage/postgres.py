@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import URL
 from sqlalchemy import exc as sa_exc
 
-from .tables import postgres_get_sql
+from .tables import HitRow, postgres_get_sql
 
 __all__ = ["PostgresConnections", "PostgresReader"]
 
@@ -82,8 +82,10 @@ class PostgresReader:
         self._query = postgres_get_sql(table)
         self._one = postgres_get_sql(table, one=True)
 
-    def rows(self, keys: Sequence[bytes], chunk: int) -> list[tuple[bytes, bytes, int]]:
-        """``(hashid, vector, last_used)`` of the stored ``keys``, one query per ``chunk``.
+    def rows(self, keys: Sequence[bytes], chunk: int, *, tokens: bool = False) -> list[HitRow]:
+        """``(hashid, vector, last_used, tokens)`` of the stored ``keys``, one query per
+        ``chunk``. The tokens each vector cost are read whatever ``tokens`` says: on Postgres
+        they cost nothing to read (``tables.postgres_get_sql``).
 
         Raises:
             sqlalchemy.exc.DBAPIError: the database could not be read.

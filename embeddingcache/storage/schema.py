@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     Integer,
@@ -22,6 +23,7 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
+    false,
 )
 
 __all__ = ["KEY_BYTES", "embedding_table", "hashstring_table", "model_info_table"]
@@ -46,6 +48,11 @@ def embedding_table(metadata: MetaData, name: str = "embedding") -> Table:
         Column("vector", LargeBinary, nullable=False),
         Column("created_at", Integer, nullable=False),
         Column("last_used", Integer, nullable=False),
+        # What computing the vector cost, in the model's tokens (NULL: not known, as for
+        # every vector stored before schema s0004, or from a backend or a push), and whether
+        # that is the tokenizer's count or an estimate from the text's length.
+        Column("tokens", Integer, nullable=True),
+        Column("tokens_exact", Boolean, nullable=True),
     )
 
 
@@ -65,4 +72,9 @@ def model_info_table(metadata: MetaData, name: str = "model_info") -> Table:
         # upgraded to schema s0003), counted in memory and added in batches.
         Column("hits", BigInteger, nullable=False, server_default="0"),
         Column("misses", BigInteger, nullable=False, server_default="0"),
+        # The stored token counts of those hits (s0004): tokens not paid for again.
+        Column("tokens_saved", BigInteger, nullable=False, server_default="0"),
+        # Whether any vector of the shard has its tokens counted (s0004): only then does a
+        # lookup read embedding.tokens, a column past the vector that costs ~4% of a hit.
+        Column("counts_tokens", Boolean, nullable=False, server_default=false()),
     )

@@ -17,7 +17,7 @@ from sqlalchemy import URL, Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 
 from .._util import warn
-from .tables import sqlite_get_sql
+from .tables import HitRow, sqlite_get_sql
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -223,15 +223,16 @@ class Reader:
         self.path = path
         self.read_only = read_only  # see read_only_uri
         self._table = table
-        self._queries: dict[int, str] = {}
+        # Statements by number of keys, without and with the tokens column.
+        self._queries: dict[bool, dict[int, str]] = {False: {}, True: {}}
         self._local = threading.local()
         self._opened: list[_Connection] = []
         self._generation = 0
         self._lock = threading.Lock()
 
-    def rows(self, keys: Sequence[bytes], chunk: int) -> list[tuple[bytes, bytes, int]]:
-        """``(hashid, vector, last_used)`` of the stored ``keys``, one query per ``chunk``
-        keys.
+    def rows(self, keys: Sequence[bytes], chunk: int, *, tokens: bool = False) -> list[HitRow]:
+        """``(hashid, vector, last_used, tokens)`` of the stored ``keys``, one query per ``chunk``
+        keys; ``tokens`` is ``None`` unless asked for (see ``tables.sqlite_get_sql``).
 
         Raises:
             sqlite3.Error: the file could not be read.
@@ -243,20 +244,20 @@ class Reader:
                     continue
                 connection = entry.connection
                 if len(keys) <= chunk:
-                    rows: list[tuple[bytes, bytes, int]] = connection.execute(
-                        self._query(len(keys)), keys
-                    ).fetchall()
+                    query = self._query(len(keys), tokens)
+                    rows: list[HitRow] = connection.execute(query, keys).fetchall()
                     return rows
-                found: list[tuple[bytes, bytes, int]] = []
+                found: list[HitRow] = []
                 for start in range(0, len(keys), chunk):
                     part = keys[start : start + chunk]
-                    found += connection.execute(self._query(len(part)), part).fetchall()
+                    found += connection.execute(self._query(len(part), tokens), part).fetchall()
                 return found
 
-    def _query(self, n: int) -> str:
-        query = self._queries.get(n)
+    def _query(self, n: int, tokens: bool) -> str:
+        queries = self._queries[tokens]
+        query = queries.get(n)
         if query is None:
-            query = self._queries[n] = sqlite_get_sql(self._table, n)
+            query = queries[n] = sqlite_get_sql(self._table, n, tokens=tokens)
         return query
 
     def _connection(self) -> _Connection:

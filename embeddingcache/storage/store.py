@@ -94,6 +94,8 @@ class ModelInfo:
     library_version: str
     revision: str | None = None
     """The model's version (`embeddingcache.versions`) the shard holds vectors of."""
+    counts_tokens: bool = False
+    """Whether vectors of the shard have their cost in tokens recorded: its lookups read it."""
 
 
 class Lookup(NamedTuple):
@@ -101,11 +103,14 @@ class Lookup(NamedTuple):
     ``positions`` ascends.
 
     ``damaged`` lists positions whose stored vector has the wrong length: to be recomputed.
+    ``tokens`` is what the vectors found cost when computed, over those whose cost is
+    stored: the tokens a hit saves paying for again.
     """
 
     positions: np.ndarray
     vectors: np.ndarray
     damaged: list[int]
+    tokens: int = 0
 
     @classmethod
     def empty(cls, dimension: int = 0) -> Lookup:
@@ -137,6 +142,17 @@ class ShardSummary:
     revision: str | None = None
     """The version of the model its vectors are of (`embeddingcache.versions`): a later
     version of a model has a shard of its own, named ``<model>@<16 hex digits>``."""
+    tokens_counted: int = 0
+    """The vectors whose cost in tokens is recorded (see docs/storage.md: vectors stored
+    before schema s0004, from a backend or a push, or of a local model, have none)."""
+    tokens: int = 0
+    """What those vectors cost, in tokens."""
+    tokens_estimated: int = 0
+    """The part of ``tokens`` that is an estimate (the engine had no tokenizer: see
+    `embeddingcache.tokens`), not the tokenizer's count."""
+    tokens_saved: int = 0
+    """The recorded tokens of the hits, counted across every run: tokens served from the
+    cache instead of being paid for again."""
 
 
 @dataclass
@@ -156,6 +172,7 @@ class _Use:
 
     hits: int = 0
     misses: int = 0
+    tokens_saved: int = 0
     stale: set[bytes] | None = None  # keys hit whose stored last_used is a day old or more
 
 
@@ -212,7 +229,7 @@ class Store:
         width = 4 * dimension
         try:
             if shard.reader is not None:
-                rows = shard.reader.rows(keys, tables.READ_CHUNK)
+                rows = shard.reader.rows(keys, tables.READ_CHUNK, tokens=shard.info.counts_tokens)
             else:
                 with shard.place.engine.connect() as connection:
                     rows = shard.table.get(connection, keys)
@@ -226,18 +243,22 @@ class Store:
         if len(rows) == len(keys) == 1 and len(rows[0][1]) == width:  # one cached text
             if rows[0][2] < stale_before:
                 self._touch(model, [rows[0][0]])
-            return Lookup(_FIRST, np.frombuffer(bytearray(rows[0][1]), "<f4")[None, :], [])
+            found = np.frombuffer(bytearray(rows[0][1]), "<f4")[None, :]
+            return Lookup(_FIRST, found, [], rows[0][3] or 0)
         where = dict(zip(keys, range(len(keys)), strict=True))
         # Each row goes to its key's slot, so that one join gives the vectors in key order:
         # with every key found, the matrix needs no reordering at all.
         slots: list[bytes | None] = [None] * len(keys)
         damaged: list[int] = []
         stale: list[bytes] = []
-        for hashid, vector, last_used in rows:
+        tokens = 0
+        for hashid, vector, last_used, cost in rows:
             if len(vector) == width:
                 slots[where[hashid]] = vector
                 if last_used < stale_before:
                     stale.append(hashid)
+                if cost is not None:
+                    tokens += cost
             else:
                 damaged.append(where[hashid])
         if stale:
@@ -250,7 +271,7 @@ class Store:
             data = bytearray().join(slot for slot in slots if slot is not None)
         # A bytearray makes the matrix writable: read-time options work on it in place.
         vectors = np.frombuffer(data, dtype="<f4").reshape(len(positions), dimension)
-        return Lookup(positions, vectors, damaged)
+        return Lookup(positions, vectors, damaged, tokens)
 
     def entries(self, model: str) -> Iterator[tuple[list[tuple[bytes, bytes]], dict[bytes, str]]]:
         """Every ``(hashid, vector)`` row of a model's shard in key order, ``READ_CHUNK`` at a
@@ -310,6 +331,7 @@ class Store:
                 with place.engine.connect() as connection:
                     row = table.info(connection)
                     entries = table.count(connection)
+                    counted, tokens, estimated = table.token_totals(connection)
             except (sa_exc.DBAPIError, StorageError) as exc:
                 logger.warning("skipping shard %s: %s", place.name, exc)
                 continue
@@ -325,20 +347,27 @@ class Store:
                     hits=row.hits if row else 0,
                     misses=row.misses if row else 0,
                     revision=row.revision if row else None,
+                    tokens_counted=counted,
+                    tokens=tokens,
+                    tokens_estimated=estimated,
+                    tokens_saved=row.tokens_saved if row else 0,
                 )
             )
         return result
 
     # -- use ------------------------------------------------------------------------------
 
-    def record(self, model: str, hits: int, misses: int) -> None:
-        """Count a lookup's hits and misses; writes what waits when it is due."""
+    def record(self, model: str, hits: int, misses: int, tokens_saved: int = 0) -> None:
+        """Count a lookup's hits and misses, and the tokens its hits saved (`Lookup.tokens`);
+        writes what waits when it is due."""
         with self._lock:
             use = self._use.get(model)
             if use is None:
                 use = self._use[model] = _Use()
             use.hits += hits
             use.misses += misses
+            if tokens_saved:
+                use.tokens_saved += tokens_saved
             now = time.monotonic()
             # Many rows waiting bring the write forward, but not sooner than an interval
             # after a write that failed: a hit never keeps waiting on another's lock.
@@ -393,15 +422,23 @@ class Store:
             return
         stale = sorted(use.stale or ())  # one order for every writer: no deadlock on Postgres
         with write_transaction(shard.place.engine, wait_s=FLUSH_WAIT_S) as connection:
-            if use.hits or use.misses:
-                shard.table.add_use(connection, use.hits, use.misses)
+            if use.hits or use.misses or use.tokens_saved:
+                shard.table.add_use(connection, use.hits, use.misses, use.tokens_saved)
             shard.table.touch(connection, stale, now, now - TOUCH_RESOLUTION_S)
+            counting = shard.info is not None and not shard.info.counts_tokens
+            row = shard.table.info(connection) if counting else None
+        if row is not None and row.counts_tokens:
+            # Another process stored the shard's first counted vectors since this one
+            # opened it: its hits read their tokens from now on (within a flush interval).
+            with self._lock:
+                self._shards[model] = dataclasses.replace(shard, info=_model_info(row))
 
     def _requeue(self, model: str, use: _Use) -> None:
         with self._lock:
             again = self._use.setdefault(model, _Use())
             again.hits += use.hits
             again.misses += use.misses
+            again.tokens_saved += use.tokens_saved
         if use.stale:
             self._touch(model, list(use.stale))
 
@@ -416,11 +453,14 @@ class Store:
         *,
         replace: Sequence[bytes] = (),
         revision: str | None = None,
+        tokens: Sequence[int] | None = None,
+        tokens_exact: bool = True,
     ) -> int:
         """Store texts and their vectors; rows already present are kept as they are, and
         their number returned (0: every vector given is the one stored now).
         ``revision`` is the model's version they were computed at, recorded in the shard's
-        model row if it has none yet.
+        model row if it has none yet. ``tokens`` is what computing each vector cost (``None``:
+        not known), ``tokens_exact`` whether those are the tokenizer's counts or estimates.
 
         Keys in ``replace`` are overwritten: their stored vectors were found damaged.
         Texts go in first: a crash between the two transactions leaves a text without a
@@ -454,14 +494,25 @@ class Store:
                     matrix[start:end],
                     replace=[k for k in replace if k in part],
                     revision=revision,
+                    tokens=None if tokens is None else tokens[start:end],
+                    tokens_exact=tokens_exact,
                 )
             return kept
         now = int(time.time())
         text_rows = [{"hashid": k, "text": t} for k, t in zip(keys, texts, strict=True)]
         blobs = [row.tobytes() for row in matrix]
+        costs: Sequence[int | None] = [None] * len(keys) if tokens is None else tokens
+        exact = None if tokens is None else tokens_exact
         vector_rows = [
-            {"hashid": k, "vector": b, "created_at": now, "last_used": now}
-            for k, b in zip(keys, blobs, strict=True)
+            {
+                "hashid": k,
+                "vector": b,
+                "created_at": now,
+                "last_used": now,
+                "tokens": None if cost is None else int(cost),
+                "tokens_exact": exact,
+            }
+            for k, b, cost in zip(keys, blobs, costs, strict=True)
         ]
         try:
             removals = retry_write(lambda: self._put_texts(text_rows))
@@ -506,6 +557,9 @@ class Store:
         table = shard_table(place)
         with write_transaction(place.engine) as connection:
             info = _ensure_info(connection, table, model, dimension, revision)
+            if not info.counts_tokens and any(row["tokens"] is not None for row in rows):
+                table.count_tokens(connection)
+                info = dataclasses.replace(info, counts_tokens=True)
             if replace:
                 table.delete(connection, replace)
             kept = table.put_new(connection, rows)
@@ -662,7 +716,14 @@ def _vanished(exc: BaseException) -> bool:
 
 
 def _model_info(row: Any) -> ModelInfo:
-    return ModelInfo(row.model, row.dimension, row.dtype, row.library_version, row.revision)
+    return ModelInfo(
+        row.model,
+        row.dimension,
+        row.dtype,
+        row.library_version,
+        row.revision,
+        bool(row.counts_tokens),
+    )
 
 
 def _ensure_info(
