@@ -111,21 +111,38 @@ class Backend:
         }
         self._lock = threading.Lock()
 
-    def served(self, model: str | None) -> Served:
-        """The served model a request names (the default one for ``None``)."""
+    def served(self, model: str | None, *, exact: bool = False) -> Served:
+        """The served model a request names (the default one for ``None``).
+
+        ``exact``: the name is a client's identity of the model, under which it stores what
+        it is given (our protocol's ``/embed`` and ``/push``): it must be the served
+        model's own name, or a catalog spelling of it, never the name ``serve`` was started
+        with when that means another identity (``openai:M`` served at another endpoint is
+        ``openai:M;endpoint=...``: a client storing its vectors as ``openai:M`` would hold
+        another server's vectors under OpenAI's name). OpenAI's clients store nothing of
+        ours: ``/v1/embeddings`` takes every name.
+        """
         if model is None:
             return self.models[self.default_model]
-        name = catalog_name(model) or self._aliases.get(model, model)
-        found = self.models.get(name) or self._api_variant(model)
+        aliases = {} if exact else self._aliases
+        name = catalog_name(model) or aliases.get(model, model)
+        found = self.models.get(name) or self._api_variant(model, aliases)
         if found is None:
+            meant = self._aliases.get(model)
+            hint = (
+                f"; {model!r} is served as {meant!r}: name it so, or resolve it as this "
+                "server does (the same base_url)"
+                if exact and meant is not None and meant != model
+                else ""
+            )
             raise ProtocolError(
                 422,
-                f"unknown model {model!r}; this server serves: {', '.join(self.models)}",
+                f"unknown model {model!r}; this server serves: {', '.join(self.models)}{hint}",
                 code="unknown_model",
             )
         return found
 
-    def _api_variant(self, model: str) -> Served | None:
+    def _api_variant(self, model: str, aliases: dict[str, str]) -> Served | None:
         """A served API model asked for OpenAI's ``dimensions`` (``NAME;dimensions=N``, the
         shard name a client's ``get_embeddings(..., dimensions=N)`` asks for): the API is
         asked for them, into a shard of their own. ``None`` for anything else, a local
@@ -133,7 +150,7 @@ class Backend:
         base, marker, digits = model.rpartition(";dimensions=")
         if not marker or not digits.isdigit() or int(digits) < 1:
             return None
-        served = self.models.get(catalog_name(base) or self._aliases.get(base, base))
+        served = self.models.get(catalog_name(base) or aliases.get(base, base))
         if served is None:
             return None
         spec = self.cache.model_spec(served.spec.name, dimensions=int(digits))
@@ -148,7 +165,7 @@ class Backend:
         """The vectors of a request (zeros where a lookup found nothing), which were stored
         already, and the model's version they are of; ``spec``: a variant of the served model
         (an API model asked for OpenAI's ``dimensions``), else the served model itself."""
-        served = self.served(request.model)
+        served = self.served(request.model, exact=spec is None)
         spec = spec or served.spec
         normalized, prompt = self._embedded(request.texts, request, spec)
         pipeline = self.cache.pipeline
@@ -219,7 +236,7 @@ class Backend:
             ProtocolError: 409, the client computed them at another version of the model
                 than this server's.
         """
-        served = self.served(request.model)
+        served = self.served(request.model, exact=True)
         ours = self.cache.pipeline.version(served.spec)
         if request.version is not None and ours is not None and request.version != ours:
             raise ProtocolError(
@@ -371,11 +388,11 @@ def create_app(backend: Backend) -> FastAPI:
         kind, obj = await _read(backend, request)
 
         def dimension_of(model: str | None) -> int:
-            return backend.served(model).dimension
+            return backend.served(model, exact=True).dimension
 
         parsed = parse_push_request(obj, kind, backend.limits, dimension_of)
         accepted = await _run(backend.push, parsed)
-        served = backend.served(parsed.model)
+        served = backend.served(parsed.model, exact=True)
         answer = {"accepted": accepted, "model": served.spec.name, "dimensions": served.dimension}
         return Response(encode_body(answer, kind), media_type=kind)
 

@@ -96,14 +96,26 @@ def test_a_proxy_serves_every_client_the_upstreams_vectors_and_asks_it_each_text
         got = np.asarray([item.embedding for item in answer.data], dtype=np.float32)
         return got, int(raw.headers["x-embeddingcache-hits"])
 
-    def through_our_client(name: str) -> tuple[np.ndarray, dict[str, Any]]:
+    def through_our_client(name: str, **where: Any) -> tuple[np.ndarray, dict[str, Any]]:
+        # The client names the model as the proxy does, at the upstream's endpoint: it
+        # stores what it is given under that identity (and holds no key).
         with EmbeddingCache(
             model,
             cache_dir=tmp_path / name,
             remote_url=proxy.url,
             fallback_providers=("remote",),
+            **(where or {"base_url": f"{upstream.url}/v1"}),
         ) as cache:
             return cache.get_embeddings(TEXTS), dict(cache.stats)
+
+    # A client that names it at OpenAI's endpoint is refused: it would store another
+    # server's vectors under OpenAI's name.
+    from embeddingcache.errors import EmbeddingCacheError
+
+    with pytest.raises(EmbeddingCacheError, match="served as"):
+        through_our_client("client-0", base_url="https://api.openai.com/v1")
+    with EmbeddingCache(cache_dir=tmp_path / "client-0", remote_url=False) as refused:
+        assert refused.contents().texts == 0
 
     sdk_first, sdk_hits = through_the_sdk()
     ours_first, stats = through_our_client("client-1")
@@ -164,7 +176,11 @@ def test_a_proxy_asks_the_api_for_openais_dimensions_and_keeps_them_in_a_shard_o
     # Our client's dimensions=16 of the API model asks the proxy for that shard: served as is.
     monkeypatch.delenv(KEY_ENV)
     with EmbeddingCache(
-        model, cache_dir=tmp_path / "client", remote_url=proxy.url, fallback_providers=("remote",)
+        model,
+        cache_dir=tmp_path / "client",
+        remote_url=proxy.url,
+        fallback_providers=("remote",),
+        base_url=f"{upstream.url}/v1",
     ) as ours:
         assert ours.get_embeddings(TEXTS, dimensions=16).tobytes() == expected.tobytes()
         assert ours.stats["remote_hits"] == len(set(TEXTS))
