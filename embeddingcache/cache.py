@@ -7,6 +7,7 @@ import functools
 import itertools
 import logging
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from datetime import timedelta
@@ -165,6 +166,10 @@ class EmbeddingCache:
             max_size=max_size,
         )
         self._default_options = EmbedOptions(batch_size=self.batch_size)
+        # A cache dropped without close(), or left open at exit, still writes the use
+        # counts it queued. The finalizer holds the Store (which never references the
+        # cache), so it keeps nothing of the cache alive.
+        self._flush_when_dropped = weakref.finalize(self, self._store.flush)
 
     # -- public API -----------------------------------------------------------------------
 
@@ -582,6 +587,7 @@ class EmbeddingCache:
 
     def close(self) -> None:
         """Release database connections and loaded models."""
+        self._flush_when_dropped.detach()
         self.pipeline.close()
         self._store.close()
 

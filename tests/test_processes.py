@@ -53,6 +53,33 @@ def test_a_process_that_only_hits_never_imports_torch(tiny_model: str, cache_dir
     np.testing.assert_array_equal(np.asarray(report["vectors"], dtype=np.float32), expected)
 
 
+DROP_UNCLOSED = """
+import gc, os, sys
+from embeddingcache import EmbeddingCache
+model, cache_dir, how = sys.argv[1:4]
+cache = EmbeddingCache(model, cache_dir=cache_dir, device="cpu")
+cache.get_embeddings(["kept one", "kept two", "kept three"])  # 3 hits, nothing computed
+if how == "del":
+    del cache
+    gc.collect()
+    os._exit(0)  # no exit handlers: only the drop itself may have written the counts
+"""  # how == "exit": the interpreter exits with the cache still open
+
+
+def test_a_cache_dropped_or_left_open_without_close_still_records_its_use(
+    tiny_model: str, cache_dir: Path
+) -> None:
+    """Use counts wait in memory; a cache garbage-collected, or open at exit, writes them."""
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as cache:
+        cache.get_embeddings(["kept one", "kept two", "kept three"])
+    for how in ("del", "exit"):
+        result = run_python(DROP_UNCLOSED, tiny_model, str(cache_dir), how)
+        assert result.returncode == 0, result.stderr
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as cache:
+        (summary,) = cache.contents().shards
+    assert (summary.hits, summary.misses) == (6, 3)
+
+
 WRITER = """
 import json, sys, time
 from pathlib import Path
