@@ -302,3 +302,27 @@ def test_a_shard_removed_by_another_process_is_a_miss_then_recreated(
     with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as again:
         again.get_embeddings(["kept"])
         assert again.stats["hits"] == 1
+
+
+def test_a_shard_file_removed_by_another_process_is_recreated_before_the_next_write(
+    tmp_path: Path,
+) -> None:
+    """The writer's open connections hold the unlinked file: the next write goes to a new one
+    on disk, with its tables, where a fresh cache finds it."""
+    store = Store(SQLiteLayout(tmp_path))
+    store.put("m", [key_of("first")], ["first"], vectors(1))
+    assert store.lookup("m", [key_of("first")]).positions.tolist() == [0]
+    shard = tmp_path / f"{model_slug('m')}.db"
+    for removed in (shard, tmp_path / "hashstring.db"):
+        for file in tmp_path.glob(f"{removed.name}*"):  # the file, its -wal and -shm
+            file.unlink()
+    second = vectors(1, seed=1)
+    store.put("m", [key_of("second")], ["second"], second)
+    assert store.lookup("m", [key_of("second")]).positions.tolist() == [0]
+    store.close()
+    fresh = Store(SQLiteLayout(tmp_path))
+    found = fresh.lookup("m", [key_of("first"), key_of("second")])
+    assert found.positions.tolist() == [1]
+    np.testing.assert_array_equal(found.vectors, second)
+    assert fresh.text_count() == 1
+    fresh.close()

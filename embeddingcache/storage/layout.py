@@ -14,6 +14,7 @@ Each place carries its own ``alembic_version`` table (see ``migrate.py``).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import threading
 from collections.abc import Sequence
@@ -21,7 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
-from sqlalchemy import URL, Engine, MetaData, Table, create_engine, func, inspect, make_url, select
+from sqlalchemy import (
+    URL,
+    Engine,
+    MetaData,
+    Table,
+    create_engine,
+    event,
+    func,
+    inspect,
+    make_url,
+    select,
+)
 from sqlalchemy import exc as sa_exc
 
 from ..errors import InvalidInputError
@@ -103,6 +115,7 @@ class Layout(Protocol):
     def prepare(self) -> None: ...
     def reader(self, place: ShardPlace) -> ShardReader | None: ...
     def read_only(self, place: Place) -> bool: ...
+    def replaced(self, place: Place) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -115,6 +128,8 @@ class SQLiteLayout:
         self._readers: dict[Path, Reader] = {}
         self._read_only: dict[Path, bool] = {}
         self._places: dict[Path, Place] = {}
+        # (st_dev, st_ino) of each file as this process's connections first opened it.
+        self._identity: dict[Path, tuple[int, int] | None] = {}
         self._lock = threading.Lock()
 
     def describe(self) -> str:
@@ -187,7 +202,35 @@ class SQLiteLayout:
                 engine = self._engines[path] = sqlite_engine(
                     path, page_size=page_size, read_only=self._read_only_path(path)
                 )
+                event.listen(engine, "connect", lambda *_: self._opened(path))
             return engine
+
+    def _opened(self, path: Path) -> None:
+        with self._lock:
+            if self._identity.get(path) is None:
+                self._identity[path] = _file_identity(path)
+
+    def replaced(self, place: Place) -> bool:
+        """Whether the place's file was removed or replaced since this process opened it (a
+        `prune --model` elsewhere, a user's ``rm``): its connections are then closed, so that
+        the next ones open, or create, the file that is on disk instead of writing to an
+        unlinked one. One ``stat``, for a write transaction to call first."""
+        path = place.path
+        if path is None:
+            return False
+        with self._lock:
+            known = self._identity.get(path)
+        if known is None or _file_identity(path) == known:
+            return False  # not opened yet (the next connection opens what is there), or same
+        with self._lock:
+            self._identity.pop(path, None)
+            engine = self._engines.get(path)
+            reader = self._readers.get(path)
+        if engine is not None:
+            engine.dispose()
+        if reader is not None:
+            reader.close()
+        return True
 
     def _read_only_path(self, path: Path) -> bool:
         # Decided once per file and process, when its engine is made: a cache baked into an
@@ -332,6 +375,9 @@ class ServerLayout:
     def read_only(self, place: Place) -> bool:
         return False  # a database refuses a write with its own error
 
+    def replaced(self, place: Place) -> bool:
+        return False  # a schema is dropped, never unlinked under an open connection
+
     def close(self) -> None:
         with self._lock:
             self._readers.clear()
@@ -339,6 +385,14 @@ class ServerLayout:
         if connections is not None:
             connections.close()
         self.engine.dispose()
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
 
 
 def layout_for(cache_dir: Path, db_url: str | None) -> Layout:

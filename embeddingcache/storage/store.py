@@ -598,6 +598,13 @@ class Store:
         as not there).
         """
         token = (place.path, place.schema)
+        if create and self.layout.replaced(place):
+            # Removed or replaced by another process: write to the file now on disk (created
+            # anew, with its tables), not to the unlinked one this process held open.
+            with self._lock:
+                self._prepared.discard(token)
+                for model in [m for m, s in self._shards.items() if s.place is place]:
+                    del self._shards[model]
         if token in self._prepared:
             return True
         if not self.layout.may_exist(place) and not create:
