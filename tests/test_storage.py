@@ -326,3 +326,22 @@ def test_a_shard_file_removed_by_another_process_is_recreated_before_the_next_wr
     np.testing.assert_array_equal(found.vectors, second)
     assert fresh.text_count() == 1
     fresh.close()
+
+
+def test_use_counted_after_another_process_replaced_the_shard_goes_to_the_new_file(
+    tmp_path: Path,
+) -> None:
+    """A flush checks the file too: the counts are not written to the unlinked shard."""
+    store = Store(SQLiteLayout(tmp_path))
+    store.put("m", [key_of("first")], ["first"], vectors(1))
+    shard = tmp_path / f"{model_slug('m')}.db"
+    for file in tmp_path.glob(f"{shard.name}*"):
+        file.unlink()
+    other = Store(SQLiteLayout(tmp_path))  # another process stores the shard anew
+    other.put("m", [key_of("second")], ["second"], vectors(1, seed=1))
+    other.close()
+    store.record("m", hits=5, misses=2)
+    store.flush()
+    store.close()
+    with sqlite3.connect(shard) as db:
+        assert db.execute("SELECT hits, misses FROM model_info").fetchone() == (5, 2)

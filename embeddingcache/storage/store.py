@@ -415,6 +415,9 @@ class Store:
         if self.layout.read_only(self.layout.shard_place(model)):
             return  # a read-only cache records no use: it is never modified
         shard = self._open_shard(model)
+        if shard is not None and self.layout.replaced(shard.place):
+            self._forget(model, shard)  # removed meanwhile: count in the file now there, if any
+            shard = self._open_shard(model)
         if shard is None:
             # Its first vectors are on their way (a call counts before it computes): the
             # counts wait for the shard.
