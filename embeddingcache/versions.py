@@ -303,7 +303,7 @@ class VersionWatch:
     _checked: float = float("-inf")
     _signature: Signature | None = None
     _version: str | None = None
-    _sentinels: tuple[tuple[Path, Stamp], ...] = ()
+    _sentinels: tuple[tuple[str, Stamp], ...] = ()  # paths as str: os.stat, not Path.stat
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -334,7 +334,7 @@ class VersionWatch:
                 self._signature = sig
                 largest = sorted(sig, key=lambda entry: -entry[1])[:SENTINELS]
                 self._sentinels = tuple(
-                    (self._folder / name, (size, mtime, ctime, inode))
+                    (str(self._folder / name), (size, mtime, ctime, inode))
                     for name, size, mtime, ctime, inode in largest
                 )
             return self._version
@@ -343,7 +343,7 @@ class VersionWatch:
         """Whether the largest files are as the last full check found them."""
         for path, stamp in self._sentinels:
             try:
-                if _stamp(path.stat()) != stamp:
+                if _stamp(os.stat(path)) != stamp:
                     return False
             except OSError:
                 return False
