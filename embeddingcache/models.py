@@ -64,7 +64,12 @@ def endpoint_of(base_url: str) -> str:
     """
     parts = urlsplit(base_url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"base_url must be an http(s) URL with a host, not {base_url!r}")
+        # Never the URL as given: it may carry a key (user:key@host, ?api-key=...).
+        shown = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+        raise ValueError(
+            f"base_url must be an http(s) URL with a host, not {shown!r} "
+            "(credentials and query not shown)"
+        )
     host = parts.hostname
     if ":" in host:  # an IPv6 literal
         host = f"[{host}]"

@@ -115,6 +115,16 @@ def test_engine_settings_never_show_the_key_or_the_token() -> None:
     assert KEY not in repr(settings) and "tok-do-not-show" not in repr(settings)
 
 
+def test_a_malformed_base_url_is_refused_without_the_credentials_it_carries(
+    tmp_path: Path,
+) -> None:
+    url = f"ftp://user:{KEY}@example.com/v1?api-key={KEY}"
+    with pytest.raises(InvalidInputError, match="http\\(s\\) URL") as refused:
+        EmbeddingCache("openai:m", cache_dir=tmp_path, base_url=url)
+    assert KEY not in str(refused.value) and "example.com/v1" in str(refused.value)
+    assert KEY not in repr(EngineSettings(base_url=f"https://user:{KEY}@example.com/v1"))
+
+
 # -- against the project's own serve ----------------------------------------------------------
 
 

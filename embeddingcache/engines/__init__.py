@@ -82,7 +82,7 @@ class EngineSettings:
     remote_url: str | None = None
     timeout: float = 5.0
     token: str | None = field(default=None, repr=False)
-    base_url: str | None = None
+    base_url: str | None = field(default=None, repr=False)  # may carry credentials
     api_key: str | None = field(default=None, repr=False)
 
 
