@@ -109,9 +109,11 @@ class OpenAIClient:
         *,
         dimensions: int | None = None,
         max_attempts: int | None = None,
+        timeout: float | None = None,
     ) -> np.ndarray:
         """One request's vectors, ``(len(texts), dim)`` float32 in input order, retried as the
-        module says (at most ``max_attempts`` attempts, the client's by default).
+        module says (at most ``max_attempts`` attempts, the client's by default), each attempt
+        waiting ``timeout`` seconds at most (the client's by default).
 
         Raises:
             APIError: the request was refused, or failed after its retries, or its answer
@@ -128,7 +130,7 @@ class OpenAIClient:
         try:
             for attempt in retrying:
                 with attempt:
-                    return self._once(model, texts, dimensions)
+                    return self._once(model, texts, dimensions, timeout)
         except _Retryable as failed:
             raise failed.error from failed.error.__cause__
         raise AssertionError("unreachable")  # pragma: no cover
@@ -171,13 +173,19 @@ class OpenAIClient:
             return True
         return False
 
-    def _once(self, model: str, texts: Sequence[str], dimensions: int | None) -> np.ndarray:
+    def _once(
+        self, model: str, texts: Sequence[str], dimensions: int | None, timeout: float | None
+    ) -> np.ndarray:
         body: dict[str, Any] = {"model": model, "input": list(texts), "encoding_format": "base64"}
         if dimensions is not None:
             body["dimensions"] = dimensions
         where = f"{self.endpoint}/embeddings (model {model!r})"
         try:
-            response = self._client.post("embeddings", json=body)
+            response = self._client.post(
+                "embeddings",
+                json=body,
+                timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+            )
         except httpx.TransportError as exc:
             # A timeout or a dropped connection: nothing came back, so it is asked again.
             error = APIError(f"{where}: no answer ({type(exc).__name__}: {exc})", retried=True)

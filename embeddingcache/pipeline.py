@@ -75,6 +75,9 @@ CHAINS = ("local", "remote")
 PROBE_EVERY_S = 3600.0
 # How long the read path leaves a model alone after its probe failed (see Pipeline._probed).
 PROBE_RETRY_S = 60.0
+# How long the read path waits for a probe's answer: a hit is served meanwhile from the shard
+# the model's recorded version names, so an API that hangs costs a hit this much, once.
+PROBE_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -325,10 +328,11 @@ class Pipeline:
         when none matches. ``None`` while the engine cannot answer (the shard's recorded
         version stands).
 
-        A hit must not wait on an API that cannot be reached (offline, no key): on the read
-        path the probe is asked once, without retries, and not again for `PROBE_RETRY_S`
-        after it failed; before computing (``fresh``) it is asked with the engine's
-        retries, since the texts are about to be sent anyway."""
+        A hit must not wait on an API that cannot be reached (offline, no key, hanging): on
+        the read path the probe is asked once, without retries, waiting `PROBE_TIMEOUT_S` at
+        most, and not again for `PROBE_RETRY_S` after it failed; before computing (``fresh``)
+        it is asked with the engine's retries and timeout, since the texts are about to be
+        sent anyway."""
         now = time.monotonic()
         with self._lock:
             known = self._probes.get(spec.name)
@@ -343,7 +347,9 @@ class Pipeline:
             if known is not None and now - known[1] < PROBE_EVERY_S:
                 return known[0]
             try:
-                answers = engine.embed(spec, PROBE, prompt="", options=EmbedOptions(retries=fresh))
+                quick = EmbedOptions(retries=False, timeout_s=PROBE_TIMEOUT_S)
+                options = EmbedOptions() if fresh else quick
+                answers = engine.embed(spec, PROBE, prompt="", options=options)
             except ProviderError as exc:
                 logger.warning("cannot probe model %r for its version: %s", spec.name, exc)
                 with self._lock:

@@ -66,6 +66,9 @@ class EmbedOptions:
     # False: one attempt, no retries (a probe on the read path must not hold a hit up while
     # an API cannot be reached); engines that do not retry ignore it.
     retries: bool = True
+    # The longest one request may wait for its answer, in seconds (``None``: the engine's
+    # own); engines that send no requests ignore it.
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)

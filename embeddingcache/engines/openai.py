@@ -135,7 +135,13 @@ class OpenAIEngine:
         )
         if len(ranges) <= 1:
             attempts = None if options.retries else 1  # a probe on the read path: no retries
-            return client.embed(model, inputs, dimensions=dimensions, max_attempts=attempts)
+            return client.embed(
+                model,
+                inputs,
+                dimensions=dimensions,
+                max_attempts=attempts,
+                timeout=options.timeout_s,
+            )
         parts: list[np.ndarray | None] = [None] * len(ranges)
         batches = [inputs[start:stop] for start, stop in ranges]
         for index, vectors in client.embed_batches(model, batches, dimensions=dimensions):
