@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +100,32 @@ def test_a_local_folder_is_named_by_its_absolute_path(
     monkeypatch.chdir(str(tmp_path))
     assert resolve_model("./my-model").name == str(folder.resolve())
     assert resolve_model("some-org/some-model").name == "some-org/some-model"
+
+
+def test_a_folder_name_follows_its_symlink_working_directory_and_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each spec of a folder is remembered by its name (resolving a path is most of a cached
+    text's time), and resolved again whenever the name reaches another directory."""
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    for folder in (first, second):
+        (folder / "model").mkdir(parents=True)
+    link = tmp_path / "current"
+    link.symlink_to(first)
+    assert resolve_model(str(link)).name == str(first)
+    assert resolve_model(str(link)) is resolve_model(str(link))
+    link.unlink()
+    link.symlink_to(second)
+    assert resolve_model(str(link)).name == str(second)
+
+    monkeypatch.chdir(first)
+    assert resolve_model("model").name == str(first / "model")
+    monkeypatch.chdir(second)
+    assert resolve_model("model").name == str(second / "model")
+
+    (second / "model" / "config_sentence_transformers.json").write_text(
+        '{"prompts": {"query": "q: "}}', encoding="utf-8"
+    )
+    assert resolve_model("model").prompt("query") == "q: "
+    shutil.rmtree(second / "model")
+    assert resolve_model("model").name == "model"  # no such folder: a Hub id
