@@ -536,7 +536,7 @@ class Pipeline:
         stored before the exception goes on."""
         failed: list[tuple[str, ProviderError]] = []
         every = self.store_every
-        steps, in_flight, billed = self._steps(call, missing, options, failed)
+        steps, in_flight, each_from = self._steps(call, missing, options, failed)
         # Slices handed to the writer, oldest first: one is yielded once the next is
         # computed, so the write of one overlaps the computing of the next.
         writing: list[tuple[Future[tuple[np.ndarray, Deferred]], np.ndarray]] = []
@@ -552,11 +552,11 @@ class Pipeline:
             lambda p, v, e: _wait_quietly(self._hand_over(call, [(p, v)], damaged, e)[0]),
         )
         try:
-            for positions, vectors, engine in computed:
+            for done_steps, (positions, vectors, engine) in enumerate(computed, 1):
                 parts.append((positions, vectors))
                 held += len(positions)
                 if (
-                    not billed
+                    done_steps <= each_from
                     and held < every.vectors
                     and time.monotonic() - started < every.seconds
                 ):
@@ -590,15 +590,18 @@ class Pipeline:
         missing: np.ndarray,
         options: EmbedOptions,
         failed: list[tuple[str, ProviderError]],
-    ) -> tuple[list[np.ndarray], int, bool]:
-        """The positions of each engine call, how many may run at once, and whether each
-        call's vectors are stored as they come: as the first engine of the chain can take
-        them (its `Limits`). A model on this machine takes `STEP_BATCHES` batches per call,
-        one call at a time, stored by `store_every`; an engine that bounds a batch by tokens
-        (an API's, billed per token) takes one request's worth per call, ``in_flight`` at a
-        time, so that requests run together, and each answer is stored as it comes: an
-        interrupted (even killed) run keeps every vector it paid for. An engine that checks
-        its inputs (``check_inputs``) sees them all first, before anything is sent."""
+    ) -> tuple[list[np.ndarray], int, int]:
+        """The positions of each engine call, how many may run at once, and from which call
+        on each call's vectors are stored as they come: as the first engine of the chain can
+        take them (its `Limits`). A model on this machine takes `STEP_BATCHES` batches per
+        call, one call at a time, stored by `store_every`, and a call of more than a slice
+        ends in calls of half the size each (`tapered`), each stored as it comes: what is
+        left to store once the model is done is one batch, not a slice. An engine that
+        bounds a batch by tokens (an API's, billed per token) takes one request's worth per
+        call, ``in_flight`` at a time, so that requests run together, and each answer is
+        stored as it comes: an interrupted (even killed) run keeps every vector it paid for.
+        An engine that checks its inputs (``check_inputs``) sees them all first, before
+        anything is sent."""
         lead = self._lead(call.spec)
         limits = lead.limits if lead is not None else None
         texts: list[str] | None = None
@@ -614,7 +617,11 @@ class Pipeline:
                 failed.append(("local", exc))
         if limits is None or (limits.token_budget is None and limits.in_flight <= 1):
             step = max(1, min(self.store_every.vectors, options.batch_size * STEP_BATCHES))
-            return [missing[a:b] for a, b in plan_count(len(missing), most=step)], 1, False
+            counted = list(plan_count(len(missing), most=step))
+            each_from = len(counted) - 1  # the last call's vectors need no waiting for more
+            if len(missing) > self.store_every.vectors:
+                counted[-1:] = tapered(*counted[-1], batch=options.batch_size)
+            return [missing[a:b] for a, b in counted], 1, each_from
         if texts is None:
             texts = [call.embedded[call.firsts[u]] for u in missing]
         ranges = plan(
@@ -622,7 +629,7 @@ class Pipeline:
             most=min(limits.batch_inputs, self.store_every.vectors),
             budget=limits.token_budget,
         )
-        return [missing[a:b] for a, b in ranges], max(1, limits.in_flight), True
+        return [missing[a:b] for a, b in ranges], max(1, limits.in_flight), 0
 
     def _lead(self, spec: ModelSpec) -> Engine | None:
         """The first engine of the chain that is configured here (None: none is)."""
@@ -1165,6 +1172,23 @@ class Pipeline:
         with self._lock:
             for name, amount in amounts.items():
                 self._stats[name] += amount
+
+
+def tapered(start: int, stop: int, *, batch: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` cut into ranges of half the rest each, in whole batches, down to
+    one batch: 4,096 texts in batches of 256 are 2,048, 1,024, 512, 256 and 256. Stored as
+    each is computed, the last write overlaps nothing and is one batch long."""
+    ranges = []
+    batch = max(1, batch)
+    while stop - start > 2 * batch:
+        half = -(-(stop - start) // (2 * batch)) * batch  # half the rest, in whole batches
+        ranges.append((start, start + half))
+        start += half
+    if stop - start > batch:
+        ranges.append((start, start + batch))
+        start += batch
+    ranges.append((start, stop))
+    return ranges
 
 
 def _reported(slices: Iterator[Slice], progress: Callable[[Slice], None]) -> Iterator[Slice]:

@@ -3,6 +3,7 @@ interrupt keeps every completed slice and a second run computes only the rest.""
 
 from __future__ import annotations
 
+import itertools
 import threading
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,26 @@ def test_each_slice_is_stored_by_the_writer_thread_before_it_is_yielded(
         keys = call.distinct_keys(part.positions)
         assert len(store.lookup(sliced.model, keys).positions) == len(keys)
         sources.append((part.source, len(part.positions)))
-    assert sources == [("computed", 8)] * 5
+    # Slices of 8; the last engine call's 8 as two halves of a batch each (`tapered`), so
+    # that what is stored after the model is done is one batch.
+    assert sources == [("computed", 8)] * 4 + [("computed", 4)] * 2
     assert writers and all(name.startswith("embeddingcache-writer") for name in writers)
+
+
+@pytest.mark.parametrize(("start", "stop", "batch"), [(0, 4096, 256), (7, 300, 256), (0, 5, 8)])
+def test_the_last_engine_call_tapers_to_one_batch_in_whole_batches(
+    start: int, stop: int, batch: int
+) -> None:
+    from embeddingcache.pipeline import tapered
+
+    ranges = tapered(start, stop, batch=batch)
+    assert ranges[0][0] == start and ranges[-1][1] == stop
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
+    sizes = [b - a for a, b in ranges]
+    assert sizes[-1] <= batch and all(size % batch == 0 for size in sizes[:-1])
+    assert all(later <= earlier for earlier, later in itertools.pairwise(sizes))
+    if (start, stop) == (0, 4096):
+        assert sizes == [2048, 1024, 512, 256, 256]
 
 
 def test_the_seconds_threshold_cuts_a_slice_after_each_engine_call_when_it_is_zero(
