@@ -342,9 +342,34 @@ class SQLiteShardTable(ShardTable):
 
 
 class PostgresShardTable(ShardTable):
-    """A model shard in its own Postgres schema."""
+    """A model shard in its own Postgres schema.
+
+    Writers and ``empty`` (``prune --model``) meet on the model row. On SQLite a write
+    transaction takes the file's lock first, so the two cannot interleave; Postgres lets a
+    writer read the model row, ``empty`` then delete the vectors and the row, and the
+    writer's vectors land in a shard that no model row vouches for, which the next writer
+    may claim for another model or dimension (issue 18). So a writer holds the row ``FOR
+    KEY SHARE`` until it commits (other writers and the use counts' updates do not wait
+    for that), and ``empty`` deletes the row before the vectors: it waits for the writers
+    that hold it, then removes their vectors too; a writer that comes after finds no row
+    and claims the shard anew, its vectors with it."""
 
     _insert_new = staticmethod(_postgres_insert_new)
+
+    def __init__(self, place: ShardPlace) -> None:
+        super().__init__(place)
+        self._held = select(self.model_info).with_for_update(read=True, key_share=True)
+
+    def claim(self, connection: Connection, row: dict[str, Any]) -> Any:
+        found = connection.execute(self._held).first()
+        if found is None:
+            connection.execute(self._claim, {"id": 1, **row})
+            found = connection.execute(self._held).one()
+        return found
+
+    def empty(self, connection: Connection) -> None:
+        connection.execute(delete(self.model_info))  # first: see the class's docstring
+        connection.execute(delete(self.embedding))
 
 
 class SQLiteTextTable(TextTable):
