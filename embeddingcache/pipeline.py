@@ -816,6 +816,14 @@ class Pipeline:
                 return first.vectors, None
             return first.vectors[call.inverse], None
         parts = [first, *slices] if first is not None else []
+        only = parts[0] if len(parts) == 1 else None
+        if only is not None and only.source == "remote" and len(only.positions) == n:
+            # Every text from the backend: its positions ascend (those the lookup missed),
+            # so its rows (a copy of the answer's) are in key order already, as a lookup's.
+            hit = np.zeros(n, dtype=bool)
+            if call.inverse is None:
+                return only.vectors, hit
+            return only.vectors[call.inverse], hit[call.inverse]
         dimensions = {s.vectors.shape[1] for s in parts}
         if len(dimensions) > 1:
             raise DimensionMismatchError(

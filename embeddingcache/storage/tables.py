@@ -332,6 +332,29 @@ def _sqlite_put_new(connection: Connection, table: Any, rows: Sequence[dict[str,
     return kept
 
 
+def _postgres_put_new(connection: Connection, table: Any, rows: Sequence[dict[str, Any]]) -> int:
+    """``put_new`` as one psycopg ``executemany`` of tuples per ``WRITE_BATCH``: psycopg 3
+    pipelines its statements (one round trip for the batch) and counts what they inserted.
+    SQLAlchemy's insert wrote one multi-row ``VALUES ... RETURNING`` string per 1,000 rows
+    that psycopg then parsed, placeholder by placeholder: 85% of the time of a write
+    (issue 18)."""
+    columns = list(table.c.keys())
+    name = connection.dialect.identifier_preparer.format_table(table)
+    statement = (
+        f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))}) "
+        "ON CONFLICT DO NOTHING"
+    )
+    kept = 0
+    for part in _chunks(rows, WRITE_BATCH):
+        # A column a row leaves out is NULL, as in SQLAlchemy's insert; exec_driver_sql still
+        # turns the driver's errors into SQLAlchemy's (which the retries know).
+        result = connection.exec_driver_sql(
+            statement, [tuple(row.get(c) for c in columns) for row in part]
+        )
+        kept += len(part) - result.rowcount
+    return kept
+
+
 class SQLiteShardTable(ShardTable):
     """A model shard in its own SQLite file."""
 
@@ -355,6 +378,9 @@ class PostgresShardTable(ShardTable):
     and claims the shard anew, its vectors with it."""
 
     _insert_new = staticmethod(_postgres_insert_new)
+
+    def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+        return _postgres_put_new(connection, self.embedding, rows)
 
     def __init__(self, place: ShardPlace) -> None:
         super().__init__(place)
@@ -397,7 +423,7 @@ class PostgresTextTable(TextTable):
     _insert_new = staticmethod(_postgres_insert_new)
 
     def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
-        return super().put_new(connection, [_without_nul(row) for row in rows])
+        return _postgres_put_new(connection, self.hashstring, [_without_nul(row) for row in rows])
 
 
 def _dialect(place: ShardPlace | TextPlace) -> str:
