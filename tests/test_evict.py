@@ -404,12 +404,13 @@ def test_a_size_budget_is_met_while_another_connection_holds_a_read_open(
 
 
 def test_a_text_removed_between_its_two_writes_is_put_back(
-    cache: EmbeddingCache, monkeypatch: pytest.MonkeyPatch
+    any_cache: EmbeddingCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A prune that runs between a writer's text and vector transactions cannot leave a
     vector without its text."""
     from embeddingcache.storage.store import Store
 
+    cache = any_cache
     write_vectors = Store._put_vectors
 
     def prune_first(self: Store, *args: object, **kwargs: object) -> None:
@@ -421,6 +422,34 @@ def test_a_text_removed_between_its_two_writes_is_put_back(
     cache.get_embeddings(["raced one", "raced two"])
     monkeypatch.undo()
     assert stored_texts(cache) == {"first", "raced one", "raced two"}
+
+
+def test_a_writer_stores_its_texts_once_when_no_prune_ran_between_its_writes(
+    any_cache: EmbeddingCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second insert of a write's texts happens only after a prune removed texts (the
+    backend counts removals: SQLite's file header, a Postgres sequence)."""
+    from embeddingcache.storage.tables import text_table
+
+    cache = any_cache
+    cache.get_embeddings(["first"])
+    table_class = type(text_table(cache._store.layout.text_place()))
+    put_new = table_class.put_new
+    inserted: list[int] = []
+
+    def counted(self: object, connection: object, rows: list[object]) -> int:
+        inserted.append(len(rows))
+        return put_new(self, connection, rows)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(table_class, "put_new", counted)
+    cache.get_embeddings(["one", "two"])
+    assert inserted == [2]
+    set_last_used(cache, ["first", "one", "two"], int(time.time()) - 3 * DAY)
+    cache.prune(older_than=DAY)  # removes them and their texts: the count moves
+    inserted.clear()
+    cache.get_embeddings(["three"])
+    assert inserted == [1]
+    assert stored_texts(cache) == {"three"}
 
 
 def test_a_failed_flush_is_not_retried_on_every_hit(

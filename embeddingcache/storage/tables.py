@@ -16,15 +16,20 @@ saying how many were), iterate ``after`` a key in key order and ``by_use`` in or
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, bindparam, case, delete, func, select, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text as sql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.dml import Insert
 
 from ..errors import StorageError
+
+logger = logging.getLogger("embeddingcache.storage")
 
 if TYPE_CHECKING:
     from .layout import ShardPlace, TextPlace
@@ -298,6 +303,10 @@ class TextTable:
         whether a prune may have removed the texts it stored first."""
         return None
 
+    def removing(self, connection: Connection) -> None:
+        """Say that texts are about to be removed, before the check that picks them, where
+        ``delete`` does not count them itself in a way writers wait for (see ``removals``)."""
+
     def count(self, connection: Connection) -> int:
         return int(connection.scalar(select(func.count()).select_from(self.hashstring)) or 0)
 
@@ -417,10 +426,63 @@ class SQLiteTextTable(TextTable):
         return int(connection.exec_driver_sql("PRAGMA user_version").scalar_one())
 
 
+# The sequence that counts removals of texts on Postgres, created by the first writer or
+# prune that finds it missing (no migration: without it, removals are not known).
+REMOVALS_SEQUENCE = "text_removals"
+
+
 class PostgresTextTable(TextTable):
-    """The texts in the ``embeddingcache`` schema. Postgres text cannot hold NUL."""
+    """The texts in the ``embeddingcache`` schema. Postgres text cannot hold NUL.
+
+    Removals are counted in a sequence (``REMOVALS_SEQUENCE``): advanced by a prune before
+    it checks which texts no vector refers to (``removing``), read by a writer before its
+    texts and after its vectors, so that it puts its texts a second time only when a prune
+    ran in between (the second insert of every text was a third of a write: issue 18). A
+    sequence advances outside transactions, at once for every session: a prune that then
+    rolls back costs a writer one needless second insert, never a lost text."""
 
     _insert_new = staticmethod(_postgres_insert_new)
+
+    def __init__(self, place: TextPlace) -> None:
+        super().__init__(place)
+        schema = place.schema or "public"
+        self._sequence = f"{schema}.{REMOVALS_SEQUENCE}"
+        # No row: no sequence, or no right to read it. A sequence never advanced reads 0.
+        # (NULL where this role may not read it: pg_sequences says NULL then too.)
+        self._read = sql(
+            "SELECT CASE WHEN has_sequence_privilege(c.oid, 'SELECT') "
+            "THEN coalesce(s.last_value, 0) END "
+            "FROM pg_sequences s JOIN pg_namespace n ON n.nspname = s.schemaname "
+            "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = s.sequencename "
+            "WHERE s.schemaname = :schema AND s.sequencename = :name"
+        ).bindparams(schema=schema, name=REMOVALS_SEQUENCE)
+
+    def removals(self, connection: Connection) -> int | None:
+        value = connection.execute(self._read).scalar()
+        if value is None and self._create(connection):
+            value = connection.execute(self._read).scalar()
+        # None (it cannot be made or read here): the writer puts its texts again, always.
+        return None if value is None else int(value)
+
+    def removing(self, connection: Connection) -> None:
+        self._create(connection)
+        connection.execute(sql("SELECT nextval(:name)"), {"name": self._sequence})
+
+    def _create(self, connection: Connection) -> bool:
+        """Create the sequence if it is missing; whether it exists now. A role that may not
+        create it leaves the transaction as it was (a savepoint)."""
+        try:
+            with connection.begin_nested():
+                # One creator at a time: two CREATE ... IF NOT EXISTS at once can collide.
+                connection.execute(
+                    sql("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                    {"key": f"embeddingcache:{self._sequence}"},
+                )
+                connection.exec_driver_sql(f"CREATE SEQUENCE IF NOT EXISTS {self._sequence}")
+        except sa_exc.DBAPIError as exc:
+            logger.debug("cannot create %s: %s", self._sequence, exc)
+            return False
+        return True
 
     def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
         return _postgres_put_new(connection, self.hashstring, [_without_nul(row) for row in rows])
