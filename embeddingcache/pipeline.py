@@ -94,6 +94,10 @@ STORE_EVERY = StoreEvery()
 # Batches per engine call: the model sorts texts by length within a call, so fewer, larger
 # calls waste less padding; more, smaller ones let the seconds threshold cut a slice sooner.
 STEP_BATCHES = 16
+# Writes of the backend's vectors a call hands over without waiting, at most: beyond that a
+# call waits for the oldest, so that a long job of remote hits (iter_embeddings) holds a few
+# chunks in memory, not every chunk the local disk has not caught up with.
+REMOTE_WRITES_AHEAD = 2
 # With max_size, a cache that outgrows it is pruned to this share of it, so that pruning
 # (and compacting the files) happens once per tenth of the budget written, not per write.
 LOW_WATER = 0.9
@@ -254,6 +258,7 @@ class Pipeline:
         self._unprobed: dict[str, float] = {}  # model -> when a probe last failed
         self._probing: dict[str, threading.Lock] = {}
         self._writer: ThreadPoolExecutor | None = None  # stores slices while the next computes
+        self._remote_writes: list[Future[None]] = []  # the backend's vectors being stored
         self._stats = {
             "hits": 0,
             "misses": 0,
@@ -519,10 +524,18 @@ class Pipeline:
             )
         # The shard is the call's as it is now: the version the backend's vectors are of.
         into = (call.shard, call.version)
+        with self._lock:
+            self._remote_writes = [f for f in self._remote_writes if not f.done()]
+            pending = self._remote_writes
+            waiting = pending[: max(0, len(pending) - REMOTE_WRITES_AHEAD + 1)]
+        for earlier in waiting:  # a long job of remote hits: memory stays bounded
+            wait([earlier])
         future = self._writer_pool().submit(
             self._store_remote, call, positions, vectors, had, replace, into
         )
         future.add_done_callback(_log_failed_write)
+        with self._lock:
+            self._remote_writes.append(future)
 
     def _store_remote(
         self,

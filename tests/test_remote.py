@@ -391,3 +391,29 @@ def test_a_damaged_vector_is_replaced_by_the_backends(
         assert db.execute("SELECT DISTINCT length(vector) FROM embedding").fetchall() == [(128,)]
     with local_only(tiny_model, tmp_path, "a") as stored:
         np.testing.assert_array_equal(stored.get_embeddings(TEXTS), computed)
+
+
+def test_a_call_waits_for_earlier_writes_of_the_backends_vectors_beyond_the_bound(
+    start_server: Any, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long job of remote hits holds a bounded number of chunks waiting to be stored."""
+    from embeddingcache import pipeline
+
+    server, _ = start_server()
+    with client(tiny_model, tmp_path, server.url, "a", fallback_providers=("remote",)) as a:
+        a.get_embeddings(TEXTS)
+    monkeypatch.setattr(pipeline, "REMOTE_WRITES_AHEAD", 1)
+    release, landed = _hold_writes(monkeypatch)
+    with client(tiny_model, tmp_path, server.url, "b", fallback_providers=()) as b:
+        b.get_embeddings(TEXTS[:2])
+        assert landed == []  # one write may wait
+        returned: list[list[int]] = []
+        second = threading.Thread(
+            target=lambda: (b.get_embeddings(TEXTS[2:]), returned.append(list(landed)))
+        )
+        second.start()
+        release.set()
+        second.join(60)
+        # The second call returned once the first write had landed (its own may have too).
+        assert len(returned) == 1 and len(returned[0]) >= 1
+    assert landed == [2, 2]
