@@ -144,6 +144,136 @@ def read_only(work: Path, quick: bool) -> list[Result]:
 
 
 def postgres(work: Path, quick: bool) -> list[Result]:
+    """The Postgres read and write paths against raw psycopg on an open connection."""
+    return [*postgres_reads(work, quick), *postgres_writes(work, quick)]
+
+
+def postgres_writes(work: Path, quick: bool) -> list[Result]:
+    """Storing 20,000 new vectors through ``Store.put`` into Postgres against raw psycopg
+    inserting the same rows into the same tables of another database, on an open connection
+    in one transaction: ``executemany`` of ``INSERT ... ON CONFLICT DO NOTHING`` (psycopg 3
+    pipelines it), texts then vectors, which is what the library does; and ``COPY`` (binary),
+    which skips no stored key and so is a bound, not the same job."""
+    url = os.environ.get(PG_ENV)
+    if not url:
+        return []
+    import psycopg
+    from sqlalchemy import create_engine, make_url, text
+
+    from embeddingcache.keys import keys_of
+    from embeddingcache.storage import Store, layout_for
+    from embeddingcache.storage.layout import TEXT_SCHEMA, server_schema
+
+    names = [f"ec_bench_w{os.getpid()}_{which}" for which in ("lib", "raw")]
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        for name in names:
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    lib_url, raw_url = (
+        make_url(url).set(database=name).render_as_string(hide_password=False) for name in names
+    )
+    texts = sentences(N_PG, seed=11)
+    vectors = random_vectors(N_PG, seed=11)
+    keys = keys_of(texts)
+    shard, hashstring = f"{server_schema(MODEL)}.embedding", f"{TEXT_SCHEMA}.hashstring"
+    columns = "hashid, vector, created_at, last_used, tokens, tokens_exact"
+    repeat = 3 if quick else 5
+    library, inserts, copies = [], [], []
+    try:
+        stores = [Store(layout_for(work, u)) for u in (lib_url, raw_url)]
+        for store in stores:  # the tables exist, with one row: time rows only
+            store.put(MODEL, keys[:1], texts[:1], vectors[:1])
+        conninfo = make_url(raw_url).set(drivername="postgresql")
+        raw = psycopg.connect(conninfo.render_as_string(hide_password=False))
+        n = N_PG - 1
+        rest_keys, rest_texts, rest_vectors = keys[1:], texts[1:], vectors[1:]
+
+        def truncate(connection: psycopg.Connection) -> None:  # type: ignore[type-arg]
+            connection.execute(f"TRUNCATE {shard}, {hashstring}")  # the model row stays
+            connection.commit()
+
+        def raw_rows() -> list[tuple[object, ...]]:
+            now = int(time.time())
+            return [
+                (k, v.tobytes(), now, now, None, None)
+                for k, v in zip(rest_keys, rest_vectors, strict=True)
+            ]
+
+        def raw_executemany() -> None:
+            with raw.cursor() as cursor:
+                cursor.executemany(
+                    f"INSERT INTO {hashstring} (hashid, text) VALUES (%s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    list(zip(rest_keys, rest_texts, strict=True)),
+                )
+                cursor.executemany(
+                    f"INSERT INTO {shard} ({columns}) VALUES (%s, %s, %s, %s, %s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    raw_rows(),
+                )
+            raw.commit()
+
+        def raw_copy() -> None:
+            with raw.cursor() as cursor:
+                with cursor.copy(
+                    f"COPY {hashstring} (hashid, text) FROM STDIN (FORMAT BINARY)"
+                ) as copy:
+                    copy.set_types(["bytea", "text"])
+                    for row in zip(rest_keys, rest_texts, strict=True):
+                        copy.write_row(row)
+                with cursor.copy(f"COPY {shard} ({columns}) FROM STDIN (FORMAT BINARY)") as copy:
+                    copy.set_types(["bytea", "bytea", "int4", "int4", "int4", "bool"])
+                    for row in raw_rows():
+                        copy.write_row(row)
+            raw.commit()
+
+        lib_raw = psycopg.connect(
+            make_url(lib_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        )
+        for _ in range(repeat):
+            truncate(lib_raw)
+            started = time.perf_counter()
+            stores[0].put(MODEL, rest_keys, rest_texts, rest_vectors)
+            library.append(time.perf_counter() - started)
+            for runner, measured in ((raw_executemany, inserts), (raw_copy, copies)):
+                truncate(raw)
+                started = time.perf_counter()
+                runner()
+                measured.append(time.perf_counter() - started)
+        count = lib_raw.execute(f"SELECT count(*) FROM {shard}").fetchone()
+        assert count is not None
+        assert count[0] == n, count
+        lib_raw.close()
+        raw.close()
+        for store in stores:
+            store.close()
+    finally:
+        with admin.connect() as connection:
+            for name in names:
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+    lib, many, copy = median(library), median(inserts), median(copies)
+    return [
+        Result(
+            "14. postgres writes",
+            f"storing {n:,} new {DIM}-d vectors with their texts: vectors/s",
+            n / lib,
+            n / many,
+            "raw psycopg executemany INSERT ... ON CONFLICT DO NOTHING, one transaction",
+            many / lib,
+            ">= 0.5x",
+            many / lib >= 0.5,
+            unit="vectors/s",
+            notes=[
+                f"{lib * 1e6 / n:.1f} us per vector against raw {many * 1e6 / n:.1f} us; "
+                f"raw binary COPY (no conflict handling): {n / copy:,.0f} vectors/s "
+                f"({copy / lib:.2f}x)"
+            ],
+        )
+    ]
+
+
+def postgres_reads(work: Path, quick: bool) -> list[Result]:
     """The Postgres read path against raw psycopg on an open connection."""
     url = os.environ.get(PG_ENV)
     if not url:

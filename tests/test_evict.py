@@ -404,12 +404,13 @@ def test_a_size_budget_is_met_while_another_connection_holds_a_read_open(
 
 
 def test_a_text_removed_between_its_two_writes_is_put_back(
-    cache: EmbeddingCache, monkeypatch: pytest.MonkeyPatch
+    any_cache: EmbeddingCache, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A prune that runs between a writer's text and vector transactions cannot leave a
     vector without its text."""
     from embeddingcache.storage.store import Store
 
+    cache = any_cache
     write_vectors = Store._put_vectors
 
     def prune_first(self: Store, *args: object, **kwargs: object) -> None:
@@ -421,6 +422,34 @@ def test_a_text_removed_between_its_two_writes_is_put_back(
     cache.get_embeddings(["raced one", "raced two"])
     monkeypatch.undo()
     assert stored_texts(cache) == {"first", "raced one", "raced two"}
+
+
+def test_a_writer_stores_its_texts_once_when_no_prune_ran_between_its_writes(
+    any_cache: EmbeddingCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second insert of a write's texts happens only after a prune removed texts (the
+    backend counts removals: SQLite's file header, a Postgres sequence)."""
+    from embeddingcache.storage.tables import text_table
+
+    cache = any_cache
+    cache.get_embeddings(["first"])
+    table_class = type(text_table(cache._store.layout.text_place()))
+    put_new = table_class.put_new
+    inserted: list[int] = []
+
+    def counted(self: object, connection: object, rows: list[object]) -> int:
+        inserted.append(len(rows))
+        return put_new(self, connection, rows)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(table_class, "put_new", counted)
+    cache.get_embeddings(["one", "two"])
+    assert inserted == [2]
+    set_last_used(cache, ["first", "one", "two"], int(time.time()) - 3 * DAY)
+    cache.prune(older_than=DAY)  # removes them and their texts: the count moves
+    inserted.clear()
+    cache.get_embeddings(["three"])
+    assert inserted == [1]
+    assert stored_texts(cache) == {"three"}
 
 
 def test_a_failed_flush_is_not_retried_on_every_hit(
@@ -449,3 +478,90 @@ def test_a_failed_flush_is_not_retried_on_every_hit(
         blocker.execute("ROLLBACK")
         blocker.close()
     assert len(attempts) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_prune_by_model_beside_a_writer_leaves_no_vector_without_its_model_row(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer that found the model row and is inserting its vectors when `prune --model`
+    empties the shard: either the prune removes them too, or they stay with a model row;
+    never vectors that no model row vouches for (the next writer could claim the shard for
+    another model or dimension, and old vectors would be served as its)."""
+    import threading
+
+    from sqlalchemy import create_engine, text
+
+    from embeddingcache.storage import Store, layout_for
+    from embeddingcache.storage.evict import prune
+    from embeddingcache.storage.tables import shard_table
+
+    model = "race/model"
+    db_url = request.getfixturevalue("pg_url") if backend == "postgres" else None
+
+    def a_store() -> Store:
+        return Store(layout_for(tmp_path / "cache", db_url))
+
+    writer, pruner = a_store(), a_store()
+    writer.put(model, [key_of("old")], ["old"], np.ones((1, 4), np.float32))
+    if db_url is not None:
+        watcher = create_engine(db_url)
+
+        def prune_waits() -> bool:  # for a lock the writer holds
+            with watcher.connect() as connection:
+                query = (
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                return bool(connection.execute(text(query)).scalar())
+    else:
+
+        def prune_waits() -> bool:  # in SQLite's busy handler: no telling, give it a second
+            pruned.wait(1.0)
+            return True
+
+    claimed, pruned = threading.Event(), threading.Event()
+    ensure_info = store_module._ensure_info
+
+    def paused(*args: object, **kwargs: object) -> object:
+        # The fault: the writer stops after reading the model row, inside its transaction,
+        # until the prune has run or waits for it.
+        info = ensure_info(*args, **kwargs)  # type: ignore[arg-type]
+        if threading.current_thread().name == "writer":
+            claimed.set()
+            deadline = time.monotonic() + 30
+            while not (pruned.is_set() or prune_waits()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        return info
+
+    monkeypatch.setattr(store_module, "_ensure_info", paused)
+    write = threading.Thread(
+        target=writer.put,
+        args=(model, [key_of("new")], ["new"], np.full((1, 4), 2.0, np.float32)),
+        name="writer",
+    )
+    write.start()
+    assert claimed.wait(30)
+
+    def prune_model() -> None:
+        prune(pruner, model=model)
+        pruned.set()
+
+    pruning = threading.Thread(target=prune_model)
+    pruning.start()
+    pruning.join(60)
+    write.join(60)
+    assert not pruning.is_alive() and not write.is_alive()
+    monkeypatch.undo()
+    after = a_store()
+    place = after.layout.shard_place(model)
+    with place.engine.connect() as connection:
+        table = shard_table(place)
+        info, entries = table.info(connection), table.count(connection)
+    assert info is not None or entries == 0, f"{entries} vector(s) without a model row"
+    if info is not None:  # the writer's vector stayed, and only it
+        assert after.lookup(model, [key_of("old"), key_of("new")]).vectors.tolist() == [[2.0] * 4]
+    for store in (writer, pruner, after):
+        store.close()
+    if db_url is not None:
+        watcher.dispose()

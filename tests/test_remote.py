@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -281,3 +282,138 @@ def test_the_client_keeps_to_the_servers_limits(
         b.get_embeddings([*texts[:3], "a text longer than thirty characters"])
         assert b.stats["remote_hits"] == 3 and b.stats["computed"] == 1
     assert backend.stats()["rejected"] == 0
+
+
+def _hold_writes(monkeypatch: pytest.MonkeyPatch, fail: int = 0) -> tuple[Any, list[int]]:
+    """A fault on the writer thread only: each of its `Store.put` waits for the event
+    returned (a slow local disk), and the first ``fail`` of them raise. The sizes of the
+    writes that landed go in the list returned."""
+    from embeddingcache import StorageError
+    from embeddingcache.storage import Store
+
+    release, landed, failures = threading.Event(), [], [fail]
+    original = Store.put
+
+    def put(self: Any, model: str, keys: Any, *args: Any, **kwargs: Any) -> int:
+        if threading.current_thread().name.startswith("embeddingcache-writer"):
+            release.wait(30)
+            if failures[0]:
+                failures[0] -= 1
+                raise StorageError("the disk is full (injected)")
+        kept = original(self, model, keys, *args, **kwargs)
+        landed.append(len(keys))
+        return kept
+
+    monkeypatch.setattr(Store, "put", put)
+    return release, landed
+
+
+def local_only(tiny_model: str, tmp_path: Path, name: str) -> EmbeddingCache:
+    return EmbeddingCache(tiny_model, cache_dir=tmp_path / name, remote_url=False, device="cpu")
+
+
+def test_the_backends_vectors_come_back_before_they_are_stored_here_and_land_by_close(
+    start_server: Any, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, _ = start_server()
+    with client(tiny_model, tmp_path, server.url, "a", fallback_providers=("remote",)) as a:
+        computed = a.get_embeddings(TEXTS)
+    release, landed = _hold_writes(monkeypatch)
+    with client(tiny_model, tmp_path, server.url, "b", fallback_providers=()) as b:
+        first = b.get_embeddings(TEXTS)
+        assert landed == []  # the call did not wait for its write
+        # A later call before the write landed asks the backend again: the same vectors.
+        np.testing.assert_array_equal(b.get_embeddings(TEXTS), first)
+        assert b.stats["remote_hits"] == 8 and b.stats["misses"] == 8
+        release.set()
+    assert landed == [4, 4]  # close waited for both writes
+    np.testing.assert_array_equal(first, computed)
+    with local_only(tiny_model, tmp_path, "b") as stored:
+        np.testing.assert_array_equal(stored.get_embeddings(TEXTS), computed)
+        assert stored.stats["hits"] == 4
+
+
+def test_a_failed_write_of_the_backends_vectors_is_logged_and_loses_nothing_else(
+    start_server: Any,
+    tiny_model: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    direct_model: Any,
+) -> None:
+    server, _ = start_server()
+    with client(tiny_model, tmp_path, server.url, "a", fallback_providers=("remote",)) as a:
+        on_backend = a.get_embeddings(TEXTS[:2])
+    release, landed = _hold_writes(monkeypatch, fail=1)
+    release.set()
+    with (
+        caplog.at_level(logging.WARNING, logger="embeddingcache"),
+        client(tiny_model, tmp_path, server.url, "b") as b,
+    ):
+        # The backend has two texts; the other two are computed here, in the same call.
+        vectors = b.get_embeddings(TEXTS)
+        assert b.stats["remote_hits"] == 2 and b.stats["computed"] == 2
+        np.testing.assert_array_equal(vectors[:2], on_backend)
+        np.testing.assert_array_equal(vectors[2:], direct_model.encode(TEXTS[2:]))
+        # The failure is not raised into this or a later call; that one asks the backend
+        # again for what was not stored, and its write lands.
+        np.testing.assert_array_equal(b.get_embeddings(TEXTS), vectors)
+        assert b.stats["remote_hits"] == 4 and b.stats["hits"] == 2
+    assert landed == [2, 2]  # the computed slice, then the second call's backend vectors
+    assert any("could not store the backend's vectors" in r.getMessage() for r in caplog.records)
+    with local_only(tiny_model, tmp_path, "b") as stored:
+        np.testing.assert_array_equal(stored.get_embeddings(TEXTS), vectors)
+        assert stored.stats["hits"] == 4
+
+
+def test_a_damaged_vector_is_replaced_by_the_backends(
+    start_server: Any, tiny_model: str, tmp_path: Path
+) -> None:
+    import sqlite3
+
+    from embeddingcache import EmbeddingCacheWarning
+    from embeddingcache.keys import key_of, model_slug
+
+    server, _ = start_server()
+    with client(tiny_model, tmp_path, server.url, "a", fallback_providers=("remote",)) as a:
+        computed = a.get_embeddings(TEXTS)
+    shard = tmp_path / "a" / f"{model_slug(tiny_model)}.db"
+    with sqlite3.connect(shard) as db:
+        db.execute(
+            "UPDATE embedding SET vector = substr(vector, 1, 10) WHERE hashid = ?",
+            (key_of(TEXTS[1]),),
+        )
+    with client(tiny_model, tmp_path, server.url, "a", fallback_providers=()) as again:
+        with pytest.warns(EmbeddingCacheWarning, match="1 stored vector.*wrong length.*backend"):
+            np.testing.assert_array_equal(again.get_embeddings(TEXTS), computed)
+        assert again.stats["hits"] == 3 and again.stats["remote_hits"] == 1
+    with sqlite3.connect(shard) as db:
+        assert db.execute("SELECT DISTINCT length(vector) FROM embedding").fetchall() == [(128,)]
+    with local_only(tiny_model, tmp_path, "a") as stored:
+        np.testing.assert_array_equal(stored.get_embeddings(TEXTS), computed)
+
+
+def test_a_call_waits_for_earlier_writes_of_the_backends_vectors_beyond_the_bound(
+    start_server: Any, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long job of remote hits holds a bounded number of chunks waiting to be stored."""
+    from embeddingcache import pipeline
+
+    server, _ = start_server()
+    with client(tiny_model, tmp_path, server.url, "a", fallback_providers=("remote",)) as a:
+        a.get_embeddings(TEXTS)
+    monkeypatch.setattr(pipeline, "REMOTE_WRITES_AHEAD", 1)
+    release, landed = _hold_writes(monkeypatch)
+    with client(tiny_model, tmp_path, server.url, "b", fallback_providers=()) as b:
+        b.get_embeddings(TEXTS[:2])
+        assert landed == []  # one write may wait
+        returned: list[list[int]] = []
+        second = threading.Thread(
+            target=lambda: (b.get_embeddings(TEXTS[2:]), returned.append(list(landed)))
+        )
+        second.start()
+        release.set()
+        second.join(60)
+        # The second call returned once the first write had landed (its own may have too).
+        assert len(returned) == 1 and len(returned[0]) >= 1
+    assert landed == [2, 2]

@@ -324,6 +324,11 @@ def _drop_orphan_texts(store: Store, candidates: Sequence[bytes] | None) -> int:
 
             def run(orphans: list[bytes] = orphans) -> int:
                 with write_transaction(place.engine) as connection:
+                    # Said before the check where the backend has no lock that makes a
+                    # writer wait (Postgres): a writer reading the count after this puts
+                    # its texts back; one that read it before stored its vectors before, and
+                    # the check below sees them.
+                    table.removing(connection)
                     # Again under the texts' write lock: a writer may have stored a vector
                     # since; it puts its texts back only after, and must wait for this lock.
                     still = set(orphans).difference(_referred(shards, orphans))

@@ -468,8 +468,9 @@ class Store:
         Keys in ``replace`` are overwritten: their stored vectors were found damaged.
         Texts go in first: a crash between the two transactions leaves a text without a
         vector (a miss, recomputed), never a vector without its text; and once more after
-        the vectors if a prune took texts in between (on SQLite, where the texts' file counts
-        its removals, only then; on Postgres always). Rows go in write transactions of
+        the vectors if a prune took texts in between (only then: the texts count their removals,
+        in the SQLite file's header, in a Postgres sequence once a prune made it; before that,
+        always). Rows go in write transactions of
         ``WRITE_BATCH``, so a writer holds the SQLite lock for a short while only, however
         many rows a call stores.
 

@@ -16,15 +16,20 @@ saying how many were), iterate ``after`` a key in key order and ``by_use`` in or
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, bindparam, case, delete, func, select, update
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text as sql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.dml import Insert
 
 from ..errors import StorageError
+
+logger = logging.getLogger("embeddingcache.storage")
 
 if TYPE_CHECKING:
     from .layout import ShardPlace, TextPlace
@@ -298,6 +303,10 @@ class TextTable:
         whether a prune may have removed the texts it stored first."""
         return None
 
+    def removing(self, connection: Connection) -> None:
+        """Say that texts are about to be removed, before the check that picks them, where
+        ``delete`` does not count them itself in a way writers wait for (see ``removals``)."""
+
     def count(self, connection: Connection) -> int:
         return int(connection.scalar(select(func.count()).select_from(self.hashstring)) or 0)
 
@@ -332,6 +341,29 @@ def _sqlite_put_new(connection: Connection, table: Any, rows: Sequence[dict[str,
     return kept
 
 
+def _postgres_put_new(connection: Connection, table: Any, rows: Sequence[dict[str, Any]]) -> int:
+    """``put_new`` as one psycopg ``executemany`` of tuples per ``WRITE_BATCH``: psycopg 3
+    pipelines its statements (one round trip for the batch) and counts what they inserted.
+    SQLAlchemy's insert wrote one multi-row ``VALUES ... RETURNING`` string per 1,000 rows
+    that psycopg then parsed, placeholder by placeholder: 85% of the time of a write
+    (issue 18)."""
+    columns = list(table.c.keys())
+    name = connection.dialect.identifier_preparer.format_table(table)
+    statement = (
+        f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))}) "
+        "ON CONFLICT DO NOTHING"
+    )
+    kept = 0
+    for part in _chunks(rows, WRITE_BATCH):
+        # A column a row leaves out is NULL, as in SQLAlchemy's insert; exec_driver_sql still
+        # turns the driver's errors into SQLAlchemy's (which the retries know).
+        result = connection.exec_driver_sql(
+            statement, [tuple(row.get(c) for c in columns) for row in part]
+        )
+        kept += len(part) - result.rowcount
+    return kept
+
+
 class SQLiteShardTable(ShardTable):
     """A model shard in its own SQLite file."""
 
@@ -342,9 +374,37 @@ class SQLiteShardTable(ShardTable):
 
 
 class PostgresShardTable(ShardTable):
-    """A model shard in its own Postgres schema."""
+    """A model shard in its own Postgres schema.
+
+    Writers and ``empty`` (``prune --model``) meet on the model row. On SQLite a write
+    transaction takes the file's lock first, so the two cannot interleave; Postgres lets a
+    writer read the model row, ``empty`` then delete the vectors and the row, and the
+    writer's vectors land in a shard that no model row vouches for, which the next writer
+    may claim for another model or dimension (issue 18). So a writer holds the row ``FOR
+    KEY SHARE`` until it commits (other writers and the use counts' updates do not wait
+    for that), and ``empty`` deletes the row before the vectors: it waits for the writers
+    that hold it, then removes their vectors too; a writer that comes after finds no row
+    and claims the shard anew, its vectors with it."""
 
     _insert_new = staticmethod(_postgres_insert_new)
+
+    def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+        return _postgres_put_new(connection, self.embedding, rows)
+
+    def __init__(self, place: ShardPlace) -> None:
+        super().__init__(place)
+        self._held = select(self.model_info).with_for_update(read=True, key_share=True)
+
+    def claim(self, connection: Connection, row: dict[str, Any]) -> Any:
+        found = connection.execute(self._held).first()
+        if found is None:
+            connection.execute(self._claim, {"id": 1, **row})
+            found = connection.execute(self._held).one()
+        return found
+
+    def empty(self, connection: Connection) -> None:
+        connection.execute(delete(self.model_info))  # first: see the class's docstring
+        connection.execute(delete(self.embedding))
 
 
 class SQLiteTextTable(TextTable):
@@ -366,13 +426,66 @@ class SQLiteTextTable(TextTable):
         return int(connection.exec_driver_sql("PRAGMA user_version").scalar_one())
 
 
+# The sequence that counts removals of texts on Postgres, created by the first writer or
+# prune that finds it missing (no migration: without it, removals are not known).
+REMOVALS_SEQUENCE = "text_removals"
+
+
 class PostgresTextTable(TextTable):
-    """The texts in the ``embeddingcache`` schema. Postgres text cannot hold NUL."""
+    """The texts in the ``embeddingcache`` schema. Postgres text cannot hold NUL.
+
+    Removals are counted in a sequence (``REMOVALS_SEQUENCE``): advanced by a prune before
+    it checks which texts no vector refers to (``removing``), read by a writer before its
+    texts and after its vectors, so that it puts its texts a second time only when a prune
+    ran in between (the second insert of every text was a third of a write: issue 18). A
+    sequence advances outside transactions, at once for every session: a prune that then
+    rolls back costs a writer one needless second insert, never a lost text."""
 
     _insert_new = staticmethod(_postgres_insert_new)
 
+    def __init__(self, place: TextPlace) -> None:
+        super().__init__(place)
+        schema = place.schema or "public"
+        self._sequence = f"{schema}.{REMOVALS_SEQUENCE}"
+        # No row: no sequence, or no right to read it. A sequence never advanced reads 0.
+        # (NULL where this role may not read it: pg_sequences says NULL then too.)
+        self._read = sql(
+            "SELECT CASE WHEN has_sequence_privilege(c.oid, 'SELECT') "
+            "THEN coalesce(s.last_value, 0) END "
+            "FROM pg_sequences s JOIN pg_namespace n ON n.nspname = s.schemaname "
+            "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = s.sequencename "
+            "WHERE s.schemaname = :schema AND s.sequencename = :name"
+        ).bindparams(schema=schema, name=REMOVALS_SEQUENCE)
+
+    def removals(self, connection: Connection) -> int | None:
+        value = connection.execute(self._read).scalar()
+        if value is None and self._create(connection):
+            value = connection.execute(self._read).scalar()
+        # None (it cannot be made or read here): the writer puts its texts again, always.
+        return None if value is None else int(value)
+
+    def removing(self, connection: Connection) -> None:
+        self._create(connection)
+        connection.execute(sql("SELECT nextval(:name)"), {"name": self._sequence})
+
+    def _create(self, connection: Connection) -> bool:
+        """Create the sequence if it is missing; whether it exists now. A role that may not
+        create it leaves the transaction as it was (a savepoint)."""
+        try:
+            with connection.begin_nested():
+                # One creator at a time: two CREATE ... IF NOT EXISTS at once can collide.
+                connection.execute(
+                    sql("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                    {"key": f"embeddingcache:{self._sequence}"},
+                )
+                connection.exec_driver_sql(f"CREATE SEQUENCE IF NOT EXISTS {self._sequence}")
+        except sa_exc.DBAPIError as exc:
+            logger.debug("cannot create %s: %s", self._sequence, exc)
+            return False
+        return True
+
     def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
-        return super().put_new(connection, [_without_nul(row) for row in rows])
+        return _postgres_put_new(connection, self.hashstring, [_without_nul(row) for row in rows])
 
 
 def _dialect(place: ShardPlace | TextPlace) -> str:
