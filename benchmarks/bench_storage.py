@@ -67,7 +67,7 @@ def raw_sqlite_insert(directory: Path, texts: list[str], vectors: np.ndarray) ->
     ids = key_ids(keys)
     shard.executemany(
         "INSERT OR IGNORE INTO embedding VALUES (?, ?, ?, ?, ?, NULL, NULL)",
-        ((i, k, v.tobytes(), now, now) for i, k, v in zip(ids, keys, strict=True)),
+        ((i, k, v.tobytes(), now, now) for i, k, v in zip(ids, keys, vectors, strict=True)),
     )
     shard.execute("COMMIT")
     elapsed = time.perf_counter() - started
