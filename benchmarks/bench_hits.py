@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 
 from embeddingcache import EmbeddingCache
@@ -99,8 +100,16 @@ def warm_hits(work: Path, quick: bool) -> list[Result]:
     return results
 
 
+# Set to add 10M stored to the growth suite: measured and reported, not targeted. It builds a
+# ~17 GB shard (and takes about an hour); the file is removed afterwards.
+GROWTH_10M_ENV = "EMBEDDINGCACHE_BENCH_10M"
+GROWTH_TARGET = 0.85
+
+
 def growth(work: Path, quick: bool) -> list[Result]:
     sizes = [10_000, 100_000] if quick else [10_000, 100_000, 1_000_000]
+    if os.environ.get(GROWTH_10M_ENV) and not quick:
+        sizes.append(10_000_000)
     sample = 10_000
     directory = work / "growth"
     texts = sentences(sizes[-1], seed=9)
@@ -119,6 +128,8 @@ def growth(work: Path, quick: bool) -> list[Result]:
             seconds = median(timings(lambda a=asked: cache.get_embeddings(a), 5 if quick else 9))
         figures[size] = sample / seconds
         megabytes[size] = os.path.getsize(shard_path(directory)) / 1e6
+    if sizes[-1] >= 10_000_000:
+        shutil.rmtree(directory)  # ~17 GB
     base = figures[sizes[0]]
     results = []
     for size in sizes[1:]:
@@ -131,8 +142,8 @@ def growth(work: Path, quick: bool) -> list[Result]:
                 base,
                 f"the same at {sizes[0]:,} stored",
                 ratio,
-                ">= 0.7x",
-                ratio >= 0.7,
+                f">= {GROWTH_TARGET}x" if size <= 1_000_000 else "reported",
+                ratio >= GROWTH_TARGET if size <= 1_000_000 else True,
                 unit="vectors/s",
                 notes=[f"shard file {megabytes[size]:,.0f} MB, against {megabytes[sizes[0]]:,.0f}"],
             )

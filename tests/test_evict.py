@@ -156,6 +156,9 @@ def test_prune_to_a_size_removes_the_least_recently_used_first(
     for i in range(0, 3000, 100):  # 30 generations of use, 100 entries each
         set_last_used(cache, texts[i : i + 100], now - (30 - i // 100) * DAY)
     cache._store.flush()
+    for path in cache_dir.glob("*.db"):  # a budget of a third of the rows, not of the logs
+        with sqlite3.connect(path) as db:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     size = cache._store.total_bytes()
     budget = size // 3
     report = cache.prune(max_size=budget)
@@ -172,6 +175,25 @@ def test_prune_to_a_size_removes_the_least_recently_used_first(
     assert stored_texts(cache) == set(kept)
     with sqlite3.connect(next(cache_dir.glob("tmp*.db"))) as db:
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+def test_a_size_budget_the_rows_fit_and_the_write_ahead_logs_do_not_empties_the_logs(
+    cache: EmbeddingCache, cache_dir: Path
+) -> None:
+    """--max-size between the pages in use and the bytes on disk: nothing is removed, and the
+    files end within the budget (the logs emptied into them)."""
+    texts = [f"entry number {i} with some words" for i in range(3000)]
+    cache.get_embeddings(texts)
+    for i in range(0, 3000, 100):  # each update dirties pages all over the shard
+        set_last_used(cache, texts[i : i + 100], int(time.time()) - DAY)
+    cache._store.flush()
+    live, size = cache._store.live_bytes(), cache._store.total_bytes()
+    assert size - live > 4 * 16384  # the logs hold more than a few pages
+    budget = (live + size) // 2
+    report = cache.prune(max_size=budget)
+    assert report.removed == {} and report.bytes_after <= budget
+    assert on_disk(cache_dir) <= budget
+    assert len(stored_texts(cache)) == 3000
 
 
 def last_used_before(texts: list[str], now: int, text: str) -> int:

@@ -73,10 +73,11 @@ def test_a_cache_of_the_first_schema_is_upgraded_in_place_with_its_data(tmp_path
     assert store.text_count() == 5
     store.close()
     with sqlite3.connect(old / "legacy-model.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0004",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0005",)]
         columns = [row[1] for row in db.execute("PRAGMA table_info(model_info)")]
         assert columns[-5:] == ["revision", "hits", "misses", "tokens_saved", "counts_tokens"]
         columns = [row[1] for row in db.execute("PRAGMA table_info(embedding)")]
+        assert columns[:2] == ["id", "hashid"]
         assert columns[-2:] == ["tokens", "tokens_exact"]
         assert db.execute("SELECT count(*) FROM embedding WHERE tokens IS NULL").fetchall() == [
             (5,)
@@ -131,7 +132,7 @@ def test_an_older_postgres_schema_is_upgraded_in_place(pg_url: str, upgrade_to: 
             text(f'SELECT version_num FROM "{place.schema}".alembic_version')
         )
     engine.dispose()
-    assert version == "s0004"
+    assert version == "s0005"
 
 
 OPENER = """
@@ -214,4 +215,90 @@ def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(site))
     with sqlite3.connect(cache / "m.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0004",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0005",)]
+
+
+def test_a_shard_of_schema_s0004_is_rekeyed_in_place_with_every_vector_and_a_collision_kept(
+    tmp_path: Path, upgrade_to: Any
+) -> None:
+    """s0005 on a file: every row keyed by its digest's 8-byte prefix, a key whose prefix
+    another holds in the overflow, every vector served equal; Postgres is left as it was."""
+    rng = np.random.default_rng(5)
+    keys = [key_of(f"stored at s0004 {i}") for i in range(300)]
+    twin = keys[17][:8] + bytes(56)  # a key with another's prefix: the overflow takes one
+    keys.append(twin)
+    vectors = rng.standard_normal((len(keys), 8)).astype(np.float32)
+    path = tmp_path / "legacy-model.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:
+        upgrade_to(connection, None, "s0004")
+        connection.execute(
+            text(
+                "INSERT INTO model_info VALUES "
+                "(1, 'legacy-model', 8, 'float32', '0.1.0', 0, NULL, 0, 0, 0, 0)"
+            )
+        )
+        connection.execute(
+            text("INSERT INTO embedding VALUES (:k, :v, 1, 2, :t, 1)"),
+            [
+                {"k": k, "v": v.tobytes(), "t": i}
+                for i, (k, v) in enumerate(zip(keys, vectors, strict=True))
+            ],
+        )
+    engine.dispose()
+    store = Store(layout_for(tmp_path, None))
+    found = store.lookup("legacy-model", keys)
+    assert sorted(found.positions) == list(range(len(keys)))
+    np.testing.assert_array_equal(found.vectors, vectors[found.positions])
+    one = store.lookup("legacy-model", [twin])
+    assert one.vectors.tobytes() == vectors[-1].tobytes()
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0005",)]
+        rows = db.execute("SELECT id, hashid, rowid, tokens, created_at FROM embedding").fetchall()
+        overflow = db.execute("SELECT hashid, tokens FROM embedding_overflow").fetchall()
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert (
+            db.execute(
+                "SELECT name FROM sqlite_master WHERE tbl_name = 'embedding' AND type = 'index'"
+            ).fetchall()
+            == []
+        )
+    assert len(rows) == len(keys) - 1 and len(overflow) == 1
+    assert all(i == r == int.from_bytes(k[:8], "big", signed=True) for i, k, r, _, _ in rows)
+    # The smaller key of the two keeps the id; the rows keep every column.
+    assert overflow == [(max(keys[17], twin), keys.index(max(keys[17], twin)))]
+    assert {bytes(k): t for _, k, _, t, _ in rows} == {
+        k: i for i, k in enumerate(keys) if k != overflow[0][0]
+    }
+    assert {c for *_, c in rows} == {1}
+
+
+def test_s0005_goes_back_down_to_one_table_keyed_by_the_digest(
+    tmp_path: Path, upgrade_to: Any
+) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    path = tmp_path / "m.db"
+    store = Store(layout_for(tmp_path, None))
+    keys = [key_of("a"), key_of("b")]
+    store.put("m", keys, ["a", "b"], np.ones((2, 3), np.float32))
+    store.close()
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO embedding_overflow SELECT :k, vector, created_at, last_used, "
+                "tokens, tokens_exact FROM embedding LIMIT 1"
+            ),
+            {"k": keys[0][:8] + bytes(56)},
+        )
+        config = Config()
+        config.set_main_option("script_location", migrate.script_location())
+        config.attributes["connection"] = connection
+        command.downgrade(config, "s0004")
+    with engine.connect() as connection:
+        assert next(c["name"] for c in inspect(connection).get_columns("embedding")) == "hashid"
+        assert connection.scalar(text("SELECT count(*) FROM embedding")) == 3
+    engine.dispose()

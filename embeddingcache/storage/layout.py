@@ -39,7 +39,13 @@ from sqlalchemy import exc as sa_exc
 from ..errors import InvalidInputError
 from ..keys import check_model_name, model_slug
 from ..models import catalog_name
-from .schema import embedding_table, hashstring_table, model_info_table
+from .schema import (
+    OVERFLOW,
+    embedding_table,
+    hashstring_table,
+    model_info_table,
+    sqlite_embedding_table,
+)
 from .sqlite import SHARD_PAGE_SIZE, Reader, is_read_only, sqlite_engine
 from .tables import HitRow
 
@@ -83,6 +89,8 @@ class TextPlace(Place):
 class ShardPlace(Place):
     embedding: Table
     model_info: Table
+    # SQLite: the keys whose 8-byte id another key holds in ``embedding`` (see schema.py).
+    overflow: Table | None = None
 
 
 def _text_place(engine: Engine, schema: str | None, path: Path | None, name: str) -> TextPlace:
@@ -92,8 +100,25 @@ def _text_place(engine: Engine, schema: str | None, path: Path | None, name: str
 
 def _shard_place(engine: Engine, schema: str | None, path: Path | None, name: str) -> ShardPlace:
     metadata = MetaData(schema=schema)
+    if path is None:  # a server database: keyed by the digest
+        return ShardPlace(
+            engine,
+            metadata,
+            schema,
+            path,
+            name,
+            embedding_table(metadata),
+            model_info_table(metadata),
+        )
     return ShardPlace(
-        engine, metadata, schema, path, name, embedding_table(metadata), model_info_table(metadata)
+        engine,
+        metadata,
+        schema,
+        path,
+        name,
+        sqlite_embedding_table(metadata),
+        model_info_table(metadata),
+        embedding_table(metadata, OVERFLOW),
     )
 
 

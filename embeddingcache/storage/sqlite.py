@@ -17,7 +17,7 @@ from sqlalchemy import URL, Connection, Engine, create_engine, event
 from sqlalchemy import exc as sa_exc
 
 from .._util import warn
-from .tables import HitRow, sqlite_get_sql
+from .tables import HitRow, SQLiteGet
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -209,6 +209,9 @@ class _Connection:
         self.lock = threading.Lock()
         self.closed = False
 
+    def execute(self, sql: str, parameters: Sequence[Any]) -> list[Any]:
+        return self.connection.execute(sql, parameters).fetchall()
+
 
 class Reader:
     """Plain ``sqlite3`` connections that only read one file, one per thread, memory-mapped.
@@ -222,9 +225,7 @@ class Reader:
     def __init__(self, path: Path, table: str, *, read_only: bool = False) -> None:
         self.path = path
         self.read_only = read_only  # see read_only_uri
-        self._table = table
-        # Statements by number of keys, without and with the tokens column.
-        self._queries: dict[bool, dict[int, str]] = {False: {}, True: {}}
+        self._get = SQLiteGet(table)  # by id, every key compared, then the overflow
         self._local = threading.local()
         self._opened: list[_Connection] = []
         self._generation = 0
@@ -242,23 +243,9 @@ class Reader:
             with entry.lock:
                 if entry.closed:  # closed between the two lines above: open anew
                     continue
-                connection = entry.connection
-                if len(keys) <= chunk:
-                    query = self._query(len(keys), tokens)
-                    rows: list[HitRow] = connection.execute(query, keys).fetchall()
-                    return rows
-                found: list[HitRow] = []
-                for start in range(0, len(keys), chunk):
-                    part = keys[start : start + chunk]
-                    found += connection.execute(self._query(len(part), tokens), part).fetchall()
-                return found
-
-    def _query(self, n: int, tokens: bool) -> str:
-        queries = self._queries[tokens]
-        query = queries.get(n)
-        if query is None:
-            query = queries[n] = sqlite_get_sql(self._table, n, tokens=tokens)
-        return query
+                execute = entry.execute
+                rows: list[HitRow] = self._get.rows(execute, keys, chunk, tokens=tokens)
+                return rows
 
     def _connection(self) -> _Connection:
         local = self._local

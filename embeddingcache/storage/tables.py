@@ -17,10 +17,11 @@ saying how many were), iterate ``after`` a key in key order and ``by_use`` in or
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, bindparam, case, delete, func, select, update
+import numpy as np
+from sqlalchemy import Connection, bindparam, case, delete, func, select, union_all, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text as sql
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -28,6 +29,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.dml import Insert
 
 from ..errors import StorageError
+from .schema import KEY_BYTES, OVERFLOW
 
 logger = logging.getLogger("embeddingcache.storage")
 
@@ -40,10 +42,12 @@ __all__ = [
     "HitRow",
     "PostgresShardTable",
     "PostgresTextTable",
+    "SQLiteGet",
     "SQLiteShardTable",
     "SQLiteTextTable",
     "ShardTable",
     "TextTable",
+    "key_ids",
     "postgres_get_sql",
     "shard_table",
     "sqlite_get_sql",
@@ -69,10 +73,84 @@ def _hit_columns(tokens: bool) -> str:
     return f"hashid, vector, last_used, {'tokens' if tokens else 'NULL'}"
 
 
-def sqlite_get_sql(table: str, n: int, *, tokens: bool = False) -> str:
+def sqlite_get_sql(table: str, n: int, *, tokens: bool = False, columns: str | None = None) -> str:
     """``get``'s statement for ``n`` keys in plain sqlite3 (the hit path, see ``sqlite.Reader``),
-    reading the tokens each vector cost when the shard counts them."""
-    return f"SELECT {_hit_columns(tokens)} FROM {table} WHERE hashid IN ({','.join('?' * n)})"
+    reading the tokens each vector cost when the shard counts them: by ``id`` (see `key_ids`)
+    in ``embedding``, by ``hashid`` in the overflow. Every row it returns has its ``hashid``
+    compared with the keys asked for (`SQLiteGet`): an id is not a key."""
+    column = "hashid" if table == OVERFLOW else "id"
+    what = columns or _hit_columns(tokens)
+    return f"SELECT {what} FROM {table} WHERE {column} IN ({','.join('?' * n)})"
+
+
+# Digests whose ids are computed one by one: for a handful, numpy's setup costs more.
+_FEW_KEYS = 8
+# A 64-byte digest read as its 8-byte big-endian prefix, signed, and the rest.
+_DIGEST = np.dtype([("id", ">i8"), ("rest", f"V{KEY_BYTES - 8}")])
+
+
+def key_ids(keys: Sequence[bytes]) -> list[int]:
+    """The ``id`` of each key in a SQLite shard's ``embedding``: its first 8 bytes as a
+    big-endian signed 64-bit integer. Many keys go through numpy at once."""
+    if len(keys) > _FEW_KEYS:
+        joined = b"".join(keys)
+        if len(joined) == KEY_BYTES * len(keys):
+            ids: list[int] = np.frombuffer(joined, _DIGEST)["id"].tolist()
+            return ids
+    # A few keys, or keys that are not all digests (short ones are padded: their id may be
+    # another key's, which the overflow then holds, as for any collision).
+    return [int.from_bytes(bytes(k[:8]).ljust(8, b"\0"), "big", signed=True) for k in keys]
+
+
+Execute = Callable[[str, Sequence[Any]], list[Any]]
+
+
+class SQLiteGet:
+    """Rows by key from a SQLite shard, on any connection (``execute`` runs one statement
+    with its parameters and returns the rows): ``embedding`` by id, every row's ``hashid``
+    compared with the keys, then the overflow for the keys not found, if any. Statements are
+    kept by number of keys, so a query is built once."""
+
+    def __init__(self, table: str = "embedding") -> None:
+        self._table = table
+        self._queries: dict[tuple[str, int, bool, str | None], str] = {}
+
+    def _query(self, table: str, n: int, tokens: bool, columns: str | None) -> str:
+        key = (table, n, tokens, columns)
+        query = self._queries.get(key)
+        if query is None:
+            query = self._queries[key] = sqlite_get_sql(table, n, tokens=tokens, columns=columns)
+        return query
+
+    def rows(
+        self,
+        execute: Execute,
+        keys: Sequence[bytes],
+        chunk: int,
+        *,
+        tokens: bool = False,
+        columns: str | None = None,
+    ) -> list[Any]:
+        """The rows of ``keys`` (their first column the ``hashid``), in no particular order.
+
+        A row whose id matched but whose ``hashid`` is another key's is dropped: a prefix
+        collision never serves the other key's vector.
+        """
+        ids = key_ids(keys)
+        found: list[Any] = []
+        for start in range(0, len(ids), chunk):
+            part = ids[start : start + chunk]
+            found += execute(self._query(self._table, len(part), tokens, columns), part)
+        wanted = set(keys)
+        rows = [row for row in found if row[0] in wanted]
+        if len(rows) < len(wanted):
+            # Keys not in `embedding` may be in the overflow. Only a lookup with misses (or
+            # a collision) pays this query; full hits never do.
+            missing = list(wanted.difference(row[0] for row in rows))
+            for start in range(0, len(missing), chunk):
+                keys_part = missing[start : start + chunk]
+                rows += execute(self._query(OVERFLOW, len(keys_part), tokens, columns), keys_part)
+        return rows
 
 
 def postgres_get_sql(table: str, *, one: bool = False) -> str:
@@ -365,12 +443,181 @@ def _postgres_put_new(connection: Connection, table: Any, rows: Sequence[dict[st
 
 
 class SQLiteShardTable(ShardTable):
-    """A model shard in its own SQLite file."""
+    """A model shard in its own SQLite file: ``embedding`` keyed by `key_ids`, the full
+    ``hashid`` compared on every read, and ``embedding_overflow`` for a key whose id another
+    key holds (see schema.py). Every method covers both tables."""
 
     _insert_new = staticmethod(_sqlite_insert_new)
 
+    def __init__(self, place: ShardPlace) -> None:
+        super().__init__(place)
+        assert place.overflow is not None
+        self.overflow = overflow = place.overflow
+        main = self.embedding.name
+        self._reads = SQLiteGet(main)
+        self._columns = columns = [c.name for c in self.embedding.c if c.name != "id"]
+        names, marks = ", ".join(columns), ", ".join("?" * len(columns))
+        self._insert_main = f"INSERT OR IGNORE INTO {main} (id, {names}) VALUES (?, {marks})"
+        self._insert_overflow = f"INSERT OR IGNORE INTO {overflow.name} ({names}) VALUES ({marks})"
+        self._any_overflow = f"SELECT EXISTS (SELECT 1 FROM {overflow.name})"
+        self._delete_main = f"DELETE FROM {main} WHERE id = ? AND hashid = ?"
+        self._delete_overflow = f"DELETE FROM {overflow.name} WHERE hashid = ?"
+        touch = "UPDATE {} SET last_used = ? WHERE {} AND last_used < ?"
+        self._touch_main = touch.format(main, "id = ? AND hashid = ?")
+        self._touch_overflow = touch.format(overflow.name, "hashid = ?")
+
+    @staticmethod
+    def _execute(connection: Connection) -> Execute:
+        def execute(sql: str, parameters: Sequence[Any]) -> list[Any]:
+            return list(connection.exec_driver_sql(sql, tuple(parameters)))
+
+        return execute
+
+    def _overflowing(self, connection: Connection) -> bool:
+        """Whether any key is in the overflow (almost never): one look at an empty table."""
+        return bool(connection.exec_driver_sql(self._any_overflow).scalar())
+
+    def get(self, connection: Connection, keys: Sequence[bytes]) -> list[Any]:
+        return self._reads.rows(self._execute(connection), keys, READ_CHUNK)
+
+    def holding(self, connection: Connection, keys: Sequence[bytes]) -> set[bytes]:
+        rows = self._reads.rows(self._execute(connection), keys, READ_CHUNK, columns="hashid")
+        return {bytes(row[0]) for row in rows}
+
     def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
-        return _sqlite_put_new(connection, self.embedding, rows)
+        """``INSERT OR IGNORE`` into ``embedding``, in id order (neighbouring rows go to
+        neighbouring pages); only when rows were ignored are their ids read back, to tell a
+        key stored already (kept) from a collision (stored in the overflow)."""
+        columns = self._columns
+        overflowing = self._overflowing(connection)
+        kept = 0
+        for part in _chunks(rows, WRITE_BATCH):
+            keys = [row["hashid"] for row in part]
+            if overflowing:
+                held = self._in_overflow(connection, keys)
+                if held:
+                    kept += sum(1 for k in keys if k in held)
+                    part = [row for row in part if row["hashid"] not in held]
+                    keys = [row["hashid"] for row in part]
+                    if not part:
+                        continue
+            ids = np.asarray(key_ids(keys), dtype=np.int64)
+            order = np.argsort(ids, kind="stable").tolist()
+            id_list = ids.tolist()
+            values = [(id_list[i], *(part[i].get(c) for c in columns)) for i in order]
+            # A column a row leaves out is NULL, as in SQLAlchemy's insert (a NOT NULL one
+            # is refused by SQLite, naming it).
+            result = connection.exec_driver_sql(self._insert_main, values)
+            ignored = len(values) - result.rowcount
+            if ignored:
+                kept += self._overflow_collisions(connection, values, ignored)
+        return kept
+
+    def _in_overflow(self, connection: Connection, keys: Sequence[bytes]) -> set[bytes]:
+        sql = sqlite_get_sql(OVERFLOW, len(keys), columns="hashid")
+        return {bytes(k) for (k,) in connection.exec_driver_sql(sql, tuple(keys))}
+
+    def _overflow_collisions(
+        self, connection: Connection, values: list[tuple[Any, ...]], ignored: int
+    ) -> int:
+        """Of the ``ignored`` rows, store those whose id holds another key in the overflow;
+        how many were kept (their key stored already)."""
+        ids = sorted({v[0] for v in values})
+        sql = sqlite_get_sql(self.embedding.name, len(ids), columns="id, hashid")
+        holder: dict[int, bytes] = dict(connection.exec_driver_sql(sql, tuple(ids)).all())
+        collisions = [v[1:] for v in values if holder.get(v[0]) != v[1]]
+        if not collisions:
+            return ignored
+        result = connection.exec_driver_sql(self._insert_overflow, collisions)
+        return ignored - result.rowcount
+
+    def delete(self, connection: Connection, keys: Sequence[bytes]) -> None:
+        if not keys:
+            return
+        ids = key_ids(keys)
+        connection.exec_driver_sql(self._delete_main, list(zip(ids, keys, strict=True)))
+        if self._overflowing(connection):
+            connection.exec_driver_sql(self._delete_overflow, [(k,) for k in keys])
+
+    def empty(self, connection: Connection) -> None:
+        connection.execute(delete(self.overflow))
+        super().empty(connection)
+
+    def touch(self, connection: Connection, keys: Sequence[bytes], now: int, older: int) -> None:
+        if not keys:
+            return
+        ids = key_ids(keys)
+        connection.exec_driver_sql(
+            self._touch_main, [(now, i, k, older) for i, k in zip(ids, keys, strict=True)]
+        )
+        if self._overflowing(connection):
+            connection.exec_driver_sql(self._touch_overflow, [(now, k, older) for k in keys])
+
+    def after(self, connection: Connection, last: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+        """In key order, as on Postgres: ids from 0 up, then the negative ones (a digest's
+        order is its unsigned prefix's), each row's key compared with ``last`` where the ids
+        tie, merged with the overflow's keys after ``last``."""
+        table, overflow = self.embedding, self.overflow
+        start = key_ids([last])[0] if last else 0
+        # Rows of the id range [start, 0) or [start, max]; from 0 on, then [min, 0) after.
+        ranges = [(start, start < 0)] if start < 0 else [(start, False), (None, True)]
+        rows: list[tuple[bytes, bytes]] = []
+        for low, negative in ranges:
+            query = select(table.c.hashid, table.c.vector).order_by(table.c.id)
+            if low is not None:
+                query = query.where(table.c.id >= low)
+            if negative:
+                query = query.where(table.c.id < 0)
+            rows += [
+                (bytes(k), bytes(v))
+                for k, v in connection.execute(query.limit(limit + 1))
+                if bytes(k) > last
+            ]
+            if len(rows) >= limit:
+                break
+        if self._overflowing(connection):
+            query = (
+                select(overflow.c.hashid, overflow.c.vector)
+                .where(overflow.c.hashid > last)
+                .order_by(overflow.c.hashid)
+                .limit(limit)
+            )
+            rows += [(bytes(k), bytes(v)) for k, v in connection.execute(query)]
+            rows.sort()
+        return rows[:limit]
+
+    def _both(self, *names: str, where: Any = None) -> Any:
+        """One SELECT of the named columns over both tables (``where`` a function of one)."""
+        parts = []
+        for table in (self.embedding, self.overflow):
+            query = select(*(table.c[n] for n in names))
+            parts.append(query if where is None else query.where(where(table)))
+        return union_all(*parts)
+
+    def by_use(self, connection: Connection) -> Iterator[tuple[int, int, bytes]]:
+        both = self._both("last_used", "created_at", "hashid").subquery()
+        query = select(both).order_by(both.c.last_used, both.c.created_at, both.c.hashid)
+        for last_used, created_at, key in connection.execution_options(
+            yield_per=READ_CHUNK
+        ).execute(query):
+            yield last_used, created_at, bytes(key)
+
+    def unused_since(self, connection: Connection, cutoff: int) -> list[bytes]:
+        query = self._both("hashid", where=lambda t: t.c.last_used < cutoff)
+        return [bytes(k) for k in connection.scalars(query)]
+
+    def count(self, connection: Connection) -> int:
+        return super().count(connection) + int(
+            connection.scalar(select(func.count()).select_from(self.overflow)) or 0
+        )
+
+    def token_totals(self, connection: Connection) -> tuple[int, int, int]:
+        both = self._both("tokens", "tokens_exact").subquery()
+        estimated = func.sum(case((both.c.tokens_exact.is_(False), both.c.tokens), else_=0))
+        row = connection.execute(
+            select(func.count(both.c.tokens), func.sum(both.c.tokens), estimated)
+        ).one()
+        return int(row[0] or 0), int(row[1] or 0), int(row[2] or 0)
 
 
 class PostgresShardTable(ShardTable):
