@@ -82,7 +82,7 @@ def _measure(work: Path, folder: str, base_url: str, quick: bool) -> list[Result
     library, sdk = median(library_times), median(sdk_times)
     return [
         Result(
-            "11. API cold misses",
+            "16. API cold misses",
             f"{N:,} unseen texts through openai: against serve (StaticEmbedding, {dimension}-d), "
             f"{OPENAI_INPUTS:,} per request, stored as they come: texts/s",
             N / library,
@@ -95,7 +95,7 @@ def _measure(work: Path, folder: str, base_url: str, quick: bool) -> list[Result
             notes=[f"median of {rounds} rounds, each side its own unseen texts"],
         ),
         Result(
-            "11. API warm hits",
+            "16. API warm hits",
             f"{N:,} texts of an openai: shard ({dimension}-d): vectors/s",
             N / api_warm,
             N / local_warm,

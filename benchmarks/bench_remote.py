@@ -117,7 +117,7 @@ def _measure(
     openai_b64, openai_float = _openai_hits(url, texts, vectors, repeat)
     return [
         Result(
-            "10. OpenAI API warm hits",
+            "15. OpenAI API warm hits",
             f"{N:,} texts through serve's /v1/embeddings, official openai client (base64): "
             "vectors/s",
             N / openai_b64,
