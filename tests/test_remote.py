@@ -264,6 +264,13 @@ def test_more_texts_than_one_request_holds_come_back_in_order(
             vectors[start : start + COMPUTE_TEXTS], direct_model.encode(chunk)
         )
     assert backend.stats()["computed"] == 2500
+    # Looked up again by a fresh client: two lookup requests in flight at once (2,048 texts
+    # each at most), their answers put back in input order.
+    shuffled = texts[::-1]
+    with client(tiny_model, tmp_path, server.url, "fresh") as fresh:
+        again = fresh.get_embeddings(shuffled)
+        assert fresh.stats["remote_hits"] == 2500 and fresh.stats["computed"] == 0
+    np.testing.assert_array_equal(again, vectors[::-1])
 
 
 def test_the_client_keeps_to_the_servers_limits(

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,9 @@ VERSION_CHECK_S = 30.0
 # one request well within the timeout. The server's own limits (GET /models) bound both.
 LOOKUP_TEXTS = 2048
 COMPUTE_TEXTS = 128
+# Lookup requests of one call in flight at once: the backend reads and packs one while this
+# process unpacks the one before, instead of each side waiting on the other.
+LOOKUPS_IN_FLIGHT = 2
 # Bytes of body per request, at most: texts count 4 bytes a character (UTF-8's worst).
 REQUEST_BYTES = 4 * 1024 * 1024
 
@@ -220,10 +224,10 @@ class BackendEngine:
         lookup_only: bool,
         truncate: bool,
     ) -> tuple[np.ndarray, np.ndarray]:
-        parts: list[np.ndarray] = []
-        masks: list[np.ndarray] = []
         per_request = LOOKUP_TEXTS if lookup_only else COMPUTE_TEXTS
-        for start, stop in self._chunks(texts, per_request):
+        ranges = list(self._chunks(texts, per_request))
+
+        def answer(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
             request = EmbedRequest(
                 texts=list(texts[start:stop]),
                 model=spec.name,
@@ -233,12 +237,19 @@ class BackendEngine:
                 truncate=truncate,
             )
             try:
-                answer = self._post("/embed", request.to_wire())
+                body = self._post("/embed", request.to_wire())
             except TextTooLongError as exc:
                 raise TextTooLongError(exc.detail, index=start + exc.index) from None
-            vectors, found = self._vectors(answer, spec, stop - start, lookup_only)
-            parts.append(vectors)
-            masks.append(found)
+            return self._vectors(body, spec, stop - start, lookup_only)
+
+        if lookup_only and len(ranges) > 1:
+            # In input order; the first failure is raised once the requests in flight end.
+            with ThreadPoolExecutor(LOOKUPS_IN_FLIGHT, thread_name_prefix="ec-lookup") as pool:
+                answers = list(pool.map(lambda r: answer(*r), ranges))
+        else:  # a computing backend is asked one request at a time, as it bounds its work
+            answers = [answer(start, stop) for start, stop in ranges]
+        parts = [vectors for vectors, _ in answers]
+        masks = [found for _, found in answers]
         if len({part.shape[1] for part in parts}) > 1:
             raise BackendError(f"the backend at {self.url} answered vectors of two dimensions")
         return np.concatenate(parts), np.concatenate(masks)
