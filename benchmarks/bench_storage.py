@@ -39,7 +39,7 @@ def _keys(texts: list[str]) -> list[bytes]:
 
 def raw_sqlite_insert(directory: Path, texts: list[str], vectors: np.ndarray) -> float:
     """Seconds for hand-written sqlite3 to store the rows in the same two tables as the
-    library (the shard's ``embedding`` keyed by the digest's 8-byte prefix, schema s0005,
+    library (the shard's ``embedding`` found by the digest's 8-byte prefix, schema s0006,
     16 KiB pages), each file in WAL mode, one transaction and one executemany INSERT OR
     IGNORE per table, the rows in the order given."""
     directory.mkdir(parents=True)
@@ -54,10 +54,11 @@ def raw_sqlite_insert(directory: Path, texts: list[str], vectors: np.ndarray) ->
     texts_db.execute("CREATE TABLE hashstring (hashid BLOB PRIMARY KEY, text TEXT NOT NULL)")
     shard.execute(f"PRAGMA page_size = {SHARD_PAGE_SIZE}")
     shard.execute(
-        "CREATE TABLE embedding (id INTEGER PRIMARY KEY, hashid BLOB NOT NULL, "
+        "CREATE TABLE embedding (id INTEGER NOT NULL, hashid BLOB NOT NULL, "
         "vector BLOB NOT NULL, created_at INTEGER NOT NULL, last_used INTEGER NOT NULL, "
         "tokens INTEGER, tokens_exact BOOLEAN)"
     )
+    shard.execute("CREATE UNIQUE INDEX embedding_id ON embedding (id)")
     texts_db.execute("BEGIN")
     texts_db.executemany(
         "INSERT OR IGNORE INTO hashstring VALUES (?, ?)", zip(keys, texts, strict=True)

@@ -130,7 +130,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def key_ids(keys: Sequence[bytes]) -> list[int]:
-    """The ids of 64-byte digests in a SQLite shard (schema s0005): each one's first 8 bytes,
+    """The ids of 64-byte digests in a SQLite shard (schema s0006): each one's first 8 bytes,
     big-endian, signed, computed with numpy."""
     digest = np.dtype([("id", ">i8"), ("rest", "V56")])
     ids: list[int] = np.frombuffer(b"".join(keys), digest)["id"].tolist()

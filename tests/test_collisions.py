@@ -150,19 +150,24 @@ def test_a_damaged_vector_under_a_shared_id_is_replaced_where_it_lies(tmp_path: 
     assert sum(_tables(tmp_path / f"{MODEL}.db")) == len(KEYS)
 
 
-def test_the_real_id_is_the_digests_first_eight_bytes_signed_and_the_rowid(
+def test_the_real_id_is_the_digests_first_eight_bytes_signed_behind_a_unique_index(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each row's id is its digest's prefix; the rows are appended (one write in id order,
+    under rowids from 1), and a second row of an id is refused by the index."""
     monkeypatch.undo()
     store = _store(tmp_path)
     store.put(MODEL, KEYS, TEXTS, VECTORS)
     store.close()
     with sqlite3.connect(tmp_path / f"{MODEL}.db") as db:
-        rows = db.execute("SELECT id, hashid, rowid FROM embedding").fetchall()
+        rows = db.execute("SELECT id, hashid, rowid FROM embedding ORDER BY rowid").fetchall()
+        with pytest.raises(sqlite3.IntegrityError, match=r"embedding\.id"):
+            db.execute("UPDATE embedding SET id = ? WHERE rowid = 2", (rows[0][0],))
     assert [r[1] for r in rows] == sorted(
         KEYS, key=lambda k: int.from_bytes(k[:8], "big", signed=True)
     )
-    assert all(i == rowid == int.from_bytes(k[:8], "big", signed=True) for i, k, rowid in rows)
+    assert all(i == int.from_bytes(k[:8], "big", signed=True) for i, k, _ in rows)
+    assert [r for *_, r in rows] == list(range(1, len(KEYS) + 1))
     assert _tables(tmp_path / f"{MODEL}.db") == (len(KEYS), 0)
 
 

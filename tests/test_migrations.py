@@ -40,6 +40,12 @@ def test_the_known_heads_are_the_scripts_heads() -> None:
     assert heads == migrate.HEADS
 
 
+def _indexes(db: sqlite3.Connection) -> list[tuple[str]]:
+    """The indexes SQLite keeps on a shard's ``embedding``, by name."""
+    sql = "SELECT name FROM sqlite_master WHERE tbl_name = 'embedding' AND type = 'index'"
+    return db.execute(sql).fetchall()
+
+
 def _branch_of(scripts: Any, revision: str) -> str:
     for rev in scripts.iterate_revisions(revision, "base"):
         if rev.branch_labels:
@@ -73,7 +79,9 @@ def test_a_cache_of_the_first_schema_is_upgraded_in_place_with_its_data(tmp_path
     assert store.text_count() == 5
     store.close()
     with sqlite3.connect(old / "legacy-model.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0005",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            (migrate.HEADS["shard"],)
+        ]
         columns = [row[1] for row in db.execute("PRAGMA table_info(model_info)")]
         assert columns[-5:] == ["revision", "hits", "misses", "tokens_saved", "counts_tokens"]
         columns = [row[1] for row in db.execute("PRAGMA table_info(embedding)")]
@@ -132,7 +140,7 @@ def test_an_older_postgres_schema_is_upgraded_in_place(pg_url: str, upgrade_to: 
             text(f'SELECT version_num FROM "{place.schema}".alembic_version')
         )
     engine.dispose()
-    assert version == "s0005"
+    assert version == migrate.HEADS["shard"]
 
 
 OPENER = """
@@ -215,13 +223,15 @@ def test_the_wheel_ships_the_migrations(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(site))
     with sqlite3.connect(cache / "m.db") as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0005",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            (migrate.HEADS["shard"],)
+        ]
 
 
 def test_a_shard_of_schema_s0004_is_rekeyed_in_place_with_every_vector_and_a_collision_kept(
     tmp_path: Path, upgrade_to: Any
 ) -> None:
-    """s0005 on a file: every row keyed by its digest's 8-byte prefix, a key whose prefix
+    """s0005 and s0006 on a file: every row found by its digest's 8-byte prefix, a key whose prefix
     another holds in the overflow, every vector served equal; Postgres is left as it was."""
     rng = np.random.default_rng(5)
     keys = [key_of(f"stored at s0004 {i}") for i in range(300)]
@@ -254,18 +264,16 @@ def test_a_shard_of_schema_s0004_is_rekeyed_in_place_with_every_vector_and_a_col
     assert one.vectors.tobytes() == vectors[-1].tobytes()
     store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0005",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            (migrate.HEADS["shard"],)
+        ]
         rows = db.execute("SELECT id, hashid, rowid, tokens, created_at FROM embedding").fetchall()
         overflow = db.execute("SELECT hashid, tokens FROM embedding_overflow").fetchall()
         assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-        assert (
-            db.execute(
-                "SELECT name FROM sqlite_master WHERE tbl_name = 'embedding' AND type = 'index'"
-            ).fetchall()
-            == []
-        )
+        assert _indexes(db) == [("embedding_id",)]
     assert len(rows) == len(keys) - 1 and len(overflow) == 1
-    assert all(i == r == int.from_bytes(k[:8], "big", signed=True) for i, k, r, _, _ in rows)
+    assert all(i == int.from_bytes(k[:8], "big", signed=True) for i, k, _, _, _ in rows)
+    assert [r[0] for r in rows] == sorted(r[0] for r in rows)  # copied in id order
     # The smaller key of the two keeps the id; the rows keep every column.
     assert overflow == [(max(keys[17], twin), keys.index(max(keys[17], twin)))]
     assert {bytes(k): t for _, k, _, t, _ in rows} == {
@@ -302,3 +310,74 @@ def test_s0005_goes_back_down_to_one_table_keyed_by_the_digest(
         assert next(c["name"] for c in inspect(connection).get_columns("embedding")) == "hashid"
         assert connection.scalar(text("SELECT count(*) FROM embedding")) == 3
     engine.dispose()
+
+
+def test_a_shard_of_schema_s0005_gets_its_rows_appended_behind_an_index_and_goes_back_down(
+    tmp_path: Path, upgrade_to: Any
+) -> None:
+    """s0006 on a shard of s0005 (the schema before it): every row and column kept, the
+    overflow's too, ``id`` no longer the rowid but behind the unique index ``embedding_id``
+    that the hit query uses; downgrading makes ``id`` the rowid again, rows kept."""
+    from alembic import command
+    from alembic.config import Config
+
+    rng = np.random.default_rng(6)
+    keys = [key_of(f"stored at s0005 {i}") for i in range(200)]
+    vectors = rng.standard_normal((len(keys), 8)).astype(np.float32)
+    twin = keys[3][:8] + bytes(56)
+    path = tmp_path / "legacy-model.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:
+        upgrade_to(connection, None, "s0005")
+        connection.execute(
+            text(
+                "INSERT INTO model_info VALUES "
+                "(1, 'legacy-model', 8, 'float32', '0.1.0', 0, NULL, 0, 0, 0, 0)"
+            )
+        )
+        connection.execute(
+            text("INSERT INTO embedding VALUES (:i, :k, :v, 1, 2, :t, 1)"),
+            [
+                {"i": int.from_bytes(k[:8], "big", signed=True), "k": k, "v": v.tobytes(), "t": n}
+                for n, (k, v) in enumerate(zip(keys, vectors, strict=True))
+            ],
+        )
+        connection.execute(
+            text("INSERT INTO embedding_overflow VALUES (:k, :v, 1, 2, 7, 0)"),
+            {"k": twin, "v": vectors[0].tobytes()},
+        )
+    engine.dispose()
+    store = Store(layout_for(tmp_path, None))
+    found = store.lookup("legacy-model", [*keys, twin])
+    assert sorted(found.positions) == list(range(len(keys) + 1))
+    np.testing.assert_array_equal(found.vectors, np.vstack([vectors, vectors[:1]])[found.positions])
+    store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0006",)]
+        assert _indexes(db) == [("embedding_id",)]
+        rows = db.execute("SELECT id, hashid, rowid, tokens FROM embedding ORDER BY id").fetchall()
+        plan = db.execute(
+            "EXPLAIN QUERY PLAN SELECT vector FROM embedding WHERE id IN (?, ?)", (1, 2)
+        )
+        assert "USING INDEX embedding_id" in " ".join(str(row[-1]) for row in plan)
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        with pytest.raises(sqlite3.IntegrityError, match=r"embedding\.id"):
+            db.execute("INSERT INTO embedding SELECT * FROM embedding LIMIT 1")
+    assert [bytes(k) for _, k, _, _ in rows] == sorted(
+        keys, key=lambda k: int.from_bytes(k[:8], "big", signed=True)
+    )
+    assert [r for _, _, r, _ in rows] == list(range(1, len(keys) + 1))  # copied in id order
+    assert {bytes(k): t for _, k, _, t in rows} == {k: n for n, k in enumerate(keys)}
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", migrate.script_location())
+        config.attributes["connection"] = connection
+        command.downgrade(config, "s0005")
+    engine.dispose()
+    with sqlite3.connect(path) as db:
+        assert _indexes(db) == []
+        back = db.execute("SELECT id, hashid, rowid, tokens FROM embedding ORDER BY id").fetchall()
+        assert db.execute("SELECT count(*) FROM embedding_overflow").fetchall() == [(1,)]
+    assert [(i, k, t) for i, k, _, t in back] == [(i, k, t) for i, k, _, t in rows]
+    assert all(i == r for i, _, r, _ in back)
