@@ -142,8 +142,10 @@ class RawSqlite:
 
     CHUNK = 2000
 
-    def __init__(self, path: Path, dim: int = DIM) -> None:
+    def __init__(self, path: Path, dim: int = DIM, *, mmap_bytes: int = 0) -> None:
         self.connection = sqlite3.connect(path)
+        if mmap_bytes:  # read through a memory map, as the library's readers do
+            self.connection.execute(f"PRAGMA mmap_size = {int(mmap_bytes)}")
         self.dim = dim
         self._queries: dict[int, str] = {}
 
