@@ -99,27 +99,14 @@ def _text_place(engine: Engine, schema: str | None, path: Path | None, name: str
 
 
 def _shard_place(engine: Engine, schema: str | None, path: Path | None, name: str) -> ShardPlace:
+    """A server database's shard is keyed by the digest; a SQLite file's by its 8-byte
+    prefix, with the overflow beside it (see schema.py)."""
     metadata = MetaData(schema=schema)
-    if path is None:  # a server database: keyed by the digest
-        return ShardPlace(
-            engine,
-            metadata,
-            schema,
-            path,
-            name,
-            embedding_table(metadata),
-            model_info_table(metadata),
-        )
-    return ShardPlace(
-        engine,
-        metadata,
-        schema,
-        path,
-        name,
-        sqlite_embedding_table(metadata),
-        model_info_table(metadata),
-        embedding_table(metadata, OVERFLOW),
-    )
+    server = path is None
+    embedding = embedding_table(metadata) if server else sqlite_embedding_table(metadata)
+    info = model_info_table(metadata)
+    overflow = None if server else embedding_table(metadata, OVERFLOW)
+    return ShardPlace(engine, metadata, schema, path, name, embedding, info, overflow)
 
 
 class ShardReader(Protocol):
