@@ -485,9 +485,9 @@ class SQLiteShardTable(ShardTable):
         return {bytes(row[0]) for row in rows}
 
     def put_new(self, connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
-        """``INSERT OR IGNORE`` into ``embedding``, in id order (neighbouring rows go to
-        neighbouring pages); only when rows were ignored are their ids read back, to tell a
-        key stored already (kept) from a collision (stored in the overflow)."""
+        """``INSERT OR IGNORE`` into ``embedding``, in id order (the rows are appended; their
+        index entries go in in order); only when rows were ignored are their ids read back,
+        to tell a key stored already (kept) from a collision (stored in the overflow)."""
         columns = self._columns
         overflowing = self._overflowing(connection)
         kept = 0
