@@ -114,3 +114,44 @@ def test_a_cache_in_a_folder_it_may_not_write_serves_hits_and_is_never_modified(
     ours = [w for w in caught if issubclass(w.category, EmbeddingCacheWarning)]
     assert len(ours) == 2 and all("read-only" in str(w.message) for w in ours)  # one a call
     assert _snapshot(directory) == before
+
+
+def test_a_read_only_shard_of_the_schema_before_is_read_as_it_is(
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache baked by the release before (shards at s0005: rows keyed by their id) serves
+    its hits from a folder it may not write, without an upgrade it could not make."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+
+    from embeddingcache.storage import migrate
+
+    directory = tmp_path / "cache"
+    stored = _fill(directory, tiny_model)
+    (shard,) = [p for p in directory.glob("*.db") if p.name != "hashstring.db"]
+    engine = create_engine(f"sqlite:///{shard}")
+    with engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", migrate.script_location())
+        config.attributes["connection"] = connection
+        command.downgrade(config, "s0005")
+    engine.dispose()
+    before = _snapshot(directory)
+    real_access = os.access
+
+    def access(path: os.PathLike[str] | str, mode: int, **kwargs: object) -> bool:
+        if Path(path) == directory and mode & os.W_OK:
+            return False  # what access(2) answers for a folder this process may not write
+        return real_access(path, mode)
+
+    monkeypatch.setattr("embeddingcache.storage.sqlite.os.access", access)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with EmbeddingCache(tiny_model, cache_dir=directory, device="cpu", remote_url=False) as c:
+            hits = c.get_embeddings(TEXTS)
+            stats = c.stats
+    np.testing.assert_array_equal(hits, stored)
+    assert stats["hits"] == 3 and stats["computed"] == 0
+    assert not [w for w in caught if issubclass(w.category, EmbeddingCacheWarning)]
+    assert _snapshot(directory) == before

@@ -168,8 +168,8 @@ def _prune(
             texts += _drop_orphan_texts(store, [k for keys in lru.values() for k in keys])
         if store.total_bytes() > max_size:
             # The pages in use fit and the write-ahead logs beside them do not (a log keeps
-            # copies of the pages writers changed, and on SQLite shards keyed by the digest's
-            # prefix a batch's rows lie on pages all over the file): compacting empties them.
+            # copies of the pages writers changed, and a batch's index entries lie on pages
+            # all over the file): compacting empties them.
             _compact(store, [s.place for s in scope], texts=True)
             dirty = {}
     return _finish(store, removed, texts, bytes_before, list(dirty.values()))

@@ -29,12 +29,18 @@ from sqlalchemy.schema import CreateSchema
 from .layout import Place, TextPlace
 from .sqlite import write_transaction
 
-__all__ = ["HEADS", "Kind", "ensure", "migrate", "script_location"]
+__all__ = ["HEADS", "READABLE", "Kind", "ensure", "migrate", "script_location"]
 
 Kind = Literal["text", "shard"]
 
 # The head revision of each branch; a test checks them against the scripts.
 HEADS: dict[str, str] = {"text": "t0001", "shard": "s0006"}
+# Revisions the current code reads as they are, where a place cannot be upgraded (a read-only
+# cache): s0006 moved a shard's rows, not what a read asks of them.
+READABLE: dict[str, frozenset[str]] = {
+    "text": frozenset({"t0001"}),
+    "shard": frozenset({"s0005", "s0006"}),
+}
 # What embeddingcache 0.1.0 created, before it kept a version table.
 FIRST: dict[str, str] = {"text": "t0001", "shard": "s0001"}
 _MAIN_TABLE: dict[str, str] = {"text": "hashstring", "shard": "model_info"}
@@ -50,14 +56,18 @@ def script_location() -> str:
     return str(Path(str(migrations.__file__)).parent)
 
 
-def state(connection: Connection, place: Place) -> Literal["head", "old", "missing"]:
-    """Read-only: is the place at head, older, or not there at all?"""
+def state(
+    connection: Connection, place: Place, *, as_is: bool = False
+) -> Literal["head", "old", "missing"]:
+    """Read-only: is the place at head, older, or not there at all? With ``as_is`` (a place
+    that will not be upgraded), a revision the code reads as it is (`READABLE`) is head."""
     kind = kind_of(place)
     inspector = inspect(connection)
     if inspector.has_table("alembic_version", schema=place.schema):
         table = "alembic_version" if place.schema is None else f"{place.schema}.alembic_version"
         versions = set(connection.scalars(select(text("version_num")).select_from(text(table))))
-        return "head" if versions == {HEADS[kind]} else "old"
+        heads = READABLE[kind] if as_is else {HEADS[kind]}
+        return "head" if len(versions) == 1 and versions <= heads else "old"
     if inspector.has_table(_MAIN_TABLE[kind], schema=place.schema):
         return "old"
     return "missing"

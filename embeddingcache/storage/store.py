@@ -641,7 +641,7 @@ class Store:
         if not self.layout.may_exist(place):
             return False
         with place.engine.connect() as connection:
-            current = migrate.state(connection, place)
+            current = migrate.state(connection, place, as_is=True)
         if current == "old":
             raise ReadOnlyStorageError(
                 f"{place.name} in the read-only cache at {self.layout.describe()} has an older "
