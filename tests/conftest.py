@@ -171,6 +171,18 @@ def any_cache(tiny_model: str, storage: dict[str, Any]) -> Iterator[EmbeddingCac
         yield c
 
 
+def _alembic_config(connection: Any, schema: str | None) -> Any:
+    from alembic.config import Config
+
+    from embeddingcache.storage import migrate
+
+    config = Config()
+    config.set_main_option("script_location", migrate.script_location())
+    config.attributes["connection"] = connection
+    config.attributes["schema"] = schema
+    return config
+
+
 @pytest.fixture
 def upgrade_to() -> Callable[[Any, str | None, str], None]:
     """``upgrade_to(connection, schema, revision)``: bring a place to an older revision with
@@ -178,20 +190,26 @@ def upgrade_to() -> Callable[[Any, str | None, str], None]:
 
     def upgrade(connection: Any, schema: str | None, revision: str) -> None:
         from alembic import command
-        from alembic.config import Config
         from sqlalchemy import text
-
-        from embeddingcache.storage import migrate
 
         if schema is not None:
             connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-        config = Config()
-        config.set_main_option("script_location", migrate.script_location())
-        config.attributes["connection"] = connection
-        config.attributes["schema"] = schema
-        command.upgrade(config, revision)
+        command.upgrade(_alembic_config(connection, schema), revision)
 
     return upgrade
+
+
+@pytest.fixture
+def downgrade_to() -> Callable[[Any, str], None]:
+    """``downgrade_to(connection, revision)``: take a SQLite file back to an older revision
+    with Alembic, rows kept, as an earlier embeddingcache would have left it."""
+
+    def downgrade(connection: Any, revision: str) -> None:
+        from alembic import command
+
+        command.downgrade(_alembic_config(connection, None), revision)
+
+    return downgrade
 
 
 @pytest.fixture

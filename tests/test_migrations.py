@@ -283,11 +283,8 @@ def test_a_shard_of_schema_s0004_is_rekeyed_in_place_with_every_vector_and_a_col
 
 
 def test_s0005_goes_back_down_to_one_table_keyed_by_the_digest(
-    tmp_path: Path, upgrade_to: Any
+    tmp_path: Path, downgrade_to: Any
 ) -> None:
-    from alembic import command
-    from alembic.config import Config
-
     path = tmp_path / "m.db"
     store = Store(layout_for(tmp_path, None))
     keys = [key_of("a"), key_of("b")]
@@ -302,10 +299,7 @@ def test_s0005_goes_back_down_to_one_table_keyed_by_the_digest(
             ),
             {"k": keys[0][:8] + bytes(56)},
         )
-        config = Config()
-        config.set_main_option("script_location", migrate.script_location())
-        config.attributes["connection"] = connection
-        command.downgrade(config, "s0004")
+        downgrade_to(connection, "s0004")
     with engine.connect() as connection:
         assert next(c["name"] for c in inspect(connection).get_columns("embedding")) == "hashid"
         assert connection.scalar(text("SELECT count(*) FROM embedding")) == 3
@@ -313,14 +307,11 @@ def test_s0005_goes_back_down_to_one_table_keyed_by_the_digest(
 
 
 def test_a_shard_of_schema_s0005_gets_its_rows_appended_behind_an_index_and_goes_back_down(
-    tmp_path: Path, upgrade_to: Any
+    tmp_path: Path, upgrade_to: Any, downgrade_to: Any
 ) -> None:
     """s0006 on a shard of s0005 (the schema before it): every row and column kept, the
     overflow's too, ``id`` no longer the rowid but behind the unique index ``embedding_id``
     that the hit query uses; downgrading makes ``id`` the rowid again, rows kept."""
-    from alembic import command
-    from alembic.config import Config
-
     rng = np.random.default_rng(6)
     keys = [key_of(f"stored at s0005 {i}") for i in range(200)]
     vectors = rng.standard_normal((len(keys), 8)).astype(np.float32)
@@ -370,10 +361,7 @@ def test_a_shard_of_schema_s0005_gets_its_rows_appended_behind_an_index_and_goes
     assert {bytes(k): t for _, k, _, t in rows} == {k: n for n, k in enumerate(keys)}
     engine = create_engine(f"sqlite:///{path}")
     with engine.begin() as connection:
-        config = Config()
-        config.set_main_option("script_location", migrate.script_location())
-        config.attributes["connection"] = connection
-        command.downgrade(config, "s0005")
+        downgrade_to(connection, "s0005")
     engine.dispose()
     with sqlite3.connect(path) as db:
         assert _indexes(db) == []

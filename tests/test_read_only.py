@@ -16,6 +16,7 @@ import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -117,25 +118,18 @@ def test_a_cache_in_a_folder_it_may_not_write_serves_hits_and_is_never_modified(
 
 
 def test_a_read_only_shard_of_the_schema_before_is_read_as_it_is(
-    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, downgrade_to: Any
 ) -> None:
     """A cache baked by the release before (shards at s0005: rows keyed by their id) serves
     its hits from a folder it may not write, without an upgrade it could not make."""
-    from alembic import command
-    from alembic.config import Config
     from sqlalchemy import create_engine
-
-    from embeddingcache.storage import migrate
 
     directory = tmp_path / "cache"
     stored = _fill(directory, tiny_model)
     (shard,) = [p for p in directory.glob("*.db") if p.name != "hashstring.db"]
     engine = create_engine(f"sqlite:///{shard}")
     with engine.begin() as connection:
-        config = Config()
-        config.set_main_option("script_location", migrate.script_location())
-        config.attributes["connection"] = connection
-        command.downgrade(config, "s0005")
+        downgrade_to(connection, "s0005")
     engine.dispose()
     before = _snapshot(directory)
     real_access = os.access
