@@ -46,6 +46,18 @@ def _indexes(db: sqlite3.Connection) -> list[tuple[str]]:
     return db.execute(sql).fetchall()
 
 
+def _legacy_shard(connection: Any, upgrade_to: Any, revision: str) -> None:
+    """A SQLite shard of ``revision`` (s0004 on), its model row written as the release that
+    made it would have; the test adds the vectors."""
+    upgrade_to(connection, None, revision)
+    connection.execute(
+        text(
+            "INSERT INTO model_info VALUES "
+            "(1, 'legacy-model', 8, 'float32', '0.1.0', 0, NULL, 0, 0, 0, 0)"
+        )
+    )
+
+
 def _branch_of(scripts: Any, revision: str) -> str:
     for rev in scripts.iterate_revisions(revision, "base"):
         if rev.branch_labels:
@@ -241,13 +253,7 @@ def test_a_shard_of_schema_s0004_is_rekeyed_in_place_with_every_vector_and_a_col
     path = tmp_path / "legacy-model.db"
     engine = create_engine(f"sqlite:///{path}")
     with engine.begin() as connection:
-        upgrade_to(connection, None, "s0004")
-        connection.execute(
-            text(
-                "INSERT INTO model_info VALUES "
-                "(1, 'legacy-model', 8, 'float32', '0.1.0', 0, NULL, 0, 0, 0, 0)"
-            )
-        )
+        _legacy_shard(connection, upgrade_to, "s0004")
         connection.execute(
             text("INSERT INTO embedding VALUES (:k, :v, 1, 2, :t, 1)"),
             [
@@ -319,13 +325,7 @@ def test_a_shard_of_schema_s0005_gets_its_rows_appended_behind_an_index_and_goes
     path = tmp_path / "legacy-model.db"
     engine = create_engine(f"sqlite:///{path}")
     with engine.begin() as connection:
-        upgrade_to(connection, None, "s0005")
-        connection.execute(
-            text(
-                "INSERT INTO model_info VALUES "
-                "(1, 'legacy-model', 8, 'float32', '0.1.0', 0, NULL, 0, 0, 0, 0)"
-            )
-        )
+        _legacy_shard(connection, upgrade_to, "s0005")
         connection.execute(
             text("INSERT INTO embedding VALUES (:i, :k, :v, 1, 2, :t, 1)"),
             [
