@@ -339,9 +339,9 @@ class EmbeddingCache:
         prefix = _prompt_prefix(spec, prompt_name, prompt)
         call = self.pipeline.prepare(spec, list(map(norm, items)), prefix)
         if not progress.enabled:
-            vectors, _ = self.pipeline.vectors(call, options=options)
+            vectors = self.pipeline.vectors(call, options=options).vectors
         else:
-            vectors, _ = self.pipeline.vectors(call, options=options, progress=progress.slice)
+            vectors = self.pipeline.vectors(call, options=options, progress=progress.slice)[0]
             progress.add(len(items) - len(call.firsts))  # the repeats of texts done
         return apply(vectors, reading, model=spec.name, single=single)
 

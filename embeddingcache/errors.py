@@ -78,8 +78,11 @@ class ProviderError(EmbeddingCacheError):
     """A provider could not compute embeddings.
 
     ``reason`` says why; ``fix``, when known, what would make it work; ``backend_helps`` is
-    false where a backend could not compute it either (a model name that does not exist).
+    false where a backend could not compute it either (a model name that does not exist);
+    ``status`` the HTTP status of a server that refused, when one did.
     """
+
+    status: int | None = None
 
     def __init__(self, reason: str, *, fix: str | None = None, backend_helps: bool = True) -> None:
         super().__init__(f"{reason}; to fix: {fix}" if fix else reason)

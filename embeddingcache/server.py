@@ -170,14 +170,14 @@ class Backend:
         normalized, prompt = self._embedded(request.texts, request, spec)
         pipeline = self.cache.pipeline
         call = pipeline.prepare(spec, normalized, prompt)
-        vectors, hits = pipeline.vectors(
+        vectors, hits, version = pipeline.vectors(
             call,
             compute=not request.lookup_only,
             options=EmbedOptions(batch_size=self.cache.batch_size, truncate=request.truncate),
         )
         self.count(texts=len(request.texts))
         found = np.ones(len(normalized), dtype=bool) if hits is None else hits
-        return vectors, found, served, call.version
+        return vectors, found, served, version
 
     def embed_openai(
         self, request: OpenAIRequest

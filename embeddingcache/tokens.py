@@ -4,10 +4,9 @@ The write path records a cost for each vector an engine computed (`costs`), so t
 can say how many tokens the cache saved: a hit's recorded cost is what it would have cost to
 compute it again (docs/storage.md, "What the cache saved").
 
-Which engines are counted: those whose tokens cost money, that is whose requests are bounded
-by a token budget (``engine.limits.token_budget is not None``: an API's, which bills by the
-token). A local model's vectors cost no money, and counting them with its tokenizer cost more
-than the ~3% of the cold path the project allows for a fast model (measured in
+Which engines are counted: those whose tokens cost money (``Engine.bills_tokens``: an API's,
+which bills by the token). A local model's vectors cost no money, and counting them with its
+tokenizer cost more than the ~3% of the cold path the project allows for a fast model (measured in
 ``python -m benchmarks --only static``, issue 16): they are left uncounted (NULL). Vectors from
 the team backend or a push are uncounted too: what they cost was paid elsewhere.
 
@@ -26,7 +25,7 @@ if TYPE_CHECKING:
     from .engines import Engine
     from .models import ModelSpec
 
-__all__ = ["BYTES_PER_TOKEN", "Costs", "bills_tokens", "costs", "estimate"]
+__all__ = ["BYTES_PER_TOKEN", "Costs", "costs", "estimate"]
 
 logger = logging.getLogger("embeddingcache")
 
@@ -44,16 +43,11 @@ def estimate(texts: Sequence[str]) -> list[int]:
     return [max(1, -(-len(text.encode("utf-8")) // BYTES_PER_TOKEN)) for text in texts]
 
 
-def bills_tokens(engine: Engine) -> bool:
-    """Whether an engine's tokens cost money: its requests are bounded by a token budget."""
-    return engine.kind != "backend" and engine.limits.token_budget is not None
-
-
 def costs(engine: Engine, spec: ModelSpec, embedded: Sequence[str]) -> Costs:
     """What computing the vectors of ``embedded`` (the strings the model read) cost with
     ``engine``: the tokenizer's counts (exact), an estimate (not exact), or ``None`` for an
     engine whose tokens are not counted (see the module's docstring)."""
-    if not bills_tokens(engine):
+    if not engine.bills_tokens:
         return None, True
     try:
         counted = engine.count_tokens(spec, embedded)

@@ -188,27 +188,18 @@ from embeddingcache.keys import keys_of
 from embeddingcache.models import ModelSpec
 
 
-class HashEngine:
-    # A deterministic engine, fast enough for a corpus: the vector is the key's bytes.
+class HashEngine(engines.Engine):
+    # A deterministic engine, fast enough for a corpus: the vector is the key's bytes. One
+    # fixed function: no versions (the base's version() is None).
     kind = "hash"
     limits = engines.Limits(batch_inputs=256)
-    versioned_by = "weights"
-
-    def version(self, spec, *, fresh=False):
-        return None  # one fixed function: no versions
 
     def embed(self, spec, texts, *, prompt, options):
         digests = b"".join(keys_of([prompt + t for t in texts]))
         return np.frombuffer(digests, np.uint8).reshape(len(texts), 64).astype(np.float32)
 
-    def count_tokens(self, spec, texts):
-        return None
-
     def dimension(self, spec):
         return 64
-
-    def close(self):
-        pass
 
 
 engines.register("hash", lambda settings: HashEngine())

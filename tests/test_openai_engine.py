@@ -326,12 +326,12 @@ def test_a_hit_waits_on_a_hanging_api_no_longer_than_the_probe_timeout(
 ) -> None:
     """An API that accepts the probe and never answers (the client's own timeout is a
     minute): the read path gives up on it after `PROBE_TIMEOUT_S` and serves the hits."""
-    from embeddingcache import pipeline
+    from embeddingcache.pipeline import versioning
 
     app, url = upstream
     with _api_cache(tmp_path / "cache", url) as cache:
         cache.get_embeddings(TEXTS, "openai:m")
-    monkeypatch.setattr(pipeline, "PROBE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(versioning, "PROBE_TIMEOUT_S", 0.2)
     app.delay = 3.0  # longer than the probe waits, far shorter than the client would
     with _api_cache(tmp_path / "cache", url) as cache, caplog.at_level(logging.WARNING):
         assert np.array_equal(cache.get_embeddings(TEXTS, "openai:m"), vectors_for(TEXTS))

@@ -404,12 +404,12 @@ def test_a_call_waits_for_earlier_writes_of_the_backends_vectors_beyond_the_boun
     start_server: Any, tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A long job of remote hits holds a bounded number of chunks waiting to be stored."""
-    from embeddingcache import pipeline
+    from embeddingcache.pipeline import writer
 
     server, _ = start_server()
     with client(tiny_model, tmp_path, server.url, "a", fallback_providers=("remote",)) as a:
         a.get_embeddings(TEXTS)
-    monkeypatch.setattr(pipeline, "REMOTE_WRITES_AHEAD", 1)
+    monkeypatch.setattr(writer, "REMOTE_WRITES_AHEAD", 1)
     release, landed = _hold_writes(monkeypatch)
     with client(tiny_model, tmp_path, server.url, "b", fallback_providers=()) as b:
         b.get_embeddings(TEXTS[:2])

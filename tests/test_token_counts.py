@@ -2,10 +2,10 @@
 the recorded cost of each hit added up per model, and reported by `stats`, the CLI and the
 server (issue 16, item 4).
 
-Only an engine whose tokens cost money is counted (`embeddingcache.tokens.bills_tokens`: its
-requests are bounded by a token budget). The tests make the real tiny sentence-transformers
-engine such an engine by giving it the limits an API engine has, so that its real tokenizer
-does the counting; nothing else about it is changed.
+Only an engine whose tokens cost money is counted (`Engine.bills_tokens`). The tests make the
+real tiny sentence-transformers engine such an engine by giving it what an API engine declares
+(it bills, and its limits), so that its real tokenizer does the counting; nothing else about it
+is changed.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def billing(cache: EmbeddingCache, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The cache's engine for its model, made one that bills by the token."""
     engine = cache.pipeline.engine(resolve_model(cache.model))
     monkeypatch.setattr(engine, "limits", BILLED)
+    monkeypatch.setattr(engine, "bills_tokens", True)
     return engine
 
 

@@ -13,9 +13,13 @@ Engines of this package:
 - ``openai`` (`embeddingcache.engines.openai`): a model behind an OpenAI-compatible
   ``POST /embeddings`` (``openai:MODEL``).
 
-An engine may also have ``check_inputs(spec, texts, *, truncate)``: the pipeline calls it on
-every text of a call before the first batch is computed, so that a text too long is refused
-before anything is sent (and paid for).
+What an engine can do is data on the `Engine` base, with a default for every capability, so
+that the pipeline never asks an engine what it is: ``bills_tokens`` (its tokens cost money:
+counted and saved), ``answers_lookups`` (it holds what it computes: the team backend, asked
+before anything is computed and never pushed to), `Engine.check_inputs` (refuse a text before
+anything is sent), `Engine.holds` (whether a version's weights still exist), `Engine.lookup`
+and `Engine.push`. A new engine subclasses `Engine`, overrides what it does, and is one
+`register` line: nothing in the pipeline changes.
 
 Who may change this contract: any change to `Engine`, `Limits` or `EmbedOptions` is a change
 to every engine, and goes with them (see docs/architecture.md).
@@ -26,11 +30,11 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar
 
 import numpy as np
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, ProviderError
 from ..models import ModelSpec
 
 __all__ = [
@@ -89,8 +93,9 @@ class EngineSettings:
     api_key: str | None = field(default=None, repr=False)
 
 
-class Engine(Protocol):
-    """Something that turns texts into the float32 vectors of a model.
+class Engine:
+    """Something that turns texts into the float32 vectors of a model: the base of every
+    engine, with a default for each capability (see the module's docstring).
 
     ``versioned_by`` says how the model's version is known (see `embeddingcache.versions`):
     ``"weights"`` (the engine reads it from the files it loads, `version`), ``"probe"`` (a
@@ -98,9 +103,15 @@ class Engine(Protocol):
     ``"backend"`` (the team backend says it with each answer).
     """
 
-    kind: str
-    limits: Limits
-    versioned_by: str
+    kind: ClassVar[str] = ""
+    limits: Limits = Limits(batch_inputs=32)
+    versioned_by: ClassVar[str] = "weights"
+    # Its tokens cost money (an API billed by the token): each computed vector's cost is
+    # recorded, and a hit counts it as saved (embeddingcache.tokens).
+    bills_tokens: ClassVar[bool] = False
+    # It holds what it computes (the team backend): it answers `lookup` before anything is
+    # computed, and what it computed is never pushed back to it.
+    answers_lookups: ClassVar[bool] = False
 
     def embed(
         self, spec: ModelSpec, texts: Sequence[str], *, prompt: str, options: EmbedOptions
@@ -112,12 +123,7 @@ class Engine(Protocol):
                 ``options.truncate`` is false; its ``index`` is the position in ``texts``.
             ProviderError: the engine could not compute; the next one may.
         """
-        ...
-
-    def count_tokens(self, spec: ModelSpec, texts: Sequence[str]) -> list[int] | None:
-        """The number of tokens the model reads for each text, or ``None`` when this engine
-        has no tokenizer at hand."""
-        ...
+        raise NotImplementedError
 
     def dimension(self, spec: ModelSpec) -> int:
         """The length of the model's vectors (loading or asking for the model if needed).
@@ -125,16 +131,67 @@ class Engine(Protocol):
         Raises:
             ProviderError: the engine cannot tell.
         """
-        ...
+        raise NotImplementedError
+
+    def count_tokens(self, spec: ModelSpec, texts: Sequence[str]) -> list[int] | None:
+        """The number of tokens the model reads for each text, or ``None`` when this engine
+        has no tokenizer at hand (the default)."""
+        return None
+
+    def check_inputs(self, spec: ModelSpec, texts: Sequence[str], *, truncate: bool) -> None:
+        """Refuse texts before any is computed (an API's input limit, checked before
+        anything is paid for): the pipeline calls it on all of a call's missing texts before
+        the first batch. The default takes every text.
+
+        Raises:
+            TextTooLongError: as `embed` (``index`` in ``texts``).
+            ProviderError: this engine cannot compute these texts; the next one may.
+        """
+        return None
 
     def version(self, spec: ModelSpec, *, fresh: bool = False) -> str | None:
         """The version of the model this engine computes ``spec``'s vectors with, or ``None``
-        when it cannot tell (then the shard's recorded version stands). Cheap: checked at
-        most once a second unless ``fresh``, which the pipeline asks for before computing.
-        An engine whose model changed loads the new one before it computes again."""
-        ...
+        when it cannot tell (then the shard's recorded version stands; the default). Cheap:
+        checked at most once a second unless ``fresh``, which the pipeline asks for before
+        computing. An engine whose model changed loads the new one before it computes again."""
+        return None
 
-    def close(self) -> None: ...
+    def holds(self, spec: ModelSpec, version: str) -> bool | None:
+        """Whether the weights of ``version`` still exist where the model is loaded from;
+        ``None`` when there is no telling (the default: nothing is called stale)."""
+        return None
+
+    def lookup(
+        self, spec: ModelSpec, texts: Sequence[str], *, prompt: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The stored vectors of ``texts`` and a mask of which it had (engines that
+        ``answers_lookups``).
+
+        Raises:
+            ProviderError: it could not answer (the default: it holds nothing).
+        """
+        raise ProviderError(f"engine {self.kind!r} holds no stored vectors")
+
+    def push(
+        self,
+        spec: ModelSpec,
+        texts: Sequence[str],
+        vectors: np.ndarray,
+        *,
+        prompt: str,
+        version: str | None = None,
+    ) -> int:
+        """Offer vectors computed elsewhere to keep; how many it took (engines that
+        ``answers_lookups``).
+
+        Raises:
+            ProviderError: it could not take them (the default: it keeps nothing).
+        """
+        raise ProviderError(f"engine {self.kind!r} keeps no vectors")
+
+    def close(self) -> None:
+        """Let go of what the engine holds (models, connections)."""
+        return None
 
 
 EngineFactory = Callable[[EngineSettings], Engine]

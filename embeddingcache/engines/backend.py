@@ -35,7 +35,7 @@ from ..protocol import (
     encode_vectors,
 )
 from ..protocol import Limits as ServerLimits
-from . import EmbedOptions, EngineSettings, Limits
+from . import EmbedOptions, Engine, EngineSettings, Limits
 
 __all__ = ["COOLDOWN_S", "KIND", "BackendEngine", "BackendError", "create"]
 
@@ -86,13 +86,14 @@ def create(settings: EngineSettings) -> BackendEngine:
     return BackendEngine(settings.remote_url, timeout=settings.timeout, token=settings.token)
 
 
-class BackendEngine:
+class BackendEngine(Engine):
     """Asks a backend for vectors: stored ones only (`lookup`), or computed
     (`embed`), and offers it vectors computed here (`push`)."""
 
     kind = KIND
     limits = Limits(batch_inputs=COMPUTE_TEXTS)
     versioned_by = "backend"
+    answers_lookups = True
 
     def __init__(self, url: str, *, timeout: float, token: str | None = None) -> None:
         self.url = url

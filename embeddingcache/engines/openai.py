@@ -44,7 +44,7 @@ from ..models import (
 )
 from ..openai_client import OpenAIClient
 from ..versions import PROBE
-from . import EmbedOptions, EngineSettings, Limits
+from . import EmbedOptions, Engine, EngineSettings, Limits
 
 __all__ = [
     "ENV_IN_FLIGHT",
@@ -89,11 +89,12 @@ def _positive_env(name: str, default: int) -> int:
     return number
 
 
-class OpenAIEngine:
+class OpenAIEngine(Engine):
     """Computes vectors of ``openai:`` models, one `OpenAIClient` per base URL and key."""
 
     kind = OPENAI
     versioned_by = "probe"
+    bills_tokens = True  # billed by the token
 
     def __init__(self, settings: EngineSettings) -> None:
         self.settings = settings

@@ -29,7 +29,7 @@ import numpy as np
 from ..errors import ModelLoadError, ProviderError, TextTooLongError
 from ..models import ModelSpec
 from ..versions import watch_for, weights_exist
-from . import EmbedOptions, EngineSettings, Limits
+from . import EmbedOptions, Engine, EngineSettings, Limits
 
 __all__ = [
     "KIND",
@@ -213,7 +213,7 @@ def _token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
     return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-class SentenceTransformersEngine:
+class SentenceTransformersEngine(Engine):
     """Computes vectors with sentence-transformers; one loaded model per name, loaded again
     when the files it was loaded from change (a model fine-tuned and saved in place)."""
 
