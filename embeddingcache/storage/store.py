@@ -32,7 +32,8 @@ from .._util import first_non_finite
 from .._version import __version__
 from ..errors import DimensionMismatchError, ShardMismatchError, StorageError
 from . import migrate, tables
-from .layout import Layout, Place, ShardPlace, ShardReader
+from .layout import Layout, ShardReader
+from .places import Place, ShardPlace
 from .retry import retry_write
 from .sqlite import is_not_a_database, move_aside, write_transaction
 from .tables import READ_CHUNK, WRITE_BATCH, ShardTable, shard_table, text_table
