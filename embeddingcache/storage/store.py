@@ -4,22 +4,16 @@ Reads are one ``IN (...)`` query per chunk of keys and one numpy reassembly. Wri
 insert-or-ignore in one transaction per batch, retried on transient errors. Nothing here
 creates an ORM object, and a read never writes.
 
-Use is recorded the way ``relatime`` records file access: a hit rewrites a row's
-``last_used`` only when the stored one is a day old or more, and those rewrites, with the
-counts of hits and misses per model, wait in memory for one batched write a minute (sooner
-once 10,000 rows wait; and at ``close`` or exit). A hit costs one comparison, never a write.
+Use (hits, misses, last use) is recorded by the store's log, `usage.UseLog`.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import logging
-import os
 import sqlite3
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -37,6 +31,7 @@ from .places import Place, ShardPlace
 from .retry import retry_write
 from .sqlite import is_not_a_database, move_aside, write_transaction
 from .tables import READ_CHUNK, WRITE_BATCH, ShardTable, shard_table, text_table
+from .usage import TOUCH_RESOLUTION_S, UseLog
 
 __all__ = [
     "READ_CHUNK",
@@ -53,31 +48,6 @@ logger = logging.getLogger("embeddingcache.storage")
 DTYPE = "float32"
 _FIRST = np.zeros(1, dtype=np.intp)  # the positions of a lookup of one key that was found
 _FIRST.flags.writeable = False
-
-TOUCH_RESOLUTION_S = 24 * 3600  # last_used is kept to the day, like relatime
-FLUSH_INTERVAL_S = 60.0
-FLUSH_ROWS = 10_000  # rows waiting for a new last_used that bring the write forward
-# Last use is advisory: when recording it keeps failing (a writer holding the lock for long,
-# a read-only directory), what waits is capped and the rest is dropped.
-MAX_WAITING_ROWS = 200_000
-FLUSH_WAIT_S = 0.25  # a flush gives up on another writer's lock sooner than a store does
-
-_stores: weakref.WeakSet[Store] = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    for store in list(_stores):
-        store.flush()
-
-
-def _forget_use_after_fork() -> None:
-    # A forked child inherits what its parent counted: the parent writes it, not the child.
-    for store in list(_stores):
-        store._use, store._waiting_rows = {}, 0
-
-
-os.register_at_fork(after_in_child=_forget_use_after_fork)
 
 
 class ReadOnlyStorageError(StorageError):
@@ -166,15 +136,9 @@ class _Shard:
     def place(self) -> ShardPlace:
         return self.table.place
 
-
-@dataclass
-class _Use:
-    """What waits to be recorded of one model's use."""
-
-    hits: int = 0
-    misses: int = 0
-    tokens_saved: int = 0
-    stale: set[bytes] | None = None  # keys hit whose stored last_used is a day old or more
+    @property
+    def counting(self) -> bool:
+        return self.info is not None and not self.info.counts_tokens
 
 
 class Store:
@@ -185,12 +149,7 @@ class Store:
         self._shards: dict[str, _Shard] = {}
         self._prepared: set[object] = set()  # places this process found at the current schema
         self._lock = threading.Lock()
-        self._use: dict[str, _Use] = {}
-        self._waiting_rows = 0
-        self._flush_due = time.monotonic() + FLUSH_INTERVAL_S
-        self._failed_at = -FLUSH_INTERVAL_S  # when a flush last failed (monotonic)
-        self._flushing = threading.Lock()
-        _stores.add(self)
+        self._use = UseLog(layout, self._shard_for_use, self._now_counting)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -243,7 +202,7 @@ class Store:
         stale_before = int(time.time()) - TOUCH_RESOLUTION_S
         if len(rows) == len(keys) == 1 and len(rows[0][1]) == width:  # one cached text
             if rows[0][2] < stale_before:
-                self._touch(model, [rows[0][0]])
+                self._use.touch(model, [rows[0][0]])
             found = np.frombuffer(bytearray(rows[0][1]), "<f4")[None, :]
             return Lookup(_FIRST, found, [], rows[0][3] or 0)
         where = dict(zip(keys, range(len(keys)), strict=True))
@@ -263,7 +222,7 @@ class Store:
             else:
                 damaged.append(where[hashid])
         if stale:
-            self._touch(model, stale)
+            self._use.touch(model, stale)
         if len(rows) == len(keys) and not damaged:
             positions = np.arange(len(keys), dtype=np.intp)
             data = bytearray().join(slots)  # type: ignore[arg-type]  # no None left
@@ -361,90 +320,24 @@ class Store:
     def record(self, model: str, hits: int, misses: int, tokens_saved: int = 0) -> None:
         """Count a lookup's hits and misses, and the tokens its hits saved (`Lookup.tokens`);
         writes what waits when it is due."""
-        with self._lock:
-            use = self._use.get(model)
-            if use is None:
-                use = self._use[model] = _Use()
-            use.hits += hits
-            use.misses += misses
-            if tokens_saved:
-                use.tokens_saved += tokens_saved
-            now = time.monotonic()
-            # Many rows waiting bring the write forward, but not sooner than an interval
-            # after a write that failed: a hit never keeps waiting on another's lock.
-            due = now >= self._flush_due or (
-                self._waiting_rows >= FLUSH_ROWS and now >= self._failed_at + FLUSH_INTERVAL_S
-            )
-        if due:
-            self.flush()
-
-    def _touch(self, model: str, keys: list[bytes]) -> None:
-        with self._lock:
-            use = self._use.get(model)
-            if use is None:
-                use = self._use[model] = _Use()
-            if use.stale is None:
-                use.stale = set()
-            if self._waiting_rows < MAX_WAITING_ROWS:
-                before = len(use.stale)
-                use.stale.update(keys)
-                self._waiting_rows += len(use.stale) - before
+        self._use.record(model, hits, misses, tokens_saved)
 
     def flush(self) -> None:
-        """Write the counts and last-use times that wait, in one short transaction per
-        model shard. Best effort: a shard that is locked for more than a moment, or cannot be
-        written, keeps its rows waiting for the next flush (within a bound)."""
-        if not self._flushing.acquire(blocking=False):
-            return  # another thread is at it
-        try:
-            with self._lock:
-                waiting, self._use = self._use, {}
-                self._waiting_rows = 0
-                self._flush_due = time.monotonic() + FLUSH_INTERVAL_S
-            now = int(time.time())
-            for model, use in waiting.items():
-                try:
-                    self._write_use(model, use, now)
-                except (sa_exc.SQLAlchemyError, sqlite3.Error, StorageError, OSError) as exc:
-                    logger.debug("could not record the use of %r yet: %s", model, exc)
-                    self._failed_at = time.monotonic()
-                    self._requeue(model, use)
-        finally:
-            self._flushing.release()
+        """Write the counts and last-use times that wait (see `usage.UseLog.flush`)."""
+        self._use.flush()
 
-    def _write_use(self, model: str, use: _Use, now: int) -> None:
-        if self.layout.read_only(self.layout.shard_place(model)):
-            return  # a read-only cache records no use: it is never modified
+    def _shard_for_use(self, model: str) -> _Shard | None:
+        """The model's shard, as it is now on disk: the use log writes to it."""
         shard = self._open_shard(model)
         if shard is not None and self.layout.replaced(shard.place):
             self._forget(model, shard)  # removed meanwhile: count in the file now there, if any
             shard = self._open_shard(model)
-        if shard is None:
-            # Its first vectors are on their way (a call counts before it computes): the
-            # counts wait for the shard.
-            self._requeue(model, use)
-            return
-        stale = sorted(use.stale or ())  # one order for every writer: no deadlock on Postgres
-        with write_transaction(shard.place.engine, wait_s=FLUSH_WAIT_S) as connection:
-            if use.hits or use.misses or use.tokens_saved:
-                shard.table.add_use(connection, use.hits, use.misses, use.tokens_saved)
-            shard.table.touch(connection, stale, now, now - TOUCH_RESOLUTION_S)
-            counting = shard.info is not None and not shard.info.counts_tokens
-            row = shard.table.info(connection) if counting else None
-        if row is not None and row.counts_tokens:
-            # Another process stored the shard's first counted vectors since this one
-            # opened it: its hits read their tokens from now on (within a flush interval).
-            with self._lock:
-                self._shards[model] = dataclasses.replace(shard, info=_model_info(row))
+        return shard
 
-    def _requeue(self, model: str, use: _Use) -> None:
+    def _now_counting(self, model: str, shard: _Shard, row: Any) -> None:
+        """Another process stored the shard's first counted vectors: its hits read them."""
         with self._lock:
-            again = self._use.setdefault(model, _Use())
-            again.hits += use.hits
-            again.misses += use.misses
-            again.tokens_saved += use.tokens_saved
-        if use.stale:
-            self._touch(model, list(use.stale))
+            self._shards[model] = dataclasses.replace(shard, info=_model_info(row))
 
     # -- writes ---------------------------------------------------------------------------
 
