@@ -30,7 +30,7 @@ from .layout import Layout, ShardReader
 from .places import Place, ShardPlace
 from .retry import retry_write
 from .sqlite import is_not_a_database, move_aside, write_transaction
-from .tables import READ_CHUNK, WRITE_BATCH, ShardTable, shard_table, text_table
+from .tables import READ_CHUNK, WRITE_BATCH, HitRow, ShardTable, shard_table, text_table
 from .usage import TOUCH_RESOLUTION_S, UseLog
 
 __all__ = [
@@ -205,33 +205,10 @@ class Store:
                 self._use.touch(model, [rows[0][0]])
             found = np.frombuffer(bytearray(rows[0][1]), "<f4")[None, :]
             return Lookup(_FIRST, found, [], rows[0][3] or 0)
-        where = dict(zip(keys, range(len(keys)), strict=True))
-        # Each row goes to its key's slot, so that one join gives the vectors in key order:
-        # with every key found, the matrix needs no reordering at all.
-        slots: list[bytes | None] = [None] * len(keys)
-        damaged: list[int] = []
-        stale: list[bytes] = []
-        tokens = 0
-        for hashid, vector, last_used, cost in rows:
-            if len(vector) == width:
-                slots[where[hashid]] = vector
-                if last_used < stale_before:
-                    stale.append(hashid)
-                if cost is not None:
-                    tokens += cost
-            else:
-                damaged.append(where[hashid])
+        result, stale = _assembled(rows, keys, dimension, stale_before)
         if stale:
             self._use.touch(model, stale)
-        if len(rows) == len(keys) and not damaged:
-            positions = np.arange(len(keys), dtype=np.intp)
-            data = bytearray().join(slots)  # type: ignore[arg-type]  # no None left
-        else:
-            positions = np.flatnonzero([slot is not None for slot in slots])
-            data = bytearray().join(slot for slot in slots if slot is not None)
-        # A bytearray makes the matrix writable: read-time options work on it in place.
-        vectors = np.frombuffer(data, dtype="<f4").reshape(len(positions), dimension)
-        return Lookup(positions, vectors, damaged, tokens)
+        return result
 
     def entries(self, model: str) -> Iterator[tuple[list[tuple[bytes, bytes]], dict[bytes, str]]]:
         """Every ``(hashid, vector)`` row of a model's shard in key order, ``READ_CHUNK`` at a
@@ -291,28 +268,12 @@ class Store:
                 with place.engine.connect() as connection:
                     row = table.info(connection)
                     entries = table.count(connection)
-                    counted, tokens, estimated = table.token_totals(connection)
+                    totals = table.token_totals(connection)
             except (sa_exc.DBAPIError, StorageError) as exc:
                 logger.warning("skipping shard %s: %s", place.name, exc)
                 continue
-            result.append(
-                ShardSummary(
-                    place=place.name,
-                    model=row.model if row else None,
-                    dimension=row.dimension if row else None,
-                    entries=entries,
-                    bytes_on_disk=self.layout.bytes_on_disk(place),
-                    library_version=row.library_version if row else None,
-                    created_at=row.created_at if row else None,
-                    hits=row.hits if row else 0,
-                    misses=row.misses if row else 0,
-                    revision=row.revision if row else None,
-                    tokens_counted=counted,
-                    tokens=tokens,
-                    tokens_estimated=estimated,
-                    tokens_saved=row.tokens_saved if row else 0,
-                )
-            )
+            size = self.layout.bytes_on_disk(place)
+            result.append(_summary(place.name, row, entries, size, totals))
         return result
 
     # -- use ------------------------------------------------------------------------------
@@ -376,55 +337,56 @@ class Store:
         if not keys:
             return 0
         matrix = _checked_matrix(vectors, len(keys))
+        self._refuse_read_only(model)
+        if len(keys) > tables.WRITE_BATCH:
+            return sum(
+                self.put(
+                    model,
+                    keys[part],
+                    texts[part],
+                    matrix[part],
+                    replace=own,
+                    revision=revision,
+                    tokens=None if tokens is None else tokens[part],
+                    tokens_exact=tokens_exact,
+                )
+                for part, own in _batches(keys, replace)
+            )
+        text_rows = [{"hashid": k, "text": t} for k, t in zip(keys, texts, strict=True)]
+        vector_rows = _vector_rows(keys, matrix, tokens, tokens_exact, now=int(time.time()))
+        try:
+            return self._write(model, matrix.shape[1], text_rows, vector_rows, replace, revision)
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._error("cannot write to the cache", exc) from exc
+
+    def _refuse_read_only(self, model: str) -> None:
+        """Raise `ReadOnlyStorageError` before anything is written when the texts or the
+        model's shard cannot be."""
         for place in (self.layout.text_place(), self.layout.shard_place(model)):
             if self.layout.read_only(place):
                 self._ready_read_only(place, None, create=True)  # raises
-        batch = tables.WRITE_BATCH
-        if len(keys) > batch:
-            kept = 0
-            for start in range(0, len(keys), batch):
-                end = start + batch
-                part = set(keys[start:end])
-                kept += self.put(
-                    model,
-                    keys[start:end],
-                    texts[start:end],
-                    matrix[start:end],
-                    replace=[k for k in replace if k in part],
-                    revision=revision,
-                    tokens=None if tokens is None else tokens[start:end],
-                    tokens_exact=tokens_exact,
-                )
-            return kept
-        now = int(time.time())
-        text_rows = [{"hashid": k, "text": t} for k, t in zip(keys, texts, strict=True)]
-        blobs = [row.tobytes() for row in matrix]
-        costs: Sequence[int | None] = [None] * len(keys) if tokens is None else tokens
-        exact = None if tokens is None else tokens_exact
-        vector_rows = [
-            {
-                "hashid": k,
-                "vector": b,
-                "created_at": now,
-                "last_used": now,
-                "tokens": None if cost is None else int(cost),
-                "tokens_exact": exact,
-            }
-            for k, b, cost in zip(keys, blobs, costs, strict=True)
-        ]
-        try:
-            removals = retry_write(lambda: self._put_texts(text_rows))
-            kept = retry_write(
-                lambda: self._put_vectors(model, matrix.shape[1], vector_rows, replace, revision)
-            )
-            # Again, now that the vectors are in, if a prune removed texts between the two
-            # transactions: it may have removed these (its check and its delete are one
-            # transaction, so the texts are either seen with their vectors or put back here).
-            # Where the backend counts removals, this is one read under the texts' write lock
-            # (which waits for a prune at work); elsewhere every text is put again.
-            retry_write(lambda: self._put_texts(text_rows, unless_removals=removals))
-        except sa_exc.SQLAlchemyError as exc:
-            raise self._error("cannot write to the cache", exc) from exc
+
+    def _write(
+        self,
+        model: str,
+        dimension: int,
+        text_rows: list[dict[str, Any]],
+        vector_rows: list[dict[str, Any]],
+        replace: Sequence[bytes],
+        revision: str | None,
+    ) -> int:
+        """`put`'s transactions, each retried: the texts, the vectors, and the texts again
+        if a prune removed some in between; how many vectors were stored already."""
+        removals = retry_write(lambda: self._put_texts(text_rows))
+        kept = retry_write(
+            lambda: self._put_vectors(model, dimension, vector_rows, replace, revision)
+        )
+        # Again, now that the vectors are in, if a prune removed texts between the two
+        # transactions: it may have removed these (its check and its delete are one
+        # transaction, so the texts are either seen with their vectors or put back here).
+        # Where the backend counts removals, this is one read under the texts' write lock
+        # (which waits for a prune at work); elsewhere every text is put again.
+        retry_write(lambda: self._put_texts(text_rows, unless_removals=removals))
         return kept
 
     def _put_texts(
@@ -610,6 +572,96 @@ def _checked_matrix(vectors: np.ndarray, n: int) -> np.ndarray:
     if bad is not None:
         raise StorageError(f"refusing to store vector {bad}: it holds NaN or infinite values")
     return matrix
+
+
+def _batches(
+    keys: Sequence[bytes], replace: Sequence[bytes]
+) -> Iterator[tuple[slice, list[bytes]]]:
+    """The ``WRITE_BATCH`` slices of a `put`, each with the keys to replace among its own."""
+    for start in range(0, len(keys), tables.WRITE_BATCH):
+        part = slice(start, start + tables.WRITE_BATCH)
+        own = set(keys[part])
+        yield part, [k for k in replace if k in own]
+
+
+def _vector_rows(
+    keys: Sequence[bytes],
+    matrix: np.ndarray,
+    tokens: Sequence[int] | None,
+    tokens_exact: bool,
+    *,
+    now: int,
+) -> list[dict[str, Any]]:
+    """The shard rows of a write: each vector new, and used, ``now``."""
+    costs: Sequence[int | None] = [None] * len(keys) if tokens is None else tokens
+    exact = None if tokens is None else tokens_exact
+    return [
+        {
+            "hashid": k,
+            "vector": row.tobytes(),
+            "created_at": now,
+            "last_used": now,
+            "tokens": None if cost is None else int(cost),
+            "tokens_exact": exact,
+        }
+        for k, row, cost in zip(keys, matrix, costs, strict=True)
+    ]
+
+
+def _assembled(
+    rows: Sequence[HitRow], keys: Sequence[bytes], dimension: int, stale_before: int
+) -> tuple[Lookup, list[bytes]]:
+    """A lookup of ``keys`` from the rows found, and the keys whose last use is stale."""
+    width = 4 * dimension
+    where = dict(zip(keys, range(len(keys)), strict=True))
+    # Each row goes to its key's slot, so that one join gives the vectors in key order:
+    # with every key found, the matrix needs no reordering at all.
+    slots: list[bytes | None] = [None] * len(keys)
+    damaged: list[int] = []
+    stale: list[bytes] = []
+    tokens = 0
+    for hashid, vector, last_used, cost in rows:
+        if len(vector) == width:
+            slots[where[hashid]] = vector
+            if last_used < stale_before:
+                stale.append(hashid)
+            if cost is not None:
+                tokens += cost
+        else:
+            damaged.append(where[hashid])
+    if len(rows) == len(keys) and not damaged:
+        positions = np.arange(len(keys), dtype=np.intp)
+        data = bytearray().join(slots)  # type: ignore[arg-type]  # no None left
+    else:
+        positions = np.flatnonzero([slot is not None for slot in slots])
+        data = bytearray().join(slot for slot in slots if slot is not None)
+    # A bytearray makes the matrix writable: read-time options work on it in place.
+    vectors = np.frombuffer(data, dtype="<f4").reshape(len(positions), dimension)
+    return Lookup(positions, vectors, damaged, tokens), stale
+
+
+def _summary(
+    place: str, row: Any, entries: int, size: int, totals: tuple[int, int, int]
+) -> ShardSummary:
+    """A shard's summary from its model row (``None`` once `prune` emptied it), its count of
+    vectors, its bytes on disk and its token totals (counted, tokens, estimated)."""
+    counted, tokens, estimated = totals
+    return ShardSummary(
+        place=place,
+        model=row.model if row else None,
+        dimension=row.dimension if row else None,
+        entries=entries,
+        bytes_on_disk=size,
+        library_version=row.library_version if row else None,
+        created_at=row.created_at if row else None,
+        hits=row.hits if row else 0,
+        misses=row.misses if row else 0,
+        revision=row.revision if row else None,
+        tokens_counted=counted,
+        tokens=tokens,
+        tokens_estimated=estimated,
+        tokens_saved=row.tokens_saved if row else 0,
+    )
 
 
 def _vanished(exc: BaseException) -> bool:
