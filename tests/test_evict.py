@@ -7,6 +7,7 @@ import sqlite3
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from embeddingcache import EmbeddingCache, InvalidInputError
 from embeddingcache.cli import main
 from embeddingcache.keys import key_of
 from embeddingcache.storage import store as store_module
+from embeddingcache.storage import usage
 from embeddingcache.storage.sqlite import write_transaction
 
 DAY = 86400
@@ -81,7 +83,7 @@ def test_use_is_written_once_the_interval_has_passed_without_closing(
     tiny_model: str, cache_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A long-lived process records its use about once a minute, not only at exit."""
-    monkeypatch.setattr(store_module, "FLUSH_INTERVAL_S", 0.0)
+    monkeypatch.setattr(usage, "FLUSH_INTERVAL_S", 0.0)
     with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as cache:
         cache.get_embeddings(["a", "b"])
         cache.get_embeddings(["a", "b", "c"])
@@ -479,18 +481,18 @@ def test_a_failed_flush_is_not_retried_on_every_hit(
 ) -> None:
     """With many rows waiting and another writer holding the lock, hits do not each wait
     for it: the next try comes an interval later."""
-    monkeypatch.setattr(store_module, "FLUSH_ROWS", 1)
+    monkeypatch.setattr(usage, "FLUSH_ROWS", 1)
     texts = [f"t{i}" for i in range(20)]
     cache.get_embeddings(texts)
     set_last_used(cache, texts, int(time.time()) - 3 * DAY)
     attempts = []
-    write_use = store_module.Store._write_use
+    write_use = usage.UseLog._write
 
-    def counted(self: store_module.Store, *args: object) -> None:
+    def counted(self: usage.UseLog[Any], *args: object) -> None:
         attempts.append(1)
         write_use(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(store_module.Store, "_write_use", counted)
+    monkeypatch.setattr(usage.UseLog, "_write", counted)
     blocker = sqlite3.connect(next(cache_dir.glob("tmp*.db")), isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:

@@ -19,7 +19,8 @@ from sqlalchemy import exc as sa_exc
 
 from ..errors import InvalidInputError, StorageError
 from ..versions import model_of
-from .layout import ShardPlace, SQLiteLayout
+from .layout import SQLiteLayout
+from .places import ShardPlace
 from .retry import retry_write
 from .sqlite import SHARD_PAGE_SIZE, compact, write_transaction
 from .store import Store

@@ -18,15 +18,12 @@ import os
 import re
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, cast
 
 from sqlalchemy import (
     URL,
     Engine,
-    MetaData,
-    Table,
     create_engine,
     event,
     func,
@@ -39,13 +36,7 @@ from sqlalchemy import exc as sa_exc
 from ..errors import InvalidInputError
 from ..keys import check_model_name, model_slug
 from ..models import catalog_name
-from .schema import (
-    OVERFLOW,
-    embedding_table,
-    hashstring_table,
-    model_info_table,
-    sqlite_embedding_table,
-)
+from .places import Place, ShardPlace, TextPlace
 from .sqlite import SHARD_PAGE_SIZE, Reader, is_read_only, sqlite_engine
 from .tables import HitRow
 
@@ -67,46 +58,6 @@ TEXT_FILE = "hashstring.db"
 TEXT_SCHEMA = "embeddingcache"
 SHARD_SCHEMA_PREFIX = "ec_"
 MAX_IDENTIFIER = 63  # Postgres truncates longer names, which could merge two models
-
-
-@dataclass(frozen=True)
-class Place:
-    """An engine, and the schema and tables it holds for one job."""
-
-    engine: Engine
-    metadata: MetaData
-    schema: str | None
-    path: Path | None  # the SQLite file, when there is one
-    name: str  # for messages and for stats
-
-
-@dataclass(frozen=True)
-class TextPlace(Place):
-    hashstring: Table
-
-
-@dataclass(frozen=True)
-class ShardPlace(Place):
-    embedding: Table
-    model_info: Table
-    # SQLite: the keys whose 8-byte id another key holds in ``embedding`` (see schema.py).
-    overflow: Table | None = None
-
-
-def _text_place(engine: Engine, schema: str | None, path: Path | None, name: str) -> TextPlace:
-    metadata = MetaData(schema=schema)
-    return TextPlace(engine, metadata, schema, path, name, hashstring_table(metadata))
-
-
-def _shard_place(engine: Engine, schema: str | None, path: Path | None, name: str) -> ShardPlace:
-    """A server database's shard is keyed by the digest; a SQLite file's by its 8-byte
-    prefix, with the overflow beside it (see schema.py)."""
-    metadata = MetaData(schema=schema)
-    server = path is None
-    embedding = embedding_table(metadata) if server else sqlite_embedding_table(metadata)
-    info = model_info_table(metadata)
-    overflow = None if server else embedding_table(metadata, OVERFLOW)
-    return ShardPlace(engine, metadata, schema, path, name, embedding, info, overflow)
 
 
 class ShardReader(Protocol):
@@ -152,7 +103,7 @@ class SQLiteLayout:
         with self._lock:
             place = self._places.get(path)
         if place is None:
-            place = _text_place(self._engine(path, None), None, path, TEXT_FILE)
+            place = TextPlace.make(self._engine(path, None), None, path, TEXT_FILE)
             with self._lock:
                 place = self._places.setdefault(path, place)
         assert isinstance(place, TextPlace)
@@ -170,7 +121,7 @@ class SQLiteLayout:
         with self._lock:
             place = self._places.get(path)
         if place is None:
-            place = _shard_place(self._engine(path, SHARD_PAGE_SIZE), None, path, path.name)
+            place = ShardPlace.make(self._engine(path, SHARD_PAGE_SIZE), None, path, path.name)
             with self._lock:
                 place = self._places.setdefault(path, place)
         assert isinstance(place, ShardPlace)
@@ -328,7 +279,7 @@ class ServerLayout:
     def text_place(self) -> TextPlace:
         place = self._places.get(TEXT_SCHEMA)
         if place is None:
-            place = _text_place(self.engine, TEXT_SCHEMA, None, f"{TEXT_SCHEMA}.hashstring")
+            place = TextPlace.make(self.engine, TEXT_SCHEMA, None, f"{TEXT_SCHEMA}.hashstring")
             with self._lock:
                 place = self._places.setdefault(TEXT_SCHEMA, place)
         assert isinstance(place, TextPlace)
@@ -341,7 +292,7 @@ class ServerLayout:
     def _shard_in(self, schema: str) -> ShardPlace:
         place = self._places.get(schema)
         if place is None:
-            place = _shard_place(self.engine, schema, None, schema)
+            place = ShardPlace.make(self.engine, schema, None, schema)
             with self._lock:
                 place = self._places.setdefault(schema, place)
         assert isinstance(place, ShardPlace)

@@ -26,7 +26,7 @@ from typing import Literal
 from sqlalchemy import Connection, inspect, select, text
 from sqlalchemy.schema import CreateSchema
 
-from .layout import Place, TextPlace
+from .places import Place, TextPlace
 from .sqlite import write_transaction
 
 __all__ = ["HEADS", "READABLE", "Kind", "ensure", "migrate", "script_location"]

@@ -4,22 +4,16 @@ Reads are one ``IN (...)`` query per chunk of keys and one numpy reassembly. Wri
 insert-or-ignore in one transaction per batch, retried on transient errors. Nothing here
 creates an ORM object, and a read never writes.
 
-Use is recorded the way ``relatime`` records file access: a hit rewrites a row's
-``last_used`` only when the stored one is a day old or more, and those rewrites, with the
-counts of hits and misses per model, wait in memory for one batched write a minute (sooner
-once 10,000 rows wait; and at ``close`` or exit). A hit costs one comparison, never a write.
+Use (hits, misses, last use) is recorded by the store's log, `usage.UseLog`.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import logging
-import os
 import sqlite3
 import threading
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -32,10 +26,12 @@ from .._util import first_non_finite
 from .._version import __version__
 from ..errors import DimensionMismatchError, ShardMismatchError, StorageError
 from . import migrate, tables
-from .layout import Layout, Place, ShardPlace, ShardReader
+from .layout import Layout, ShardReader
+from .places import Place, ShardPlace
 from .retry import retry_write
 from .sqlite import is_not_a_database, move_aside, write_transaction
-from .tables import READ_CHUNK, WRITE_BATCH, ShardTable, shard_table, text_table
+from .tables import READ_CHUNK, WRITE_BATCH, HitRow, ShardTable, shard_table, text_table
+from .usage import TOUCH_RESOLUTION_S, UseLog
 
 __all__ = [
     "READ_CHUNK",
@@ -52,31 +48,6 @@ logger = logging.getLogger("embeddingcache.storage")
 DTYPE = "float32"
 _FIRST = np.zeros(1, dtype=np.intp)  # the positions of a lookup of one key that was found
 _FIRST.flags.writeable = False
-
-TOUCH_RESOLUTION_S = 24 * 3600  # last_used is kept to the day, like relatime
-FLUSH_INTERVAL_S = 60.0
-FLUSH_ROWS = 10_000  # rows waiting for a new last_used that bring the write forward
-# Last use is advisory: when recording it keeps failing (a writer holding the lock for long,
-# a read-only directory), what waits is capped and the rest is dropped.
-MAX_WAITING_ROWS = 200_000
-FLUSH_WAIT_S = 0.25  # a flush gives up on another writer's lock sooner than a store does
-
-_stores: weakref.WeakSet[Store] = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_at_exit() -> None:
-    for store in list(_stores):
-        store.flush()
-
-
-def _forget_use_after_fork() -> None:
-    # A forked child inherits what its parent counted: the parent writes it, not the child.
-    for store in list(_stores):
-        store._use, store._waiting_rows = {}, 0
-
-
-os.register_at_fork(after_in_child=_forget_use_after_fork)
 
 
 class ReadOnlyStorageError(StorageError):
@@ -165,15 +136,9 @@ class _Shard:
     def place(self) -> ShardPlace:
         return self.table.place
 
-
-@dataclass
-class _Use:
-    """What waits to be recorded of one model's use."""
-
-    hits: int = 0
-    misses: int = 0
-    tokens_saved: int = 0
-    stale: set[bytes] | None = None  # keys hit whose stored last_used is a day old or more
+    @property
+    def counting(self) -> bool:
+        return self.info is not None and not self.info.counts_tokens
 
 
 class Store:
@@ -184,12 +149,7 @@ class Store:
         self._shards: dict[str, _Shard] = {}
         self._prepared: set[object] = set()  # places this process found at the current schema
         self._lock = threading.Lock()
-        self._use: dict[str, _Use] = {}
-        self._waiting_rows = 0
-        self._flush_due = time.monotonic() + FLUSH_INTERVAL_S
-        self._failed_at = -FLUSH_INTERVAL_S  # when a flush last failed (monotonic)
-        self._flushing = threading.Lock()
-        _stores.add(self)
+        self._use = UseLog(layout, self._shard_for_use, self._now_counting)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -242,36 +202,13 @@ class Store:
         stale_before = int(time.time()) - TOUCH_RESOLUTION_S
         if len(rows) == len(keys) == 1 and len(rows[0][1]) == width:  # one cached text
             if rows[0][2] < stale_before:
-                self._touch(model, [rows[0][0]])
+                self._use.touch(model, [rows[0][0]])
             found = np.frombuffer(bytearray(rows[0][1]), "<f4")[None, :]
             return Lookup(_FIRST, found, [], rows[0][3] or 0)
-        where = dict(zip(keys, range(len(keys)), strict=True))
-        # Each row goes to its key's slot, so that one join gives the vectors in key order:
-        # with every key found, the matrix needs no reordering at all.
-        slots: list[bytes | None] = [None] * len(keys)
-        damaged: list[int] = []
-        stale: list[bytes] = []
-        tokens = 0
-        for hashid, vector, last_used, cost in rows:
-            if len(vector) == width:
-                slots[where[hashid]] = vector
-                if last_used < stale_before:
-                    stale.append(hashid)
-                if cost is not None:
-                    tokens += cost
-            else:
-                damaged.append(where[hashid])
+        result, stale = _assembled(rows, keys, dimension, stale_before)
         if stale:
-            self._touch(model, stale)
-        if len(rows) == len(keys) and not damaged:
-            positions = np.arange(len(keys), dtype=np.intp)
-            data = bytearray().join(slots)  # type: ignore[arg-type]  # no None left
-        else:
-            positions = np.flatnonzero([slot is not None for slot in slots])
-            data = bytearray().join(slot for slot in slots if slot is not None)
-        # A bytearray makes the matrix writable: read-time options work on it in place.
-        vectors = np.frombuffer(data, dtype="<f4").reshape(len(positions), dimension)
-        return Lookup(positions, vectors, damaged, tokens)
+            self._use.touch(model, stale)
+        return result
 
     def entries(self, model: str) -> Iterator[tuple[list[tuple[bytes, bytes]], dict[bytes, str]]]:
         """Every ``(hashid, vector)`` row of a model's shard in key order, ``READ_CHUNK`` at a
@@ -331,28 +268,12 @@ class Store:
                 with place.engine.connect() as connection:
                     row = table.info(connection)
                     entries = table.count(connection)
-                    counted, tokens, estimated = table.token_totals(connection)
+                    totals = table.token_totals(connection)
             except (sa_exc.DBAPIError, StorageError) as exc:
                 logger.warning("skipping shard %s: %s", place.name, exc)
                 continue
-            result.append(
-                ShardSummary(
-                    place=place.name,
-                    model=row.model if row else None,
-                    dimension=row.dimension if row else None,
-                    entries=entries,
-                    bytes_on_disk=self.layout.bytes_on_disk(place),
-                    library_version=row.library_version if row else None,
-                    created_at=row.created_at if row else None,
-                    hits=row.hits if row else 0,
-                    misses=row.misses if row else 0,
-                    revision=row.revision if row else None,
-                    tokens_counted=counted,
-                    tokens=tokens,
-                    tokens_estimated=estimated,
-                    tokens_saved=row.tokens_saved if row else 0,
-                )
-            )
+            size = self.layout.bytes_on_disk(place)
+            result.append(_summary(place.name, row, entries, size, totals))
         return result
 
     # -- use ------------------------------------------------------------------------------
@@ -360,90 +281,24 @@ class Store:
     def record(self, model: str, hits: int, misses: int, tokens_saved: int = 0) -> None:
         """Count a lookup's hits and misses, and the tokens its hits saved (`Lookup.tokens`);
         writes what waits when it is due."""
-        with self._lock:
-            use = self._use.get(model)
-            if use is None:
-                use = self._use[model] = _Use()
-            use.hits += hits
-            use.misses += misses
-            if tokens_saved:
-                use.tokens_saved += tokens_saved
-            now = time.monotonic()
-            # Many rows waiting bring the write forward, but not sooner than an interval
-            # after a write that failed: a hit never keeps waiting on another's lock.
-            due = now >= self._flush_due or (
-                self._waiting_rows >= FLUSH_ROWS and now >= self._failed_at + FLUSH_INTERVAL_S
-            )
-        if due:
-            self.flush()
-
-    def _touch(self, model: str, keys: list[bytes]) -> None:
-        with self._lock:
-            use = self._use.get(model)
-            if use is None:
-                use = self._use[model] = _Use()
-            if use.stale is None:
-                use.stale = set()
-            if self._waiting_rows < MAX_WAITING_ROWS:
-                before = len(use.stale)
-                use.stale.update(keys)
-                self._waiting_rows += len(use.stale) - before
+        self._use.record(model, hits, misses, tokens_saved)
 
     def flush(self) -> None:
-        """Write the counts and last-use times that wait, in one short transaction per
-        model shard. Best effort: a shard that is locked for more than a moment, or cannot be
-        written, keeps its rows waiting for the next flush (within a bound)."""
-        if not self._flushing.acquire(blocking=False):
-            return  # another thread is at it
-        try:
-            with self._lock:
-                waiting, self._use = self._use, {}
-                self._waiting_rows = 0
-                self._flush_due = time.monotonic() + FLUSH_INTERVAL_S
-            now = int(time.time())
-            for model, use in waiting.items():
-                try:
-                    self._write_use(model, use, now)
-                except (sa_exc.SQLAlchemyError, sqlite3.Error, StorageError, OSError) as exc:
-                    logger.debug("could not record the use of %r yet: %s", model, exc)
-                    self._failed_at = time.monotonic()
-                    self._requeue(model, use)
-        finally:
-            self._flushing.release()
+        """Write the counts and last-use times that wait (see `usage.UseLog.flush`)."""
+        self._use.flush()
 
-    def _write_use(self, model: str, use: _Use, now: int) -> None:
-        if self.layout.read_only(self.layout.shard_place(model)):
-            return  # a read-only cache records no use: it is never modified
+    def _shard_for_use(self, model: str) -> _Shard | None:
+        """The model's shard, as it is now on disk: the use log writes to it."""
         shard = self._open_shard(model)
         if shard is not None and self.layout.replaced(shard.place):
             self._forget(model, shard)  # removed meanwhile: count in the file now there, if any
             shard = self._open_shard(model)
-        if shard is None:
-            # Its first vectors are on their way (a call counts before it computes): the
-            # counts wait for the shard.
-            self._requeue(model, use)
-            return
-        stale = sorted(use.stale or ())  # one order for every writer: no deadlock on Postgres
-        with write_transaction(shard.place.engine, wait_s=FLUSH_WAIT_S) as connection:
-            if use.hits or use.misses or use.tokens_saved:
-                shard.table.add_use(connection, use.hits, use.misses, use.tokens_saved)
-            shard.table.touch(connection, stale, now, now - TOUCH_RESOLUTION_S)
-            counting = shard.info is not None and not shard.info.counts_tokens
-            row = shard.table.info(connection) if counting else None
-        if row is not None and row.counts_tokens:
-            # Another process stored the shard's first counted vectors since this one
-            # opened it: its hits read their tokens from now on (within a flush interval).
-            with self._lock:
-                self._shards[model] = dataclasses.replace(shard, info=_model_info(row))
+        return shard
 
-    def _requeue(self, model: str, use: _Use) -> None:
+    def _now_counting(self, model: str, shard: _Shard, row: Any) -> None:
+        """Another process stored the shard's first counted vectors: its hits read them."""
         with self._lock:
-            again = self._use.setdefault(model, _Use())
-            again.hits += use.hits
-            again.misses += use.misses
-            again.tokens_saved += use.tokens_saved
-        if use.stale:
-            self._touch(model, list(use.stale))
+            self._shards[model] = dataclasses.replace(shard, info=_model_info(row))
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -482,55 +337,56 @@ class Store:
         if not keys:
             return 0
         matrix = _checked_matrix(vectors, len(keys))
+        self._refuse_read_only(model)
+        if len(keys) > tables.WRITE_BATCH:
+            return sum(
+                self.put(
+                    model,
+                    keys[part],
+                    texts[part],
+                    matrix[part],
+                    replace=own,
+                    revision=revision,
+                    tokens=None if tokens is None else tokens[part],
+                    tokens_exact=tokens_exact,
+                )
+                for part, own in _batches(keys, replace)
+            )
+        text_rows = [{"hashid": k, "text": t} for k, t in zip(keys, texts, strict=True)]
+        vector_rows = _vector_rows(keys, matrix, tokens, tokens_exact, now=int(time.time()))
+        try:
+            return self._write(model, matrix.shape[1], text_rows, vector_rows, replace, revision)
+        except sa_exc.SQLAlchemyError as exc:
+            raise self._error("cannot write to the cache", exc) from exc
+
+    def _refuse_read_only(self, model: str) -> None:
+        """Raise `ReadOnlyStorageError` before anything is written when the texts or the
+        model's shard cannot be."""
         for place in (self.layout.text_place(), self.layout.shard_place(model)):
             if self.layout.read_only(place):
                 self._ready_read_only(place, None, create=True)  # raises
-        batch = tables.WRITE_BATCH
-        if len(keys) > batch:
-            kept = 0
-            for start in range(0, len(keys), batch):
-                end = start + batch
-                part = set(keys[start:end])
-                kept += self.put(
-                    model,
-                    keys[start:end],
-                    texts[start:end],
-                    matrix[start:end],
-                    replace=[k for k in replace if k in part],
-                    revision=revision,
-                    tokens=None if tokens is None else tokens[start:end],
-                    tokens_exact=tokens_exact,
-                )
-            return kept
-        now = int(time.time())
-        text_rows = [{"hashid": k, "text": t} for k, t in zip(keys, texts, strict=True)]
-        blobs = [row.tobytes() for row in matrix]
-        costs: Sequence[int | None] = [None] * len(keys) if tokens is None else tokens
-        exact = None if tokens is None else tokens_exact
-        vector_rows = [
-            {
-                "hashid": k,
-                "vector": b,
-                "created_at": now,
-                "last_used": now,
-                "tokens": None if cost is None else int(cost),
-                "tokens_exact": exact,
-            }
-            for k, b, cost in zip(keys, blobs, costs, strict=True)
-        ]
-        try:
-            removals = retry_write(lambda: self._put_texts(text_rows))
-            kept = retry_write(
-                lambda: self._put_vectors(model, matrix.shape[1], vector_rows, replace, revision)
-            )
-            # Again, now that the vectors are in, if a prune removed texts between the two
-            # transactions: it may have removed these (its check and its delete are one
-            # transaction, so the texts are either seen with their vectors or put back here).
-            # Where the backend counts removals, this is one read under the texts' write lock
-            # (which waits for a prune at work); elsewhere every text is put again.
-            retry_write(lambda: self._put_texts(text_rows, unless_removals=removals))
-        except sa_exc.SQLAlchemyError as exc:
-            raise self._error("cannot write to the cache", exc) from exc
+
+    def _write(
+        self,
+        model: str,
+        dimension: int,
+        text_rows: list[dict[str, Any]],
+        vector_rows: list[dict[str, Any]],
+        replace: Sequence[bytes],
+        revision: str | None,
+    ) -> int:
+        """`put`'s transactions, each retried: the texts, the vectors, and the texts again
+        if a prune removed some in between; how many vectors were stored already."""
+        removals = retry_write(lambda: self._put_texts(text_rows))
+        kept = retry_write(
+            lambda: self._put_vectors(model, dimension, vector_rows, replace, revision)
+        )
+        # Again, now that the vectors are in, if a prune removed texts between the two
+        # transactions: it may have removed these (its check and its delete are one
+        # transaction, so the texts are either seen with their vectors or put back here).
+        # Where the backend counts removals, this is one read under the texts' write lock
+        # (which waits for a prune at work); elsewhere every text is put again.
+        retry_write(lambda: self._put_texts(text_rows, unless_removals=removals))
         return kept
 
     def _put_texts(
@@ -716,6 +572,96 @@ def _checked_matrix(vectors: np.ndarray, n: int) -> np.ndarray:
     if bad is not None:
         raise StorageError(f"refusing to store vector {bad}: it holds NaN or infinite values")
     return matrix
+
+
+def _batches(
+    keys: Sequence[bytes], replace: Sequence[bytes]
+) -> Iterator[tuple[slice, list[bytes]]]:
+    """The ``WRITE_BATCH`` slices of a `put`, each with the keys to replace among its own."""
+    for start in range(0, len(keys), tables.WRITE_BATCH):
+        part = slice(start, start + tables.WRITE_BATCH)
+        own = set(keys[part])
+        yield part, [k for k in replace if k in own]
+
+
+def _vector_rows(
+    keys: Sequence[bytes],
+    matrix: np.ndarray,
+    tokens: Sequence[int] | None,
+    tokens_exact: bool,
+    *,
+    now: int,
+) -> list[dict[str, Any]]:
+    """The shard rows of a write: each vector new, and used, ``now``."""
+    costs: Sequence[int | None] = [None] * len(keys) if tokens is None else tokens
+    exact = None if tokens is None else tokens_exact
+    return [
+        {
+            "hashid": k,
+            "vector": row.tobytes(),
+            "created_at": now,
+            "last_used": now,
+            "tokens": None if cost is None else int(cost),
+            "tokens_exact": exact,
+        }
+        for k, row, cost in zip(keys, matrix, costs, strict=True)
+    ]
+
+
+def _assembled(
+    rows: Sequence[HitRow], keys: Sequence[bytes], dimension: int, stale_before: int
+) -> tuple[Lookup, list[bytes]]:
+    """A lookup of ``keys`` from the rows found, and the keys whose last use is stale."""
+    width = 4 * dimension
+    where = dict(zip(keys, range(len(keys)), strict=True))
+    # Each row goes to its key's slot, so that one join gives the vectors in key order:
+    # with every key found, the matrix needs no reordering at all.
+    slots: list[bytes | None] = [None] * len(keys)
+    damaged: list[int] = []
+    stale: list[bytes] = []
+    tokens = 0
+    for hashid, vector, last_used, cost in rows:
+        if len(vector) == width:
+            slots[where[hashid]] = vector
+            if last_used < stale_before:
+                stale.append(hashid)
+            if cost is not None:
+                tokens += cost
+        else:
+            damaged.append(where[hashid])
+    if len(rows) == len(keys) and not damaged:
+        positions = np.arange(len(keys), dtype=np.intp)
+        data = bytearray().join(slots)  # type: ignore[arg-type]  # no None left
+    else:
+        positions = np.flatnonzero([slot is not None for slot in slots])
+        data = bytearray().join(slot for slot in slots if slot is not None)
+    # A bytearray makes the matrix writable: read-time options work on it in place.
+    vectors = np.frombuffer(data, dtype="<f4").reshape(len(positions), dimension)
+    return Lookup(positions, vectors, damaged, tokens), stale
+
+
+def _summary(
+    place: str, row: Any, entries: int, size: int, totals: tuple[int, int, int]
+) -> ShardSummary:
+    """A shard's summary from its model row (``None`` once `prune` emptied it), its count of
+    vectors, its bytes on disk and its token totals (counted, tokens, estimated)."""
+    counted, tokens, estimated = totals
+    return ShardSummary(
+        place=place,
+        model=row.model if row else None,
+        dimension=row.dimension if row else None,
+        entries=entries,
+        bytes_on_disk=size,
+        library_version=row.library_version if row else None,
+        created_at=row.created_at if row else None,
+        hits=row.hits if row else 0,
+        misses=row.misses if row else 0,
+        revision=row.revision if row else None,
+        tokens_counted=counted,
+        tokens=tokens,
+        tokens_estimated=estimated,
+        tokens_saved=row.tokens_saved if row else 0,
+    )
 
 
 def _vanished(exc: BaseException) -> bool:

@@ -34,7 +34,7 @@ from .schema import KEY_BYTES, OVERFLOW
 logger = logging.getLogger("embeddingcache.storage")
 
 if TYPE_CHECKING:
-    from .layout import ShardPlace, TextPlace
+    from .places import ShardPlace, TextPlace
 
 __all__ = [
     "READ_CHUNK",
