@@ -28,6 +28,7 @@ from .engines import EmbedOptions, EngineSettings
 from .errors import InvalidInputError, InvalidInputTypeError, TextTooLongError
 from .keys import normalizer, validate_texts
 from .models import ModelSpec, endpoint_of, resolve_model
+from .options import CallOptions
 from .pipeline import CHAINS, Pipeline
 from .progress import Progress
 from .reading import Dtype, Output, apply, read_options
@@ -37,6 +38,7 @@ from .transfer import ExportReport, ImportReport, export_shard, import_file
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Unpack
 
 __all__ = ["EmbeddingCache"]
 
@@ -173,24 +175,15 @@ class EmbeddingCache:
 
     # -- public API -----------------------------------------------------------------------
 
+    # The overloads differ in `output` alone; each other option is one key of CallOptions.
     @overload
     def get_embeddings(
         self,
         texts: str | Sequence[str],
         model: str | None = None,
         *,
-        normalize: str | None = None,
-        batch_size: int | None = None,
-        show_progress: bool = False,
-        normalize_embeddings: bool = False,
-        dimensions: int | None = None,
-        dtype: Dtype = "float32",
-        truncate: bool = False,
-        prompt_name: str | None = None,
-        prompt: str | None = None,
         output: Literal["numpy"] = "numpy",
-        base_url: str | None = None,
-        api_key: str | None = None,
+        **options: Unpack[CallOptions],
     ) -> np.ndarray: ...
 
     @overload
@@ -199,18 +192,8 @@ class EmbeddingCache:
         texts: str | Sequence[str],
         model: str | None = None,
         *,
-        normalize: str | None = None,
-        batch_size: int | None = None,
-        show_progress: bool = False,
-        normalize_embeddings: bool = False,
-        dimensions: int | None = None,
-        dtype: Dtype = "float32",
-        truncate: bool = False,
-        prompt_name: str | None = None,
-        prompt: str | None = None,
         output: Literal["list"],
-        base_url: str | None = None,
-        api_key: str | None = None,
+        **options: Unpack[CallOptions],
     ) -> list[float] | list[list[float]]: ...
 
     @overload
@@ -219,18 +202,8 @@ class EmbeddingCache:
         texts: str | Sequence[str],
         model: str | None = None,
         *,
-        normalize: str | None = None,
-        batch_size: int | None = None,
-        show_progress: bool = False,
-        normalize_embeddings: bool = False,
-        dimensions: int | None = None,
-        dtype: Dtype = "float32",
-        truncate: bool = False,
-        prompt_name: str | None = None,
-        prompt: str | None = None,
         output: Literal["torch"],
-        base_url: str | None = None,
-        api_key: str | None = None,
+        **options: Unpack[CallOptions],
     ) -> torch.Tensor: ...
 
     def get_embeddings(
