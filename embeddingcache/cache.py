@@ -28,10 +28,10 @@ from .engines import EmbedOptions, EngineSettings
 from .errors import InvalidInputError, InvalidInputTypeError, TextTooLongError
 from .keys import normalizer, validate_texts
 from .models import ModelSpec, endpoint_of, resolve_model
-from .options import CallOptions
+from .options import CallOptions, check
 from .pipeline import CHAINS, Pipeline
 from .progress import Progress
-from .reading import Dtype, Output, apply, read_options
+from .reading import Dtype, Output, apply
 from .storage import ShardSummary, Store, layout_for
 from .storage.evict import PruneReport
 from .transfer import ExportReport, ImportReport, export_shard, import_file
@@ -272,51 +272,20 @@ class EmbeddingCache:
         return result
 
     def _get(
-        self,
-        texts: str | Sequence[str],
-        model: str | None,
-        progress: Progress,
-        *,
-        normalize: str | None = None,
-        batch_size: int | None = None,
-        normalize_embeddings: bool = False,
-        dimensions: int | None = None,
-        dtype: Dtype = "float32",
-        truncate: bool = False,
-        prompt_name: str | None = None,
-        prompt: str | None = None,
-        output: Output = "numpy",
-        base_url: str | None = None,
-        api_key: str | None = None,
+        self, texts: str | Sequence[str], model: str | None, progress: Progress, **options: Any
     ) -> Any:
         """`get_embeddings`, moving ``progress`` as its slices come."""
         items, single = validate_texts(texts)
-        reading = read_options(
-            dimensions=dimensions,
-            normalize_embeddings=normalize_embeddings,
-            dtype=dtype,
-            output=output,
+        checked = check(self, model, self._default_options, progress.enabled, **options)
+        call = self.pipeline.prepare(
+            checked.spec, list(map(checked.normalize, items)), checked.prefix
         )
-        spec = self.model_spec(model, base_url=base_url, api_key=api_key, dimensions=dimensions)
-        norm = normalizer(normalize if normalize is not None else self.normalize)
-        if batch_size is None and not progress.enabled and not truncate:
-            options = self._default_options
-        else:
-            options = EmbedOptions(
-                batch_size=positive_int(batch_size, "batch_size")
-                if batch_size is not None
-                else self.batch_size,
-                show_progress=progress.enabled,
-                truncate=truncate,
-            )
-        prefix = _prompt_prefix(spec, prompt_name, prompt)
-        call = self.pipeline.prepare(spec, list(map(norm, items)), prefix)
         if not progress.enabled:
-            vectors, _ = self.pipeline.vectors(call, options=options)
+            vectors, _ = self.pipeline.vectors(call, options=checked.embed)
         else:
-            vectors, _ = self.pipeline.vectors(call, options=options, progress=progress.slice)
+            vectors, _ = self.pipeline.vectors(call, options=checked.embed, progress=progress.slice)
             progress.add(len(items) - len(call.firsts))  # the repeats of texts done
-        return apply(vectors, reading, model=spec.name, single=single)
+        return apply(vectors, checked.read, model=checked.spec.name, single=single)
 
     def embed(
         self, text_or_texts: str | Sequence[str], model: str | None = None, **options: Any
@@ -577,14 +546,3 @@ class EmbeddingCache:
 
     def __repr__(self) -> str:
         return f"EmbeddingCache(model={self.model!r}, storage={self._store.layout.describe()!r})"
-
-
-def _prompt_prefix(spec: ModelSpec, prompt_name: str | None, prompt: str | None) -> str:
-    """The prefix embedded before each text: ``prompt`` itself, else the named prompt."""
-    if prompt is None:
-        return spec.prompt(prompt_name)
-    if not isinstance(prompt, str):
-        raise InvalidInputError(f"prompt must be a str, not {type(prompt).__name__}")
-    if prompt_name is not None:
-        raise InvalidInputError(f"pass prompt_name={prompt_name!r} or prompt={prompt!r}, not both")
-    return prompt

@@ -1,4 +1,5 @@
-"""The per-call options of ``get_embeddings``, written once for its overloads.
+"""The per-call options of ``get_embeddings``: their types, written once for its overloads,
+and their check against the cache's settings before any work.
 
 The overloads of `EmbeddingCache.get_embeddings` and `embeddingcache.get_embeddings` differ
 only in ``output`` and in what they return: they take every other option as
@@ -11,11 +12,22 @@ tests/test_public_api.py keeps the method's and the module function's alike.
 from __future__ import annotations
 
 import os
-from typing import TypedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple, TypedDict
 
-from .reading import Dtype
+from ._util import positive_int
+from .engines import EmbedOptions
+from .errors import InvalidInputError
+from .keys import normalizer
+from .models import ModelSpec
+from .reading import Dtype, Output, ReadOptions, read_options
 
-__all__ = ["CallOptions", "SharedCallOptions"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+    from .cache import EmbeddingCache
+
+__all__ = ["CallOptions", "Checked", "SharedCallOptions", "check"]
 
 
 class _Options(TypedDict, total=False):
@@ -48,3 +60,76 @@ class SharedCallOptions(_Options, total=False):
     db_url: str | None
     normalize: str
     batch_size: int
+
+
+class Checked(NamedTuple):
+    """A call's options, checked, with the cache's settings filled in where it gave none."""
+
+    spec: ModelSpec
+    normalize: Callable[[str], str]
+    prefix: str  # the prompt, embedded before each normalized text
+    embed: EmbedOptions
+    read: ReadOptions
+
+
+def check(
+    cache: EmbeddingCache,
+    model: str | None,
+    defaults: EmbedOptions,
+    progress: bool,
+    output: Output = "numpy",
+    **options: Unpack[CallOptions],
+) -> Checked:
+    """The options of one `EmbeddingCache.get_embeddings` call (``show_progress`` as
+    ``progress``), checked before any work; ``defaults`` are the cache's `EmbedOptions`.
+
+    Raises:
+        TypeError: an option ``get_embeddings`` does not take (what Python raises for a
+            call that names one: ``iter_embeddings`` passes its ``**options`` on unread).
+        InvalidInputError: an unknown output, dtype, normalization policy or prompt, a
+            malformed model name or base URL, ``dimensions`` or ``batch_size`` not a positive
+            int, or both ``prompt`` and ``prompt_name``.
+    """
+    unknown = options.keys() - CallOptions.__optional_keys__
+    if unknown:
+        raise TypeError(f"get_embeddings() got an unexpected keyword argument {min(unknown)!r}")
+    dimensions = options.get("dimensions")
+    reading = read_options(
+        dimensions=dimensions,
+        normalize_embeddings=options.get("normalize_embeddings", False),
+        dtype=options.get("dtype", "float32"),
+        output=output,
+    )
+    spec = cache.model_spec(
+        model,
+        base_url=options.get("base_url"),
+        api_key=options.get("api_key"),
+        dimensions=dimensions,
+    )
+    normalize = options.get("normalize")
+    norm = normalizer(normalize if normalize is not None else cache.normalize)
+    batch_size = options.get("batch_size")
+    truncate = options.get("truncate", False)
+    if batch_size is None and not progress and not truncate:
+        embed = defaults  # the usual call allocates no options of its own
+    else:
+        embed = EmbedOptions(
+            batch_size=positive_int(batch_size, "batch_size")
+            if batch_size is not None
+            else defaults.batch_size,
+            show_progress=progress,
+            truncate=truncate,
+        )
+    prefix = _prompt_prefix(spec, options.get("prompt_name"), options.get("prompt"))
+    return Checked(spec, norm, prefix, embed, reading)
+
+
+def _prompt_prefix(spec: ModelSpec, prompt_name: str | None, prompt: str | None) -> str:
+    """The prefix embedded before each text: ``prompt`` itself, else the named prompt."""
+    if prompt is None:
+        return spec.prompt(prompt_name)
+    if not isinstance(prompt, str):
+        raise InvalidInputError(f"prompt must be a str, not {type(prompt).__name__}")
+    if prompt_name is not None:
+        raise InvalidInputError(f"pass prompt_name={prompt_name!r} or prompt={prompt!r}, not both")
+    return prompt
