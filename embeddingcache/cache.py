@@ -119,38 +119,16 @@ class EmbeddingCache:
         self.cache_dir = resolve_cache_dir(cache_dir)
         self.db_url = resolve_db_url(db_url)
         self.remote_url = resolve_remote_url(remote_url)
-        unknown = [p for p in fallback_providers if p not in PROVIDERS]
-        if isinstance(fallback_providers, str) or unknown:
-            raise InvalidInputError(
-                f"unknown fallback provider(s) {unknown or fallback_providers!r}; "
-                f"choose from {', '.join(PROVIDERS)}"
-            )
-        self.fallback_providers = tuple(fallback_providers)
+        self.fallback_providers = _checked_providers(fallback_providers)
         normalizer(normalize)  # fail now on an unknown policy
         self.normalize = normalize
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise InvalidInputError(
-                f"timeout must be a positive number of seconds, not {timeout!r}"
-            )
-        self.timeout = float(timeout)
+        self.timeout = _checked_timeout(timeout)
         self.token = resolve_token(token)
         self.push = bool(push)
         self.batch_size = positive_int(batch_size, "batch_size")
         self.device = device
-        if max_size is not None:
-            positive_int(max_size, "max_size")
-            if self.db_url is not None:
-                raise InvalidInputError(
-                    "max_size needs a SQLite cache directory; a shared database is pruned "
-                    "by whoever runs it (embeddingcache prune --older-than / --model)"
-                )
-        self.max_size = max_size
-        if base_url is not None:
-            try:
-                endpoint_of(base_url)  # fail now on a URL no request could go to
-            except ValueError as exc:
-                raise InvalidInputError(str(exc)) from None
-        self.base_url = base_url
+        self.max_size = _checked_max_size(max_size, self.db_url)
+        self.base_url = _checked_base_url(base_url)
         self._store = Store(layout_for(self.cache_dir, self.db_url))
         self.pipeline = Pipeline(
             self._store,
@@ -470,15 +448,7 @@ class EmbeddingCache:
                 age, or ``max_size`` on a database.
             StorageError: the cache could not be read or written.
         """
-        age = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
-        if age is not None and (
-            isinstance(age, bool)
-            or not isinstance(age, (int, float))
-            or not 0 <= age <= MAX_AGE_S  # NaN fails this too
-        ):
-            raise InvalidInputError(
-                f"older_than must be an age from 0 to 1000 years, not {older_than!r}"
-            )
+        age = _checked_age(older_than)
         if max_size is not None:
             positive_int(max_size, "max_size")
         if stale_versions:
@@ -546,3 +516,56 @@ class EmbeddingCache:
 
     def __repr__(self) -> str:
         return f"EmbeddingCache(model={self.model!r}, storage={self._store.layout.describe()!r})"
+
+
+# The arguments of __init__ and prune, checked before anything is opened or removed.
+
+
+def _checked_providers(providers: Sequence[str]) -> tuple[str, ...]:
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if isinstance(providers, str) or unknown:
+        raise InvalidInputError(
+            f"unknown fallback provider(s) {unknown or providers!r}; "
+            f"choose from {', '.join(PROVIDERS)}"
+        )
+    return tuple(providers)
+
+
+def _checked_timeout(timeout: float) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise InvalidInputError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    return float(timeout)
+
+
+def _checked_max_size(max_size: int | None, db_url: str | None) -> int | None:
+    if max_size is not None:
+        positive_int(max_size, "max_size")
+        if db_url is not None:
+            raise InvalidInputError(
+                "max_size needs a SQLite cache directory; a shared database is pruned "
+                "by whoever runs it (embeddingcache prune --older-than / --model)"
+            )
+    return max_size
+
+
+def _checked_base_url(base_url: str | None) -> str | None:
+    if base_url is not None:
+        try:
+            endpoint_of(base_url)  # fail now on a URL no request could go to
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+    return base_url
+
+
+def _checked_age(older_than: float | timedelta | None) -> float | None:
+    """`prune`'s ``older_than`` in seconds."""
+    age = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+    if age is not None and (
+        isinstance(age, bool)
+        or not isinstance(age, (int, float))
+        or not 0 <= age <= MAX_AGE_S  # NaN fails this too
+    ):
+        raise InvalidInputError(
+            f"older_than must be an age from 0 to 1000 years, not {older_than!r}"
+        )
+    return age
