@@ -8,7 +8,7 @@ import itertools
 import logging
 import os
 import weakref
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -274,10 +274,7 @@ class EmbeddingCache:
             raise InvalidInputError(
                 "embed() always returns lists; for another output use get_embeddings(output=...)"
             )
-        vectors: list[float] | list[list[float]] = self.get_embeddings(
-            text_or_texts, model, **options, output="list"
-        )
-        return vectors
+        return self.get_embeddings(text_or_texts, model, **options, output="list")
 
     def iter_embeddings(
         self,
@@ -312,27 +309,7 @@ class EmbeddingCache:
             )
         positive_int(chunk_size, "chunk_size")
         total = len(texts) if isinstance(texts, Sized) else None
-        return self._iter_chunks(iter(texts), model, chunk_size, total, options)
-
-    def _iter_chunks(
-        self,
-        texts: Iterator[str],
-        model: str | None,
-        chunk_size: int,
-        total: int | None,
-        options: dict[str, Any],
-    ) -> Iterator[np.ndarray]:
-        done = 0
-        shown = bool(options.pop("show_progress", False))
-        with Progress(total, enabled=shown) as progress:
-            while chunk := list(itertools.islice(texts, chunk_size)):
-                validate_texts(chunk, offset=done)
-                try:
-                    vectors: np.ndarray = self._get(chunk, model, progress, **options)
-                except TextTooLongError as exc:
-                    raise TextTooLongError(exc.detail, index=done + exc.index) from None
-                done += len(chunk)
-                yield vectors
+        return _chunks(self._get, iter(texts), model, chunk_size, total, options)
 
     async def aget_embeddings(
         self, texts: str | Sequence[str], model: str | None = None, **options: Any
@@ -516,6 +493,29 @@ class EmbeddingCache:
 
     def __repr__(self) -> str:
         return f"EmbeddingCache(model={self.model!r}, storage={self._store.layout.describe()!r})"
+
+
+def _chunks(
+    get: Callable[..., np.ndarray],
+    texts: Iterator[str],
+    model: str | None,
+    chunk_size: int,
+    total: int | None,
+    options: dict[str, Any],
+) -> Iterator[np.ndarray]:
+    """`iter_embeddings`' arrays: ``get`` (`EmbeddingCache._get`) of each chunk in turn,
+    under one progress bar; an error names the index in the whole input."""
+    done = 0
+    shown = bool(options.pop("show_progress", False))
+    with Progress(total, enabled=shown) as progress:
+        while chunk := list(itertools.islice(texts, chunk_size)):
+            validate_texts(chunk, offset=done)
+            try:
+                vectors = get(chunk, model, progress, **options)
+            except TextTooLongError as exc:
+                raise TextTooLongError(exc.detail, index=done + exc.index) from None
+            done += len(chunk)
+            yield vectors
 
 
 # The arguments of __init__ and prune, checked before anything is opened or removed.
