@@ -36,10 +36,12 @@ from .errors import (
     StorageError,
     TextTooLongError,
 )
+from .options import SharedCallOptions
 from .reading import Dtype, Output
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Unpack
 
 __all__ = [
     "AllProvidersFailedError",
@@ -91,7 +93,8 @@ def _shared_cache(cache_dir: str | os.PathLike[str] | None, db_url: str | None) 
 
 # The module functions take the options of the methods they call, and where the cache is
 # (cache_dir, db_url); tests/test_public_api.py compares their signatures, so that an option added
-# to a method and not here (or the other way round) fails.
+# to a method and not here (or the other way round) fails. The overloads take them as
+# options.SharedCallOptions, which mypy checks against the implementation.
 
 
 @overload
@@ -99,20 +102,8 @@ def get_embeddings(
     texts: str | Sequence[str],
     model: str | None = None,
     *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    db_url: str | None = None,
-    normalize: str = "strip",
-    batch_size: int = 32,
-    show_progress: bool = False,
-    normalize_embeddings: bool = False,
-    dimensions: int | None = None,
-    dtype: Dtype = "float32",
-    truncate: bool = False,
-    prompt_name: str | None = None,
-    prompt: str | None = None,
     output: Literal["numpy"] = "numpy",
-    base_url: str | None = None,
-    api_key: str | None = None,
+    **options: Unpack[SharedCallOptions],
 ) -> np.ndarray: ...
 
 
@@ -121,20 +112,8 @@ def get_embeddings(
     texts: str | Sequence[str],
     model: str | None = None,
     *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    db_url: str | None = None,
-    normalize: str = "strip",
-    batch_size: int = 32,
-    show_progress: bool = False,
-    normalize_embeddings: bool = False,
-    dimensions: int | None = None,
-    dtype: Dtype = "float32",
-    truncate: bool = False,
-    prompt_name: str | None = None,
-    prompt: str | None = None,
     output: Literal["list"],
-    base_url: str | None = None,
-    api_key: str | None = None,
+    **options: Unpack[SharedCallOptions],
 ) -> list[float] | list[list[float]]: ...
 
 
@@ -143,20 +122,8 @@ def get_embeddings(
     texts: str | Sequence[str],
     model: str | None = None,
     *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    db_url: str | None = None,
-    normalize: str = "strip",
-    batch_size: int = 32,
-    show_progress: bool = False,
-    normalize_embeddings: bool = False,
-    dimensions: int | None = None,
-    dtype: Dtype = "float32",
-    truncate: bool = False,
-    prompt_name: str | None = None,
-    prompt: str | None = None,
     output: Literal["torch"],
-    base_url: str | None = None,
-    api_key: str | None = None,
+    **options: Unpack[SharedCallOptions],
 ) -> torch.Tensor: ...
 
 

@@ -8,7 +8,7 @@ import itertools
 import logging
 import os
 import weakref
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -28,15 +28,17 @@ from .engines import EmbedOptions, EngineSettings
 from .errors import InvalidInputError, InvalidInputTypeError, TextTooLongError
 from .keys import normalizer, validate_texts
 from .models import ModelSpec, endpoint_of, resolve_model
+from .options import CallOptions, check
 from .pipeline import CHAINS, Pipeline
 from .progress import Progress
-from .reading import Dtype, Output, apply, read_options
+from .reading import Dtype, Output, apply
 from .storage import ShardSummary, Store, layout_for
 from .storage.evict import PruneReport
 from .transfer import ExportReport, ImportReport, export_shard, import_file
 
 if TYPE_CHECKING:
     import torch
+    from typing_extensions import Unpack
 
 __all__ = ["EmbeddingCache"]
 
@@ -117,38 +119,16 @@ class EmbeddingCache:
         self.cache_dir = resolve_cache_dir(cache_dir)
         self.db_url = resolve_db_url(db_url)
         self.remote_url = resolve_remote_url(remote_url)
-        unknown = [p for p in fallback_providers if p not in PROVIDERS]
-        if isinstance(fallback_providers, str) or unknown:
-            raise InvalidInputError(
-                f"unknown fallback provider(s) {unknown or fallback_providers!r}; "
-                f"choose from {', '.join(PROVIDERS)}"
-            )
-        self.fallback_providers = tuple(fallback_providers)
+        self.fallback_providers = _checked_providers(fallback_providers)
         normalizer(normalize)  # fail now on an unknown policy
         self.normalize = normalize
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise InvalidInputError(
-                f"timeout must be a positive number of seconds, not {timeout!r}"
-            )
-        self.timeout = float(timeout)
+        self.timeout = _checked_timeout(timeout)
         self.token = resolve_token(token)
         self.push = bool(push)
         self.batch_size = positive_int(batch_size, "batch_size")
         self.device = device
-        if max_size is not None:
-            positive_int(max_size, "max_size")
-            if self.db_url is not None:
-                raise InvalidInputError(
-                    "max_size needs a SQLite cache directory; a shared database is pruned "
-                    "by whoever runs it (embeddingcache prune --older-than / --model)"
-                )
-        self.max_size = max_size
-        if base_url is not None:
-            try:
-                endpoint_of(base_url)  # fail now on a URL no request could go to
-            except ValueError as exc:
-                raise InvalidInputError(str(exc)) from None
-        self.base_url = base_url
+        self.max_size = _checked_max_size(max_size, self.db_url)
+        self.base_url = _checked_base_url(base_url)
         self._store = Store(layout_for(self.cache_dir, self.db_url))
         self.pipeline = Pipeline(
             self._store,
@@ -173,24 +153,15 @@ class EmbeddingCache:
 
     # -- public API -----------------------------------------------------------------------
 
+    # The overloads differ in `output` alone; each other option is one key of CallOptions.
     @overload
     def get_embeddings(
         self,
         texts: str | Sequence[str],
         model: str | None = None,
         *,
-        normalize: str | None = None,
-        batch_size: int | None = None,
-        show_progress: bool = False,
-        normalize_embeddings: bool = False,
-        dimensions: int | None = None,
-        dtype: Dtype = "float32",
-        truncate: bool = False,
-        prompt_name: str | None = None,
-        prompt: str | None = None,
         output: Literal["numpy"] = "numpy",
-        base_url: str | None = None,
-        api_key: str | None = None,
+        **options: Unpack[CallOptions],
     ) -> np.ndarray: ...
 
     @overload
@@ -199,18 +170,8 @@ class EmbeddingCache:
         texts: str | Sequence[str],
         model: str | None = None,
         *,
-        normalize: str | None = None,
-        batch_size: int | None = None,
-        show_progress: bool = False,
-        normalize_embeddings: bool = False,
-        dimensions: int | None = None,
-        dtype: Dtype = "float32",
-        truncate: bool = False,
-        prompt_name: str | None = None,
-        prompt: str | None = None,
         output: Literal["list"],
-        base_url: str | None = None,
-        api_key: str | None = None,
+        **options: Unpack[CallOptions],
     ) -> list[float] | list[list[float]]: ...
 
     @overload
@@ -219,18 +180,8 @@ class EmbeddingCache:
         texts: str | Sequence[str],
         model: str | None = None,
         *,
-        normalize: str | None = None,
-        batch_size: int | None = None,
-        show_progress: bool = False,
-        normalize_embeddings: bool = False,
-        dimensions: int | None = None,
-        dtype: Dtype = "float32",
-        truncate: bool = False,
-        prompt_name: str | None = None,
-        prompt: str | None = None,
         output: Literal["torch"],
-        base_url: str | None = None,
-        api_key: str | None = None,
+        **options: Unpack[CallOptions],
     ) -> torch.Tensor: ...
 
     def get_embeddings(
@@ -299,51 +250,22 @@ class EmbeddingCache:
         return result
 
     def _get(
-        self,
-        texts: str | Sequence[str],
-        model: str | None,
-        progress: Progress,
-        *,
-        normalize: str | None = None,
-        batch_size: int | None = None,
-        normalize_embeddings: bool = False,
-        dimensions: int | None = None,
-        dtype: Dtype = "float32",
-        truncate: bool = False,
-        prompt_name: str | None = None,
-        prompt: str | None = None,
-        output: Output = "numpy",
-        base_url: str | None = None,
-        api_key: str | None = None,
+        self, texts: str | Sequence[str], model: str | None, progress: Progress, **options: Any
     ) -> Any:
         """`get_embeddings`, moving ``progress`` as its slices come."""
         items, single = validate_texts(texts)
-        reading = read_options(
-            dimensions=dimensions,
-            normalize_embeddings=normalize_embeddings,
-            dtype=dtype,
-            output=output,
+        checked = check(self, model, self._default_options, progress.enabled, **options)
+        call = self.pipeline.prepare(
+            checked.spec, list(map(checked.normalize, items)), checked.prefix
         )
-        spec = self.model_spec(model, base_url=base_url, api_key=api_key, dimensions=dimensions)
-        norm = normalizer(normalize if normalize is not None else self.normalize)
-        if batch_size is None and not progress.enabled and not truncate:
-            options = self._default_options
-        else:
-            options = EmbedOptions(
-                batch_size=positive_int(batch_size, "batch_size")
-                if batch_size is not None
-                else self.batch_size,
-                show_progress=progress.enabled,
-                truncate=truncate,
-            )
-        prefix = _prompt_prefix(spec, prompt_name, prompt)
-        call = self.pipeline.prepare(spec, list(map(norm, items)), prefix)
         if not progress.enabled:
-            vectors = self.pipeline.vectors(call, options=options).vectors
+            vectors = self.pipeline.vectors(call, options=checked.embed).vectors
         else:
-            vectors = self.pipeline.vectors(call, options=options, progress=progress.slice)[0]
+            vectors = self.pipeline.vectors(
+                call, options=checked.embed, progress=progress.slice
+            ).vectors
             progress.add(len(items) - len(call.firsts))  # the repeats of texts done
-        return apply(vectors, reading, model=spec.name, single=single)
+        return apply(vectors, checked.read, model=checked.spec.name, single=single)
 
     def embed(
         self, text_or_texts: str | Sequence[str], model: str | None = None, **options: Any
@@ -354,10 +276,7 @@ class EmbeddingCache:
             raise InvalidInputError(
                 "embed() always returns lists; for another output use get_embeddings(output=...)"
             )
-        vectors: list[float] | list[list[float]] = self.get_embeddings(
-            text_or_texts, model, **options, output="list"
-        )
-        return vectors
+        return self.get_embeddings(text_or_texts, model, **options, output="list")
 
     def iter_embeddings(
         self,
@@ -392,27 +311,7 @@ class EmbeddingCache:
             )
         positive_int(chunk_size, "chunk_size")
         total = len(texts) if isinstance(texts, Sized) else None
-        return self._iter_chunks(iter(texts), model, chunk_size, total, options)
-
-    def _iter_chunks(
-        self,
-        texts: Iterator[str],
-        model: str | None,
-        chunk_size: int,
-        total: int | None,
-        options: dict[str, Any],
-    ) -> Iterator[np.ndarray]:
-        done = 0
-        shown = bool(options.pop("show_progress", False))
-        with Progress(total, enabled=shown) as progress:
-            while chunk := list(itertools.islice(texts, chunk_size)):
-                validate_texts(chunk, offset=done)
-                try:
-                    vectors: np.ndarray = self._get(chunk, model, progress, **options)
-                except TextTooLongError as exc:
-                    raise TextTooLongError(exc.detail, index=done + exc.index) from None
-                done += len(chunk)
-                yield vectors
+        return _chunks(self._get, iter(texts), model, chunk_size, total, options)
 
     async def aget_embeddings(
         self, texts: str | Sequence[str], model: str | None = None, **options: Any
@@ -528,15 +427,7 @@ class EmbeddingCache:
                 age, or ``max_size`` on a database.
             StorageError: the cache could not be read or written.
         """
-        age = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
-        if age is not None and (
-            isinstance(age, bool)
-            or not isinstance(age, (int, float))
-            or not 0 <= age <= MAX_AGE_S  # NaN fails this too
-        ):
-            raise InvalidInputError(
-                f"older_than must be an age from 0 to 1000 years, not {older_than!r}"
-            )
+        age = _checked_age(older_than)
         if max_size is not None:
             positive_int(max_size, "max_size")
         if stale_versions:
@@ -606,12 +497,77 @@ class EmbeddingCache:
         return f"EmbeddingCache(model={self.model!r}, storage={self._store.layout.describe()!r})"
 
 
-def _prompt_prefix(spec: ModelSpec, prompt_name: str | None, prompt: str | None) -> str:
-    """The prefix embedded before each text: ``prompt`` itself, else the named prompt."""
-    if prompt is None:
-        return spec.prompt(prompt_name)
-    if not isinstance(prompt, str):
-        raise InvalidInputError(f"prompt must be a str, not {type(prompt).__name__}")
-    if prompt_name is not None:
-        raise InvalidInputError(f"pass prompt_name={prompt_name!r} or prompt={prompt!r}, not both")
-    return prompt
+def _chunks(
+    get: Callable[..., np.ndarray],
+    texts: Iterator[str],
+    model: str | None,
+    chunk_size: int,
+    total: int | None,
+    options: dict[str, Any],
+) -> Iterator[np.ndarray]:
+    """`iter_embeddings`' arrays: ``get`` (`EmbeddingCache._get`) of each chunk in turn,
+    under one progress bar; an error names the index in the whole input."""
+    done = 0
+    shown = bool(options.pop("show_progress", False))
+    with Progress(total, enabled=shown) as progress:
+        while chunk := list(itertools.islice(texts, chunk_size)):
+            validate_texts(chunk, offset=done)
+            try:
+                vectors = get(chunk, model, progress, **options)
+            except TextTooLongError as exc:
+                raise TextTooLongError(exc.detail, index=done + exc.index) from None
+            done += len(chunk)
+            yield vectors
+
+
+# The arguments of __init__ and prune, checked before anything is opened or removed.
+
+
+def _checked_providers(providers: Sequence[str]) -> tuple[str, ...]:
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if isinstance(providers, str) or unknown:
+        raise InvalidInputError(
+            f"unknown fallback provider(s) {unknown or providers!r}; "
+            f"choose from {', '.join(PROVIDERS)}"
+        )
+    return tuple(providers)
+
+
+def _checked_timeout(timeout: float) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise InvalidInputError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    return float(timeout)
+
+
+def _checked_max_size(max_size: int | None, db_url: str | None) -> int | None:
+    if max_size is not None:
+        positive_int(max_size, "max_size")
+        if db_url is not None:
+            raise InvalidInputError(
+                "max_size needs a SQLite cache directory; a shared database is pruned "
+                "by whoever runs it (embeddingcache prune --older-than / --model)"
+            )
+    return max_size
+
+
+def _checked_base_url(base_url: str | None) -> str | None:
+    if base_url is not None:
+        try:
+            endpoint_of(base_url)  # fail now on a URL no request could go to
+        except ValueError as exc:
+            raise InvalidInputError(str(exc)) from None
+    return base_url
+
+
+def _checked_age(older_than: float | timedelta | None) -> float | None:
+    """`prune`'s ``older_than`` in seconds."""
+    age = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+    if age is not None and (
+        isinstance(age, bool)
+        or not isinstance(age, (int, float))
+        or not 0 <= age <= MAX_AGE_S  # NaN fails this too
+    ):
+        raise InvalidInputError(
+            f"older_than must be an age from 0 to 1000 years, not {older_than!r}"
+        )
+    return age

@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 import embeddingcache
+from embeddingcache.options import CallOptions, SharedCallOptions
 
 PROMISED = {
     "get_embeddings",
@@ -98,3 +99,17 @@ def test_output_works_on_the_module_function(tmp_path: Any, tiny_model: str) -> 
     assert isinstance(listed, list) and len(listed) == 2 and isinstance(listed[0][0], float)
     array = embeddingcache.get_embeddings(["one", "two"], tiny_model, cache_dir=tmp_path)
     assert array.tolist() == listed
+
+
+def test_the_overloads_take_the_options_of_the_implementations() -> None:
+    """The overloads of get_embeddings unpack a TypedDict: an option added to the
+    implementation and not there would work, yet fail every caller's type check (mypy
+    catches the other way round)."""
+    typed = {
+        embeddingcache.EmbeddingCache.get_embeddings: CallOptions,
+        embeddingcache.get_embeddings: SharedCallOptions,
+    }
+    for function, options in typed.items():
+        params = inspect.signature(function).parameters.values()
+        keyword = {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert keyword - {"output"} == options.__optional_keys__, function.__qualname__
