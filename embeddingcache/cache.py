@@ -28,7 +28,7 @@ from .engines import EmbedOptions, EngineSettings
 from .errors import InvalidInputError, InvalidInputTypeError, TextTooLongError
 from .keys import normalizer, validate_texts
 from .models import ModelSpec, endpoint_of, resolve_model
-from .options import CallOptions, check
+from .options import CallOptions, Checked, check
 from .pipeline import CHAINS, Pipeline
 from .progress import Progress
 from .reading import Dtype, Output, apply
@@ -231,10 +231,12 @@ class EmbeddingCache:
         """
         total = 1 if isinstance(texts, str) else len(texts) if isinstance(texts, Sized) else None
         with Progress(total, enabled=show_progress) as progress:
-            result: np.ndarray | list[float] | list[list[float]] | torch.Tensor = self._get(
-                texts,
+            items, single = validate_texts(texts)
+            checked = check(  # by name: a **options dict cost a cached text 20% (issue 27)
+                self,
                 model,
-                progress,
+                self._default_options,
+                progress.enabled,
                 normalize=normalize,
                 batch_size=batch_size,
                 normalize_embeddings=normalize_embeddings,
@@ -247,14 +249,21 @@ class EmbeddingCache:
                 base_url=base_url,
                 api_key=api_key,
             )
+            result: np.ndarray | list[float] | list[list[float]] | torch.Tensor = self._vectors(
+                items, single, checked, progress
+            )
         return result
 
     def _get(
         self, texts: str | Sequence[str], model: str | None, progress: Progress, **options: Any
     ) -> Any:
-        """`get_embeddings`, moving ``progress`` as its slices come."""
+        """`get_embeddings` of one chunk of `iter_embeddings`, moving ``progress``."""
         items, single = validate_texts(texts)
         checked = check(self, model, self._default_options, progress.enabled, **options)
+        return self._vectors(items, single, checked, progress)
+
+    def _vectors(self, items: list[str], single: bool, checked: Checked, progress: Progress) -> Any:
+        """The vectors of validated texts with checked options, moving ``progress``."""
         call = self.pipeline.prepare(
             checked.spec, list(map(checked.normalize, items)), checked.prefix
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
@@ -38,8 +38,7 @@ class Slice:
     source: Source
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """The shard that answers a call and the model version it holds (``None``: unknown);
     ``pinned`` says this machine's engine vouched for the version, so that vectors of
     another version (a backend's) are refused rather than adopted."""
