@@ -33,6 +33,7 @@ def _suites() -> dict[str, Callable[[Path, bool], list[Result]]]:
         bench_hits,
         bench_remote,
         bench_storage,
+        bench_team,
     )
 
     return {
@@ -48,6 +49,7 @@ def _suites() -> dict[str, Callable[[Path, bool], list[Result]]]:
         "readonly": bench_storage.read_only,
         "postgres": bench_storage.postgres,
         "api": bench_api.api,
+        "team": bench_team.team,
     }
 
 

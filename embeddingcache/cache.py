@@ -477,8 +477,10 @@ class EmbeddingCache:
     @property
     def stats(self) -> dict[str, int]:
         """Counts over distinct texts per call, in this process: ``hits``, ``misses`` (not
-        in the local cache), ``remote_hits`` (found by the backend), ``computed`` (by a
-        provider) and ``pushed`` (accepted by the backend); ``tokens_computed``, what the
+        in the local cache), ``remote_hits`` (found by the backend), ``computed`` (by this
+        machine), ``remote_computed`` (by the backend, for this cache), ``waited`` (computed
+        by another call or process sharing the store while this one waited for them) and
+        ``pushed`` (accepted by the backend); ``tokens_computed``, what the
         computed vectors cost in tokens, and ``tokens_saved``, the recorded cost of the hits:
         tokens not paid for again. Only an engine that bills by the token (an API's) has its
         tokens counted, exactly or as an estimate; see docs/storage.md, "What the cache

@@ -170,14 +170,15 @@ class Backend:
         normalized, prompt = self._embedded(request.texts, request, spec)
         pipeline = self.cache.pipeline
         call = pipeline.prepare(spec, normalized, prompt)
-        vectors, hits, version = pipeline.vectors(
+        answer = pipeline.vectors(
             call,
             compute=not request.lookup_only,
             options=EmbedOptions(batch_size=self.cache.batch_size, truncate=request.truncate),
         )
         self.count(texts=len(request.texts))
+        hits = answer.hits
         found = np.ones(len(normalized), dtype=bool) if hits is None else hits
-        return vectors, found, served, version
+        return answer.vectors, found, served, answer.version
 
     def embed_openai(
         self, request: OpenAIRequest
@@ -273,6 +274,9 @@ class Backend:
             "hits": cache["hits"],
             "misses": cache["misses"],
             "computed": cache["computed"],
+            # Texts another request (of this server, or of a replica over the same
+            # database) computed while this one waited for them: computed once, served twice.
+            "waited": cache["waited"],
             # Tokens since the server started (docs/storage.md, "What the cache saved"):
             # what its computed vectors cost, and the recorded cost of the hits it served.
             "tokens_computed": cache["tokens_computed"],

@@ -47,6 +47,8 @@ MAX_FUNCTION_LINES = 80
 MAX_CLASS_LINES = 450
 # A command line's option table and an app's route table read best as one list each.
 LONG_FUNCTIONS = {"cli.py:_parser", "server.py:create_app"}
+
+
 def _modules(root: Path) -> dict[str, tuple[Path, bool]]:
     """Each module of the package at ``root`` by dotted name, with its file and whether it is
     a package's ``__init__``."""

@@ -42,6 +42,8 @@ def test_second_call_computes_nothing(cache: EmbeddingCache, encode_spy: EncodeS
         "misses": 4,
         "remote_hits": 0,
         "computed": 4,
+        "remote_computed": 0,
+        "waited": 0,
         "pushed": 0,
         "tokens_computed": 0,  # a local model's tokens are not counted
         "tokens_saved": 0,

@@ -344,7 +344,7 @@ def test_a_shard_of_schema_s0005_gets_its_rows_appended_behind_an_index_and_goes
     np.testing.assert_array_equal(found.vectors, np.vstack([vectors, vectors[:1]])[found.positions])
     store.close()
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0006",)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("s0007",)]
         assert _indexes(db) == [("embedding_id",)]
         rows = db.execute("SELECT id, hashid, rowid, tokens FROM embedding ORDER BY id").fetchall()
         plan = db.execute(

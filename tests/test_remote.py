@@ -41,7 +41,9 @@ def test_a_remote_only_client_gets_the_vectors_a_local_one_computes(
         from_backend = remote.get_embeddings(TEXTS)
         np.testing.assert_array_equal(from_backend, local.get_embeddings(TEXTS))
         np.testing.assert_array_equal(from_backend, direct_model.encode(TEXTS))
-        assert remote.stats["computed"] == 4 and remote.stats["remote_hits"] == 0
+        # The backend computed them for this client, which computed none itself.
+        assert remote.stats["remote_computed"] == 4 and remote.stats["computed"] == 0
+        assert remote.stats["remote_hits"] == 0
         assert not remote.pipeline.loaded_engines()  # no local model was loaded
         # Stored locally: the next call is answered without the backend.
         before = server_stats(server.url)["requests"]
@@ -64,6 +66,8 @@ def test_vectors_the_backend_holds_are_counted_as_remote_hits_and_kept(
             "misses": 4,
             "remote_hits": 3,
             "computed": 1,
+            "remote_computed": 0,
+            "waited": 0,
             "pushed": 0,
             "tokens_computed": 0,  # a local model's tokens are not counted
             "tokens_saved": 0,
@@ -81,14 +85,14 @@ def test_a_backend_killed_mid_session_means_fallback_to_the_local_model(
     server = serve_process("--model", tiny_model, "--cache-dir", str(tmp_path / "server"))
     with client(tiny_model, tmp_path, server.url, fallback_providers=("remote", "local")) as c:
         c.get_embeddings(TEXTS[:2])
-        assert c.stats["computed"] == 2
+        assert c.stats["remote_computed"] == 2 and c.stats["computed"] == 0
         server.process.send_signal(signal.SIGKILL)
         server.process.wait()
         vectors = c.get_embeddings(TEXTS)
         # Each half bit for bit as the model computes it in that batch.
         np.testing.assert_array_equal(vectors[:2], direct_model.encode(TEXTS[:2]))
         np.testing.assert_array_equal(vectors[2:], direct_model.encode(TEXTS[2:]))
-        assert c.stats["hits"] == 2 and c.stats["computed"] == 4
+        assert c.stats["hits"] == 2 and c.stats["computed"] == 2
 
 
 def slow(app: Any, delay: float) -> Any:
@@ -128,7 +132,7 @@ def test_the_token_is_sent_and_a_wrong_one_means_fallback(
         tiny_model, tmp_path, server.url, "right", token="s3cret", fallback_providers=("remote",)
     ) as right:
         right.get_embeddings(TEXTS[:2])
-        assert right.stats["computed"] == 2
+        assert right.stats["remote_computed"] == 2
     assert backend.stats()["computed"] == 2
     with (
         caplog.at_level(logging.WARNING, logger="embeddingcache"),
@@ -150,7 +154,7 @@ def test_the_token_can_come_from_the_environment(
         tiny_model, cache_dir=tmp_path / "env", fallback_providers=("remote",)
     ) as c:
         c.get_embeddings(TEXTS[:1])
-        assert c.remote_url == server.url and c.stats["computed"] == 1
+        assert c.remote_url == server.url and c.stats["remote_computed"] == 1
 
 
 def test_push_sends_local_vectors_to_a_backend_that_allows_it(

@@ -12,6 +12,7 @@ Each job has a module of its own; `Pipeline` wires them and walks a call through
 - `chain`: the providers and their engines (the only place that knows them by name);
 - `remote`: the backend tier (lookups, keeping what it had, pushes);
 - `compute`: computing in steps and slices, stored as they come;
+- `claims`: one computation per text across every process sharing the store;
 - `writer`: the writer thread, and the one rule for storing rows;
 - `policy`: when a call degrades without its storage, and ``max_size``;
 - `counters`: what the calls did.
@@ -38,6 +39,7 @@ from ..storage import Lookup, Store
 from ..storage.evict import PruneReport
 from .call import Call, Resolution, Slice, Target, dedupe
 from .chain import CHAINS, Chain
+from .claims import Claims, lease_from_env
 from .compute import STEP_BATCHES, STORE_EVERY, Compute, StoreEvery, tapered
 from .counters import Counters
 from .policy import StoragePolicy, degraded
@@ -66,11 +68,13 @@ __all__ = [
 
 class Answer(NamedTuple):
     """A call's vectors in input order; which of them the store held (``None``: all of
-    them); and the model version they are of."""
+    them); the model version they are of; and how many distinct texts another call
+    computed while this one waited for them."""
 
     vectors: np.ndarray
     hits: np.ndarray | None
     version: str | None
+    waited: int = 0
 
 
 class Pipeline:
@@ -96,12 +100,15 @@ class Pipeline:
         self.remote = BackendTier(
             self.chain, self.versions, self.writer, self.counters, self.known_dimension
         )
+        self.claims = Claims(store, lease_s=lease_from_env())
         self.computing = Compute(
             store,
             self.chain,
             self.writer,
             self.remote,
             self.counters,
+            self.claims,
+            self.policy,
             push=push,
             store_every=store_every,
         )
@@ -159,8 +166,10 @@ class Pipeline:
         slices = self._resolve(state, compute=compute)
         if progress is not None:
             slices = _reported(slices, progress)
-        vectors, hits = self._assembled(state, slices)
-        return Answer(vectors, hits, state.target.version)
+        parts: list[Slice] = []
+        vectors, hits = self._assembled(state, _kept(slices, parts))
+        waited = sum(len(part.positions) for part in parts if part.source == "waited")
+        return Answer(vectors, hits, state.target.version, waited)
 
     def store(self, spec: ModelSpec, embedded: Sequence[str], vectors: np.ndarray) -> int:
         """Store vectors computed elsewhere for embedded strings not stored yet (see
@@ -358,7 +367,14 @@ class Pipeline:
         """Store what was handed over, then close the engines and the backend client (not
         the store)."""
         self.writer.close()
+        self.claims.close()
         self.chain.close()
+
+
+def _kept(slices: Iterator[Slice], parts: list[Slice]) -> Iterator[Slice]:
+    for part in slices:
+        parts.append(part)
+        yield part
 
 
 def _reported(slices: Iterator[Slice], progress: Callable[[Slice], None]) -> Iterator[Slice]:

@@ -23,7 +23,7 @@ from ..tokens import Costs
 
 __all__ = ["Call", "Resolution", "Rows", "Slice", "Source", "Target", "dedupe"]
 
-Source = Literal["hit", "remote", "computed"]
+Source = Literal["hit", "remote", "computed", "waited"]
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,9 @@ class Slice:
     """Vectors for some of a call's distinct texts: ``positions`` index `Call.firsts`
     (the call's distinct keys), ``vectors`` are float32 ``(len(positions), dim)``, as stored
     (or as computed, when storing failed and the call degraded), and ``source`` says where
-    they came from."""
+    they came from: stored at the lookup (``"hit"``), the backend's (``"remote"``), computed
+    here (``"computed"``, by this machine or the backend), or computed by another call while
+    this one waited (``"waited"``)."""
 
     positions: np.ndarray
     vectors: np.ndarray

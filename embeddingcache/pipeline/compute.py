@@ -1,12 +1,14 @@
-"""Computing a call's missing texts: in steps sized by the chain's first engine, walked down
-the chain when an engine fails, cut into slices that the writer stores while the next
-computes (`STORE_EVERY`), so that a call interrupted half way keeps every stored slice."""
+"""Computing a call's missing texts, once across every process that shares the store: the
+texts are claimed first (`embeddingcache.pipeline.claims`), those another call holds are
+waited for and read; the rest are computed in steps sized by the chain's first engine,
+walked down the chain when an engine fails, cut into slices that the writer stores while
+the next computes (`STORE_EVERY`), so that a call interrupted half way keeps every stored
+slice."""
 
 from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -19,10 +21,13 @@ from ..batching import plan, plan_count, token_bound
 from ..engines import Engine
 from ..errors import ProviderError, StorageError, TextTooLongError
 from ..storage import Store
+from ..storage.store import ReadOnlyStorageError
 from ..tokens import costs
 from .call import Resolution, Slice, Target
 from .chain import Chain
+from .claims import WAIT_FIRST_S, WAIT_MOST_S, Claims
 from .counters import Counters
+from .policy import StoragePolicy, degraded
 from .remote import BackendTier
 from .writer import Writer
 
@@ -63,6 +68,8 @@ class Compute:
         writer: Writer,
         remote: BackendTier,
         counters: Counters,
+        claims: Claims,
+        policy: StoragePolicy,
         *,
         push: bool = False,
         store_every: StoreEvery = STORE_EVERY,
@@ -72,51 +79,81 @@ class Compute:
         self.writer = writer
         self.remote = remote
         self.counters = counters
+        self.claims = claims
+        self.policy = policy
         self.push = push
         self.store_every = store_every
-        self._lock = threading.Lock()
-        self._locks: dict[str, threading.Lock] = {}
 
     def computed(self, state: Resolution, missing: np.ndarray) -> Iterator[Slice]:
-        """The vectors of the distinct texts at ``missing``, computed once across calls: a
-        call that needs texts another call is computing waits for it (the model's lock),
-        then reads what it stored and computes only the rest (a server's concurrent
-        requests, say)."""
-        lock = self._model_lock(state.call.spec.name)
-        waited = not lock.acquire(blocking=False)
-        if waited:
-            lock.acquire()
+        """The vectors of the distinct texts at ``missing``, computed once across every call
+        that shares the store: the texts no other call holds are claimed and computed here;
+        those another holds are waited for, then read ("waited"); those whose holder let go
+        without storing them, or died, are claimed again. A store that takes no claims
+        (read-only) computes them all, as does one that cannot be written now (degraded)."""
+        shard = state.target.shard
         try:
-            # Only a call that waited can find texts stored meanwhile by this process; what
-            # another process stores, `Writer.store_rows` finds (and returns) when it writes.
-            if waited:
-                meanwhile, missing = self._stored_meanwhile(state, missing)
-                if meanwhile is not None:
-                    yield meanwhile
-            if len(missing):
-                yield from self._slices(state, missing)
+            claim = self.claims.claim(shard, state.call.distinct_keys(missing))
+        except StorageError as exc:
+            if not isinstance(exc, ReadOnlyStorageError):
+                if not self.policy.degrades(exc):
+                    raise
+                degraded(f"cannot claim the texts to compute ({exc}); computing them all")
+            yield from self._slices(state, missing)
+            return
+        try:
+            mine = missing[claim.won]
+            if claim.recheck.any():  # a claim that ended lately held these: stored since?
+                found, mine = self._stored_meanwhile(state, mine, claim.recheck[claim.won])
+                if found is not None:
+                    yield found
+            if len(mine):
+                yield from self._slices(state, mine)
         finally:
-            lock.release()
-
-    def _model_lock(self, model: str) -> threading.Lock:
-        with self._lock:
-            return self._locks.setdefault(model, threading.Lock())
+            self.claims.release(shard, claim)
+        if not claim.won.all():
+            yield from self._waited(state, missing[~claim.won])
 
     def _stored_meanwhile(
-        self, state: Resolution, positions: np.ndarray
+        self, state: Resolution, positions: np.ndarray, ask: np.ndarray
     ) -> tuple[Slice | None, np.ndarray]:
-        """The vectors of ``positions`` stored since this call's lookup (by another call, as
-        a slice read from the store), and the positions still to compute. Uncounted: the
-        lookup counted these texts already."""
+        """The vectors of ``positions[ask]`` stored since this call's lookup (by another
+        call, as a "waited" slice), and the positions still to compute."""
+        asked = positions[ask]
         try:
-            found = self.storage.lookup(state.target.shard, state.call.distinct_keys(positions))
+            found = self.storage.lookup(state.target.shard, state.call.distinct_keys(asked))
         except StorageError:
             return None, positions  # the compute that follows meets the storage's state
         if not len(found.positions):
             return None, positions
-        keep = np.ones(len(positions), dtype=bool)
-        keep[found.positions] = False
-        return Slice(positions[found.positions], found.vectors, "hit"), positions[keep]
+        self.counters.add(waited=len(found.positions))
+        keep = ~np.isin(positions, asked[found.positions])
+        return Slice(asked[found.positions], found.vectors, "waited"), positions[keep]
+
+    def _waited(self, state: Resolution, positions: np.ndarray) -> Iterator[Slice]:
+        """The texts at ``positions``, which other calls hold. Their claims are watched (one
+        small read of the claim table, with a backoff from `WAIT_FIRST_S` to `WAIT_MOST_S`,
+        woken early when this process stores a slice); once a claim lets texts go, they are
+        read, and those it let go unstored (a failed call, a dead process) are claimed and
+        computed here."""
+        shard = state.target.shard
+        pause = WAIT_FIRST_S
+        while len(positions):
+            try:
+                held = self.claims.held(shard, state.call.distinct_keys(positions))
+            except StorageError as exc:
+                logger.warning("cannot read the claims (%s): computing what was waited for", exc)
+                held = np.zeros(len(positions), dtype=bool)
+            if held.all():
+                self.claims.wait_stored(pause)
+                pause = min(pause * 1.5, WAIT_MOST_S)
+                continue
+            let_go = positions[~held]
+            found, unstored = self._stored_meanwhile(state, let_go, np.ones(len(let_go), bool))
+            if found is not None:
+                yield found
+            if len(unstored):
+                yield from self.computed(state, unstored)
+            positions, pause = positions[held], WAIT_FIRST_S
 
     def _slices(self, state: Resolution, missing: np.ndarray) -> Iterator[Slice]:
         """Compute the distinct texts at ``missing`` in steps, cut into slices by
@@ -279,7 +316,10 @@ class Compute:
                 logger.debug("engine %s failed: %s", name, exc)
                 state.fail(name, exc)
                 continue
-            self.counters.add(computed=len(texts))
+            if engine.answers_lookups:  # the backend computed them, for this call
+                self.counters.add(remote_computed=len(texts))
+            else:
+                self.counters.add(computed=len(texts))
             return vectors, engine
         raise self.chain.all_failed(spec, tried, state.failed)
 
@@ -310,6 +350,7 @@ class Compute:
             cost = costs(engine, call.spec, call.embedded_at(positions))
             rows = state.rows(positions, vectors, cost, target=target)
             stored = self.writer.store_rows(rows)
+            self.claims.notify_stored()
             if cost[0] is not None:
                 self.counters.computed_tokens(call.spec.name, sum(cost[0]))
             if self.push and not engine.answers_lookups:  # what the backend computed, it has

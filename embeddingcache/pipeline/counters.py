@@ -23,6 +23,8 @@ class Counters:
             "misses": 0,
             "remote_hits": 0,
             "computed": 0,
+            "remote_computed": 0,
+            "waited": 0,
             "pushed": 0,
             "tokens_computed": 0,
             "tokens_saved": 0,

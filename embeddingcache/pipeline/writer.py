@@ -133,8 +133,9 @@ def store_new(
     vectors: np.ndarray,
 ) -> int:
     """Store vectors computed elsewhere for the embedded strings the shard lacks (a stored
-    vector is kept; a damaged one, of the wrong length, is replaced); how many were new.
-    A string repeated keeps its first vector.
+    vector is kept; a damaged one, of the wrong length, is replaced); how many rows were
+    inserted (not those another writer stored between the lookup and the write). A string
+    repeated keeps its first vector.
 
     Raises:
         InvalidInputError: a vector holds NaN or infinite values (nothing is stored).
@@ -158,14 +159,14 @@ def store_new(
     if damaged:
         logger.warning("replacing %d damaged vector(s) of model %r", len(damaged), model)
     new_keys = [keys[i] for i in new]
-    store.put(
+    kept = store.put(
         model,
         new_keys,
         [embedded[i] for i in new],
         np.asarray(vectors)[new],
         replace=[key for key in new_keys if key in damaged],
     )
-    return len(new)
+    return len(new) - kept
 
 
 def _log_failed_write(future: Future[None]) -> None:

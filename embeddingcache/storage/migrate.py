@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,10 +35,14 @@ __all__ = ["HEADS", "READABLE", "Kind", "ensure", "migrate", "script_location"]
 Kind = Literal["text", "shard"]
 
 # The head revision of each branch; a test checks them against the scripts.
-HEADS: dict[str, str] = {"text": "t0001", "shard": "s0006"}
+HEADS: dict[str, str] = {"text": "t0001", "shard": "s0007"}
 # Older revisions the current code reads as they are, where a place cannot be upgraded (a
-# read-only cache): s0006 moved a shard's rows, not what a read asks of them.
-READABLE: dict[str, frozenset[str]] = {"text": frozenset(), "shard": frozenset({"s0005"})}
+# read-only cache): s0006 moved a shard's rows, not what a read asks of them, and s0007 added
+# the claims, which a read-only cache never takes.
+READABLE: dict[str, frozenset[str]] = {
+    "text": frozenset(),
+    "shard": frozenset({"s0005", "s0006"}),
+}
 # What embeddingcache 0.1.0 created, before it kept a version table.
 FIRST: dict[str, str] = {"text": "t0001", "shard": "s0001"}
 _MAIN_TABLE: dict[str, str] = {"text": "hashstring", "shard": "model_info"}
@@ -82,13 +87,19 @@ def ensure(place: Place, *, create: bool) -> bool:
     return True
 
 
+_ALEMBIC = threading.Lock()
+
+
 def migrate(place: Place) -> None:
     """Create or upgrade the place to head, under a lock, in one transaction."""
     from alembic import command
     from alembic.config import Config
 
     kind = kind_of(place)
-    with _locked(place) as connection:
+    # Alembic runs a script through module-level proxies (`alembic.context`, `alembic.op`),
+    # which two threads of one process must not set at once (two caches opening new places:
+    # KeyError 'script'); the database's own lock orders processes.
+    with _ALEMBIC, _locked(place) as connection:
         if place.schema is not None:
             connection.execute(CreateSchema(place.schema, if_not_exists=True))
         current = state(connection, place)

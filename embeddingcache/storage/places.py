@@ -13,6 +13,7 @@ from sqlalchemy import Engine, MetaData, Table
 
 from .schema import (
     OVERFLOW,
+    claim_table,
     embedding_table,
     hashstring_table,
     model_info_table,
@@ -47,6 +48,8 @@ class TextPlace(Place):
 class ShardPlace(Place):
     embedding: Table
     model_info: Table
+    # Texts being computed, and by whom (see storage/claims.py).
+    claim: Table
     # SQLite: the keys whose 8-byte id another key holds in ``embedding`` (see schema.py).
     overflow: Table | None = None
 
@@ -59,4 +62,5 @@ class ShardPlace(Place):
         embedding = embedding_table(metadata) if server else sqlite_embedding_table(metadata)
         info = model_info_table(metadata)
         overflow = None if server else embedding_table(metadata, OVERFLOW)
-        return cls(engine, metadata, schema, path, name, embedding, info, overflow)
+        claim = claim_table(metadata)
+        return cls(engine, metadata, schema, path, name, embedding, info, claim, overflow)

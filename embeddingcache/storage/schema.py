@@ -18,6 +18,10 @@ already goes to ``embedding_overflow``, keyed by ``hashid`` as ``embedding`` is 
 Two 64-bit prefixes of SHA-512 agree by chance about once in 10^19 pairs, so that table stays
 empty unless forced.
 
+A shard's ``claim`` table holds the claims of texts being computed (schema s0007): one row per
+claim, its ``keys`` the 8-byte ids of the texts it holds, packed (see
+`embeddingcache.storage.claims`).
+
 ``hashstring.text`` has no index of its own: ``hashid`` is its digest and already unique, and an
 index over texts of any length would cost more than the vectors (and Postgres refuses B-tree
 entries over a few kilobytes).
@@ -32,6 +36,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     Column,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -44,6 +49,7 @@ from sqlalchemy import (
 __all__ = [
     "KEY_BYTES",
     "OVERFLOW",
+    "claim_table",
     "embedding_table",
     "hashstring_table",
     "model_info_table",
@@ -121,4 +127,18 @@ def model_info_table(metadata: MetaData, name: str = "model_info") -> Table:
         # Whether any vector of the shard has its tokens counted (s0004): only then does a
         # lookup read embedding.tokens, a column past the vector that costs ~4% of a hit.
         Column("counts_tokens", Boolean, nullable=False, server_default=false()),
+    )
+
+
+def claim_table(metadata: MetaData, name: str = "claim") -> Table:
+    """Claims of texts being computed: ``owner`` names one claim (a random 63-bit number),
+    ``expires`` is when its lease ends (seconds since the epoch), ``done`` says its holder
+    let it go, and ``keys`` are the claimed texts' 8-byte ids, little-endian, end to end."""
+    return Table(
+        name,
+        metadata,
+        Column("owner", BigInteger, primary_key=True, autoincrement=False),
+        Column("expires", Float, nullable=False),
+        Column("done", Boolean, nullable=False),
+        Column("keys", LargeBinary, nullable=False),
     )

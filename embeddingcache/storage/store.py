@@ -174,7 +174,7 @@ class Store:
             with write_transaction(place.engine) as connection:
                 held = shard.table.claim_revision(connection, revision)
         except sa_exc.SQLAlchemyError as exc:
-            raise self._error(f"cannot record the version of {model!r}", exc) from exc
+            raise self.error(f"cannot record the version of {model!r}", exc) from exc
         with self._lock:
             info = dataclasses.replace(shard.info, revision=held)
             self._shards[model] = dataclasses.replace(shard, info=info)
@@ -198,7 +198,7 @@ class Store:
                 # Another process removed the file: nothing is stored; a write recreates it.
                 self._forget(model, shard)
                 return Lookup.empty(dimension)
-            raise self._error(f"cannot read the shard of {model!r}", exc) from exc
+            raise self.error(f"cannot read the shard of {model!r}", exc) from exc
         stale_before = int(time.time()) - TOUCH_RESOLUTION_S
         if len(rows) == len(keys) == 1 and len(rows[0][1]) == width:  # one cached text
             if rows[0][2] < stale_before:
@@ -232,7 +232,7 @@ class Store:
                     found = texts.texts(text_rows, [k for k, _ in rows]) if have_texts else {}
                     yield rows, found
         except sa_exc.SQLAlchemyError as exc:
-            raise self._error(f"cannot read the shard of {model!r}", exc) from exc
+            raise self.error(f"cannot read the shard of {model!r}", exc) from exc
 
     def text_count(self) -> int:
         """Rows in the hashstring table (0 when it does not exist yet)."""
@@ -243,7 +243,7 @@ class Store:
             with place.engine.connect() as connection:
                 return text_table(place).count(connection)
         except sa_exc.SQLAlchemyError as exc:
-            raise self._error("cannot read the texts", exc) from exc
+            raise self.error("cannot read the texts", exc) from exc
 
     def migrate(self) -> list[str]:
         """Bring every place present to the current schema; the names of the places."""
@@ -254,7 +254,7 @@ class Store:
                 if self._ready(place, create=False):
                     done.append(place.name)
         except sa_exc.SQLAlchemyError as exc:
-            raise self._error("cannot migrate the cache", exc) from exc
+            raise self.error("cannot migrate the cache", exc) from exc
         return done
 
     def summaries(self) -> list[ShardSummary]:
@@ -357,7 +357,24 @@ class Store:
         try:
             return self._write(model, matrix.shape[1], text_rows, vector_rows, replace, revision)
         except sa_exc.SQLAlchemyError as exc:
-            raise self._error("cannot write to the cache", exc) from exc
+            raise self.error("cannot write to the cache", exc) from exc
+
+    def writable_shard(self, model: str) -> ShardPlace:
+        """The model's shard, created or brought to the current schema for writing: where
+        its claims live (`embeddingcache.storage.claims`), before any vector is stored.
+
+        Raises:
+            ReadOnlyStorageError: the shard cannot be written.
+            StorageError: it cannot be opened.
+        """
+        place = self.layout.shard_place(model)
+        if self.layout.read_only(place):
+            self._ready_read_only(place, None, create=True)  # raises
+        try:
+            self._ready(place, create=True)
+        except sa_exc.SQLAlchemyError as exc:
+            raise self.error(f"cannot open the shard of {model!r}", exc) from exc
+        return place
 
     def _refuse_read_only(self, model: str) -> None:
         """Raise `ReadOnlyStorageError` before anything is written when the texts or the
@@ -441,7 +458,7 @@ class Store:
             with place.engine.connect() as connection:
                 row = table.info(connection)
         except sa_exc.SQLAlchemyError as exc:
-            raise self._error(f"cannot read the shard of {model!r}", exc) from exc
+            raise self.error(f"cannot read the shard of {model!r}", exc) from exc
         if row is None:
             return None
         info = _model_info(row)
@@ -512,7 +529,7 @@ class Store:
         try:
             return self._ready(place, create=False)
         except sa_exc.SQLAlchemyError as exc:
-            raise self._error(f"cannot open {place.name}", exc) from exc
+            raise self.error(f"cannot open {place.name}", exc) from exc
 
     def forget(self, model: str) -> None:
         """Drop what this process knows of a model's shard (after its rows were removed)."""
@@ -530,7 +547,7 @@ class Store:
         try:
             return sum(self.layout.live_bytes(p) for p in places if self.exists(p))
         except sa_exc.SQLAlchemyError as exc:
-            raise self._error("cannot measure the cache", exc) from exc
+            raise self.error("cannot measure the cache", exc) from exc
 
     def total_bytes(self) -> int:
         """Bytes on disk of the whole cache: the texts and every shard."""
@@ -538,7 +555,7 @@ class Store:
         try:
             return sum(self.layout.bytes_on_disk(p) for p in places if self.exists(p))
         except sa_exc.SQLAlchemyError as exc:
-            raise self._error("cannot measure the cache", exc) from exc
+            raise self.error("cannot measure the cache", exc) from exc
 
     def _forget(self, model: str, shard: _Shard) -> None:
         """Drop what this process knows of a shard, so that the next use opens it anew."""
@@ -549,7 +566,7 @@ class Store:
             shard.reader.close()
         shard.place.engine.dispose()
 
-    def _error(self, action: str, exc: BaseException) -> StorageError:
+    def error(self, action: str, exc: BaseException) -> StorageError:
         """A StorageError naming the cache, its password masked, and the driver's reason."""
         reason = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
         return StorageError(f"{action} at {self.layout.describe()}: {reason}")
