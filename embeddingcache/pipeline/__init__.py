@@ -166,9 +166,7 @@ class Pipeline:
         slices = self._resolve(state, compute=compute)
         if progress is not None:
             slices = _reported(slices, progress)
-        parts: list[Slice] = []
-        vectors, hits = self._assembled(state, _kept(slices, parts))
-        waited = sum(len(part.positions) for part in parts if part.source == "waited")
+        vectors, hits, waited = self._assembled(state, slices)
         return Answer(vectors, hits, state.target.version, waited)
 
     def store(self, spec: ModelSpec, embedded: Sequence[str], vectors: np.ndarray) -> int:
@@ -247,16 +245,17 @@ class Pipeline:
 
     def _assembled(
         self, state: Resolution, slices: Iterator[Slice]
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The slices' vectors in input order, and which the store held (``None``: all)."""
+    ) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """The slices' vectors in input order, which the store held (``None``: all), and how
+        many distinct texts were waited for."""
         call = state.call
         first = next(slices, None)
         n = len(call.firsts)
         if first is not None and first.source == "hit" and len(first.positions) == n:
             # All stored: the lookup's rows are already in key order (the hot path).
             if call.inverse is None:
-                return first.vectors, None
-            return first.vectors[call.inverse], None
+                return first.vectors, None, 0
+            return first.vectors[call.inverse], None, 0
         parts = [first, *slices] if first is not None else []
         only = parts[0] if len(parts) == 1 else None
         if only is not None and only.source == "remote" and len(only.positions) == n:
@@ -264,8 +263,8 @@ class Pipeline:
             # so its rows (a copy of the answer's) are in key order already, as a lookup's.
             hit = np.zeros(n, dtype=bool)
             if call.inverse is None:
-                return only.vectors, hit
-            return only.vectors[call.inverse], hit[call.inverse]
+                return only.vectors, hit, 0
+            return only.vectors[call.inverse], hit[call.inverse], 0
         dimensions = {s.vectors.shape[1] for s in parts}
         if len(dimensions) > 1:
             raise DimensionMismatchError(
@@ -277,13 +276,16 @@ class Pipeline:
         # Every row is filled below unless something stayed missing (lookup only).
         unique = (np.zeros if filled < n else np.empty)((n, dimension), dtype=np.float32)
         hit = np.zeros(n, dtype=bool)
+        waited = 0
         for part in parts:
             unique[part.positions] = part.vectors
             if part.source == "hit":
                 hit[part.positions] = True
+            elif part.source == "waited":
+                waited += len(part.positions)
         if call.inverse is None:
-            return unique, hit
-        return unique[call.inverse], hit[call.inverse]
+            return unique, hit, waited
+        return unique[call.inverse], hit[call.inverse], waited
 
     # -- versions -------------------------------------------------------------------------
 
@@ -369,12 +371,6 @@ class Pipeline:
         self.writer.close()
         self.claims.close()
         self.chain.close()
-
-
-def _kept(slices: Iterator[Slice], parts: list[Slice]) -> Iterator[Slice]:
-    for part in slices:
-        parts.append(part)
-        yield part
 
 
 def _reported(slices: Iterator[Slice], progress: Callable[[Slice], None]) -> Iterator[Slice]:
