@@ -240,6 +240,9 @@ def test_a_claim_that_ended_lately_makes_the_next_claimer_look_again(
         third = table.claim(shard, keys, lease_s=30)
         assert third.won.tolist() == [True] * 4 + [False] * 4
         assert third.recheck.tolist() == [True] * 4 + [False] * 4  # stored meanwhile?
+        table.release(shard, third.owner)
+        fourth = table.claim(shard, keys[:4], lease_s=30, since=time.time())
+        assert fourth.won.all() and not fourth.recheck.any()  # let go before its lookup
     finally:
         store.close()
 

@@ -27,6 +27,7 @@ yielded.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -182,6 +183,7 @@ class Pipeline:
     def _resolve(self, state: Resolution, *, compute: bool) -> Iterator[Slice]:
         call = state.call
         distinct = call.distinct_keys()
+        looked_up = time.time()  # claims let go after it may hold texts stored since
         found = self._lookup(state, distinct)
         n = len(distinct)
         if n and len(found.positions) == n:  # every text stored: the hit path, nothing more
@@ -229,7 +231,7 @@ class Pipeline:
                 yield Slice(positions, vectors[had], "remote")
                 missing = missing[~had]
         if len(missing) and compute:
-            yield from self.computing.computed(state, missing)
+            yield from self.computing.computed(state, missing, looked_up)
 
     def _lookup(self, state: Resolution, distinct: list[bytes]) -> Lookup:
         target = state.target

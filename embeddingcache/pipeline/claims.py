@@ -66,14 +66,15 @@ class Claims:
         # Notified whenever a call of this process stored a slice: its waiters look again.
         self.stored = threading.Condition()
 
-    def claim(self, shard: str, keys: Sequence[bytes]) -> Claim:
-        """Claim the keys no other call holds, renewed until `release`.
+    def claim(self, shard: str, keys: Sequence[bytes], *, since: float) -> Claim:
+        """Claim the keys no other call holds, renewed until `release`; ``since`` is when
+        the caller looked them up (see `ClaimTable.claim`).
 
         Raises:
             ReadOnlyStorageError: a store that cannot be written takes no claims.
             StorageError: the claim could not be written.
         """
-        taken = self.table.claim(shard, keys, self.lease_s)
+        taken = self.table.claim(shard, keys, self.lease_s, since=since)
         if taken.won.any():
             with self._lock:
                 self._held[taken.owner] = shard

@@ -84,15 +84,16 @@ class Compute:
         self.push = push
         self.store_every = store_every
 
-    def computed(self, state: Resolution, missing: np.ndarray) -> Iterator[Slice]:
+    def computed(self, state: Resolution, missing: np.ndarray, since: float) -> Iterator[Slice]:
         """The vectors of the distinct texts at ``missing``, computed once across every call
         that shares the store: the texts no other call holds are claimed and computed here;
         those another holds are waited for, then read ("waited"); those whose holder let go
         without storing them, or died, are claimed again. A store that takes no claims
-        (read-only) computes them all, as does one that cannot be written now (degraded)."""
+        (read-only) computes them all, as does one that cannot be written now (degraded).
+        ``since`` is when the call looked them up (``time.time()``)."""
         shard = state.target.shard
         try:
-            claim = self.claims.claim(shard, state.call.distinct_keys(missing))
+            claim = self.claims.claim(shard, state.call.distinct_keys(missing), since=since)
         except StorageError as exc:
             if not isinstance(exc, ReadOnlyStorageError):
                 if not self.policy.degrades(exc):
@@ -148,11 +149,12 @@ class Compute:
                 pause = min(pause * 1.5, WAIT_MOST_S)
                 continue
             let_go = positions[~held]
+            since = time.time()
             found, unstored = self._stored_meanwhile(state, let_go, np.ones(len(let_go), bool))
             if found is not None:
                 yield found
             if len(unstored):
-                yield from self.computed(state, unstored)
+                yield from self.computed(state, unstored, since)
             positions, pause = positions[held], WAIT_FIRST_S
 
     def _slices(self, state: Resolution, missing: np.ndarray) -> Iterator[Slice]:

@@ -15,6 +15,10 @@ reads the rows, takes the texts that no live claim holds, and clears rows past t
 A row whose lease ended (its holder died) or whose holder let it go stays one more lease, as
 a marker: a text that it held may have been stored between the claimer's lookup and its
 claim, so the claimer looks those texts up again (`Claim.recheck`) before computing them.
+Only the markers let go after the claimer's lookup (``since``) are read: what was let go
+before it was stored before it, and the lookup saw it. So a long job of one process, which
+lets a claim go per chunk, never reads its own (its traced memory grew with the corpus when
+it read them all: tests/test_big_jobs.py).
 
 Clocks: a lease is measured against each process's own clock; machines sharing a Postgres
 must agree on the time within a small part of the lease (NTP does).
@@ -73,9 +77,12 @@ class ClaimTable:
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def claim(self, model: str, keys: Sequence[bytes], lease_s: float) -> Claim:
+    def claim(
+        self, model: str, keys: Sequence[bytes], lease_s: float, *, since: float = 0.0
+    ) -> Claim:
         """Claim the distinct ``keys`` of the model's shard that no live claim holds, for
-        ``lease_s`` seconds (renew it to keep it longer).
+        ``lease_s`` seconds (renew it to keep it longer); ``since`` is when the caller looked
+        them up (claims let go before it are not rechecked).
 
         Raises:
             ReadOnlyStorageError: the shard cannot be written (nothing is claimed there).
@@ -88,7 +95,7 @@ class ClaimTable:
         def take() -> Claim:
             with write_transaction(place.engine) as connection:
                 _lock(connection, place)
-                return _take(connection, place, owner, ids, lease_s)
+                return _take(connection, place, owner, ids, lease_s, since)
 
         return self._written(model, take)
 
@@ -168,25 +175,29 @@ def _lock(connection: Connection, place: ShardPlace) -> None:
 
 
 def _take(
-    connection: Connection, place: ShardPlace, owner: int, ids: np.ndarray, lease_s: float
+    connection: Connection,
+    place: ShardPlace,
+    owner: int,
+    ids: np.ndarray,
+    lease_s: float,
+    since: float,
 ) -> Claim:
     """One claim, inside the claimers' lock: the keys no live claim holds, and which of
-    those a recently ended claim held."""
+    those a claim that ended lately (after ``since``, or by its lease) held."""
     table = place.claim
     now = time.time()
+    done, expires = table.c["done"], table.c["expires"]
+    # Rows past their use go first, unread: let go or dead for more than a lease.
+    connection.execute(delete(table).where(expires < now - lease_s))
     rows = connection.execute(
-        select(table.c["owner"], table.c["expires"], table.c["done"], table.c["keys"])
+        select(done, expires, table.c["keys"]).where(done.is_(False) | (expires >= since))
     ).all()
-    live, ended, spent = [], [], []
-    for row_owner, expires, done, packed in rows:
-        if not done and expires >= now:
+    live, ended = [], []
+    for was_done, ends, packed in rows:
+        if not was_done and ends >= now:
             live.append(bytes(packed))
-        elif expires + lease_s >= now:
-            ended.append(bytes(packed))  # a marker: its texts may be stored already
         else:
-            spent.append(row_owner)
-    if spent:
-        connection.execute(delete(table).where(table.c["owner"].in_(spent)))
+            ended.append(bytes(packed))  # a marker: its texts may be stored already
     won = ~np.isin(ids, _packed(live))
     if won.any():
         connection.execute(
