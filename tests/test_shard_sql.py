@@ -16,6 +16,8 @@ OWNER = "storage/tables.py"
 ALLOWED = {
     "storage/layout.py": {"select", "func"},  # pg_total_relation_size, for a shard's bytes
     "storage/migrate.py": {"select", "text"},  # alembic_version, and an advisory lock
+    # The claim table's own SQL (issue 28): who computes which texts, never a shard's rows.
+    "storage/claims.py": {"select", "insert", "update", "delete"},
 }
 STATEMENTS = {"select", "insert", "update", "delete", "bindparam", "text", "func"}
 TABLES = {"embedding", "hashstring", "model_info"}

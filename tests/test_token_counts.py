@@ -231,7 +231,7 @@ def test_vectors_the_team_backend_computed_are_uncounted_here_and_counted_there(
         tiny_model, cache_dir=here, remote_url=server.url, fallback_providers=("remote",)
     ) as client:
         client.get_embeddings(TEXTS)
-        assert client.stats["computed"] == 4 and client.stats["tokens_computed"] == 0
+        assert client.stats["remote_computed"] == 4 and client.stats["tokens_computed"] == 0
     assert shard_rows(here) == [(None, None)] * 4  # what they cost was paid by the backend
     paid = sum(tokenizer_counts(direct_model, TEXTS))
     assert httpx.get(f"{server.url}/stats").json()["tokens_computed"] == paid

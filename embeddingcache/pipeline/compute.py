@@ -27,7 +27,7 @@ from .call import Resolution, Slice, Target
 from .chain import Chain
 from .claims import WAIT_FIRST_S, WAIT_MOST_S, Claims
 from .counters import Counters
-from .policy import StoragePolicy, degraded
+from .policy import StoragePolicy
 from .remote import BackendTier
 from .writer import Writer
 
@@ -98,7 +98,9 @@ class Compute:
             if not isinstance(exc, ReadOnlyStorageError):
                 if not self.policy.degrades(exc):
                     raise
-                degraded(f"cannot claim the texts to compute ({exc}); computing them all")
+                # Logged, not warned: the write that follows meets the same fault and
+                # warns the caller once (docs/reliability.md, promise 4).
+                logger.warning("cannot claim the texts to compute (%s); computing them all", exc)
             yield from self._slices(state, missing)
             return
         try:
