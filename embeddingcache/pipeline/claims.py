@@ -32,7 +32,7 @@ CLAIM_LEASE_S = 30.0
 ENV_CLAIM_LEASE = "EMBEDDING_CACHE_CLAIM_LEASE_S"
 # A waiter's first look, and its longest pause between looks.
 WAIT_FIRST_S = 0.02
-WAIT_MOST_S = 0.25
+WAIT_MOST_S = 0.1
 
 
 def lease_from_env() -> float:
