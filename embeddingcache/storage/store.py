@@ -371,7 +371,9 @@ class Store:
         if self.layout.read_only(place):
             self._ready_read_only(place, None, create=True)  # raises
         try:
-            self._ready(place, create=True)
+            # Retried: processes that create a new shard file at once meet SQLite's lock
+            # while one of them switches it to WAL ("database is locked").
+            retry_write(lambda: self._ready(place, create=True))
         except sa_exc.SQLAlchemyError as exc:
             raise self.error(f"cannot open the shard of {model!r}", exc) from exc
         return place
