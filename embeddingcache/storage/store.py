@@ -454,11 +454,17 @@ class Store:
             return shard
         place = self.layout.shard_place(model)
         table = shard_table(place)
-        try:
+
+        def read() -> Any:
             if not self._ready(place, create=False):
                 return None
             with place.engine.connect() as connection:
-                row = table.info(connection)
+                return table.info(connection)
+
+        try:
+            # Retried: a file another process or thread is creating (a claim creates the
+            # shard before its first vector) is locked while it is switched to WAL.
+            row = retry_write(read)
         except sa_exc.SQLAlchemyError as exc:
             raise self.error(f"cannot read the shard of {model!r}", exc) from exc
         if row is None:
