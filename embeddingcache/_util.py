@@ -3,23 +3,26 @@
 - `finite_rows`, `first_non_finite`: the one check that vectors hold no NaN or infinity.
 - `warn`: a warning that points at the caller's first line outside this package, however
   deep inside the package it was raised.
-- `positive_int`: the one check of a count option.
+- `positive_int`: the one check of a count option; `positive_env`, of a number in the
+  environment.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from .errors import EmbeddingCacheWarning, InvalidInputError
 
-__all__ = ["finite_rows", "first_non_finite", "positive_int", "warn"]
+__all__ = ["finite_rows", "first_non_finite", "positive_env", "positive_int", "warn"]
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 # migrations/ ships as embeddingcache.migrations from another folder of the repository.
@@ -49,6 +52,7 @@ def _inside_package(filename: str) -> bool:
 
 
 _local = threading.local()
+N = TypeVar("N", int, float)
 Deferred = list[tuple[str, type[Warning]]]
 
 
@@ -93,3 +97,23 @@ def positive_int(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidInputError(f"{name} must be a positive int, not {value!r}")
     return value
+
+
+def positive_env(name: str, default: N, parse: Callable[[str], N]) -> N:
+    """The positive number the environment variable ``name`` holds (``parse``: ``int`` or
+    ``float``), ``default`` when it is unset or blank.
+
+    Raises:
+        InvalidInputError: it holds anything else.
+    """
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    try:
+        number = parse(value)
+    except ValueError:
+        number = parse("0")
+    if not 0 < number < float("inf"):
+        kind = "integer" if parse is int else "number"
+        raise InvalidInputError(f"{name} must be a positive {kind}, not {value!r}")
+    return number

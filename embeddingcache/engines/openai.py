@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from .._util import positive_env
 from ..batching import plan, token_bound
 from ..errors import InvalidInputError, ProviderError, TextTooLongError
 from ..models import (
@@ -76,19 +77,6 @@ MAX_INPUT_TOKENS = 8192
 INSTALL_TIKTOKEN = "pip install 'embeddingcache[openai]' (tiktoken)"
 
 
-def _positive_env(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or not value.strip():
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise InvalidInputError(f"{name} must be a positive integer, not {value!r}")
-    return number
-
-
 class OpenAIEngine(Engine):
     """Computes vectors of ``openai:`` models, one `OpenAIClient` per base URL and key."""
 
@@ -100,8 +88,8 @@ class OpenAIEngine(Engine):
         self.settings = settings
         self.limits = Limits(
             batch_inputs=BATCH_INPUTS,
-            token_budget=_positive_env(ENV_TOKEN_BUDGET, TOKEN_BUDGET),
-            in_flight=_positive_env(ENV_IN_FLIGHT, IN_FLIGHT),
+            token_budget=positive_env(ENV_TOKEN_BUDGET, TOKEN_BUDGET, int),
+            in_flight=positive_env(ENV_IN_FLIGHT, IN_FLIGHT, int),
         )
         self._clients: dict[Access, OpenAIClient] = {}
         self._encodings: dict[str, Any] = {}  # model -> tiktoken Encoding, or None: unknown

@@ -148,8 +148,7 @@ class Pipeline:
             AllProvidersFailedError: vectors were missing and nobody could compute them.
             StorageError: see `EmbeddingCache.get_embeddings`.
         """
-        options = options or EmbedOptions(batch_size=self.settings.batch_size)
-        return self._resolve(Resolution(call, options), compute=compute)
+        return self._resolve(self._resolution(call, options), compute=compute)
 
     def vectors(
         self,
@@ -163,7 +162,7 @@ class Pipeline:
         version (`Answer`). Without ``compute``, the rows of vectors nobody had are zeros.
         ``progress`` is called with each slice as it comes (a progress bar's).
         Raises what `resolve` raises."""
-        state = Resolution(call, options or EmbedOptions(batch_size=self.settings.batch_size))
+        state = self._resolution(call, options)
         slices = self._resolve(state, compute=compute)
         if progress is not None:
             slices = _reported(slices, progress)
@@ -232,6 +231,10 @@ class Pipeline:
                 missing = missing[~had]
         if len(missing) and compute:
             yield from self.computing.computed(state, missing, looked_up)
+
+    def _resolution(self, call: Call, options: EmbedOptions | None) -> Resolution:
+        """A call's own state, with the cache's engine options unless it has its own."""
+        return Resolution(call, options or EmbedOptions(batch_size=self.settings.batch_size))
 
     def _lookup(self, state: Resolution, distinct: list[bytes]) -> Lookup:
         target = state.target

@@ -12,13 +12,13 @@ slice, and looks the texts up once their claim lets them go.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import InvalidInputError, StorageError
+from .._util import positive_env
+from ..errors import StorageError
 from ..storage import Store
 from ..storage.claims import Claim, ClaimTable
 
@@ -41,16 +41,7 @@ def lease_from_env() -> float:
     Raises:
         InvalidInputError: the variable is not a positive number.
     """
-    value = os.environ.get(ENV_CLAIM_LEASE)
-    if value is None or not value.strip():
-        return CLAIM_LEASE_S
-    try:
-        lease = float(value)
-    except ValueError:
-        lease = 0.0
-    if not lease > 0 or lease == float("inf"):
-        raise InvalidInputError(f"{ENV_CLAIM_LEASE} must be a positive number of seconds")
-    return lease
+    return positive_env(ENV_CLAIM_LEASE, CLAIM_LEASE_S, float)
 
 
 class Claims:

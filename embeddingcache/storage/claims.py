@@ -124,13 +124,14 @@ class ClaimTable:
         Raises:
             StorageError: the claims could not be written, after the retries.
         """
-        table = self.store.writable_shard(model).claim
+        place = self.store.writable_shard(model)
+        table = place.claim
         statement = (
             update(table)
             .where(table.c["owner"].in_(list(owners)), table.c["done"].is_(False))
             .values(expires=time.time() + lease_s)
         )
-        self._execute(model, statement)
+        self._execute(model, place, statement)
 
     def release(self, model: str, owner: int) -> None:
         """Let a claim go: its texts are stored, or given up (a waiter then claims them).
@@ -138,11 +139,12 @@ class ClaimTable:
         Raises:
             StorageError: the claim could not be written, after the retries.
         """
-        table = self.store.writable_shard(model).claim
+        place = self.store.writable_shard(model)
+        table = place.claim
         statement = (
             update(table).where(table.c["owner"] == owner).values(done=True, expires=time.time())
         )
-        self._execute(model, statement)
+        self._execute(model, place, statement)
 
     def count(self, model: str) -> int:
         """The claim rows of a shard, live or kept as markers (bounded: see the module)."""
@@ -150,9 +152,7 @@ class ClaimTable:
         with place.engine.connect() as connection:
             return len(connection.execute(select(place.claim.c["owner"])).all())
 
-    def _execute(self, model: str, statement: Any) -> None:
-        place = self.store.writable_shard(model)
-
+    def _execute(self, model: str, place: ShardPlace, statement: Any) -> None:
         def run() -> None:
             with write_transaction(place.engine) as connection:
                 connection.execute(statement)
