@@ -21,6 +21,7 @@ from embeddingcache import (
     InvalidInputError,
     ShardMismatchError,
     StorageError,
+    transfer,
 )
 from embeddingcache.cli import main
 from embeddingcache.keys import key_of, keys_of, model_slug
@@ -310,7 +311,7 @@ def test_an_export_that_fails_midway_leaves_the_previous_file_and_no_partial_one
     path = tmp_path / "exports" / "shard.jsonl"
     path.parent.mkdir()
     path.write_text("the previous export\n", encoding="utf-8")
-    real_entries = Store.entries
+    real_entries = transfer._entries
 
     def failing_entries(store: Store, model: str) -> Iterator[Any]:
         chunks = real_entries(store, model)
@@ -318,7 +319,7 @@ def test_an_export_that_fails_midway_leaves_the_previous_file_and_no_partial_one
         raise StorageError("the disk went away")  # the fault to inject
 
     monkeypatch.setattr("embeddingcache.storage.tables.READ_CHUNK", 10)
-    monkeypatch.setattr(Store, "entries", failing_entries)
+    monkeypatch.setattr(transfer, "_entries", failing_entries)
     with pytest.raises(StorageError, match="the disk went away"):
         export_shard(cache._store, shard_name(tiny_model), path)
     assert [p.name for p in path.parent.iterdir()] == ["shard.jsonl"]

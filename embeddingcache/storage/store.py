@@ -210,30 +210,6 @@ class Store:
             self._use.touch(model, stale)
         return result
 
-    def entries(self, model: str) -> Iterator[tuple[list[tuple[bytes, bytes]], dict[bytes, str]]]:
-        """Every ``(hashid, vector)`` row of a model's shard in key order, ``READ_CHUNK`` at a
-        time, each chunk with the texts of its keys; read-only.
-
-        Raises:
-            StorageError: the shard or the texts could not be read.
-        """
-        place = self.layout.shard_place(model)
-        table = shard_table(place)
-        text_place = self.layout.text_place()
-        texts = text_table(text_place)
-        # Brings the text table to the current schema, or says it is not there (0 texts)
-        # without creating it: reading all of a shard only reads.
-        have_texts = self.text_count() > 0
-        last = b""  # sorts before every 64-byte key
-        try:
-            with place.engine.connect() as vectors, text_place.engine.connect() as text_rows:
-                while rows := table.after(vectors, last, tables.READ_CHUNK):
-                    last = rows[-1][0]
-                    found = texts.texts(text_rows, [k for k, _ in rows]) if have_texts else {}
-                    yield rows, found
-        except sa_exc.SQLAlchemyError as exc:
-            raise self.error(f"cannot read the shard of {model!r}", exc) from exc
-
     def text_count(self) -> int:
         """Rows in the hashstring table (0 when it does not exist yet)."""
         place = self.layout.text_place()
