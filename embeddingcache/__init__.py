@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
+from . import travel
 from ._version import __version__
 from .cache import CHUNK_TEXTS, EmbeddingCache
 from .config import (
@@ -213,3 +214,4 @@ def _reset_shared_caches() -> None:
         _by_arguments.clear()
     for cache in caches:
         cache.close()
+    travel.close_all()

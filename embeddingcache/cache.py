@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
+from . import travel
 from ._util import positive_int
 from .config import (
     resolve_cache_dir,
@@ -102,6 +103,9 @@ class EmbeddingCache(Upkeep):
         base_url: str | None = None,
         api_key: str | None = None,
     ) -> None:
+        # The settings taken from the environment travel by reference (`travel`).
+        given = {"db_url": db_url, "token": token}
+        self._from_env = frozenset(name for name, value in given.items() if value is None)
         self.model = resolve_model_name(model)
         self.cache_dir = resolve_cache_dir(cache_dir)
         self.db_url = resolve_db_url(db_url)
@@ -309,6 +313,27 @@ class EmbeddingCache(Upkeep):
         total = len(texts) if isinstance(texts, Sized) else None
         return _chunks(self._get, iter(texts), model, chunk_size, total, options)
 
+    def missing(
+        self, texts: Iterable[str], model: str | None = None, **options: Unpack[CallOptions]
+    ) -> list[str]:
+        """The distinct texts of ``texts`` whose vectors the store lacks, in the order they
+        first appear, as given: what a `get_embeddings` call with the same ``options``
+        would compute (or ask the backend for). It reads keys only, in one pass, and
+        computes, loads and stores nothing. A job sends only these to its workers, and a
+        rerun of a finished job sends nothing. Memory is bounded by what is missing, so
+        ``texts`` may be a generator over a corpus.
+
+        Raises:
+            InvalidInputTypeError: ``texts`` is a ``str``, or holds something else.
+            InvalidInputError: as `get_embeddings`; an error names the index in ``texts``.
+            StorageError: the store could not be read.
+        """
+        if isinstance(texts, (str, bytes)):
+            raise InvalidInputTypeError("missing() takes an iterable of texts, not one text")
+        options.pop("show_progress", None)  # nothing is computed, hence nothing shown
+        checked = check(self, model, self._default_options, False, **options)  # type: ignore[misc]
+        return _missing(self.pipeline, checked, iter(texts))
+
     async def aget_embeddings(
         self, texts: str | Sequence[str], model: str | None = None, **options: Any
     ) -> Any:
@@ -400,6 +425,7 @@ class EmbeddingCache(Upkeep):
 
     def close(self) -> None:
         """Release database connections and loaded models."""
+        travel.forget(self)
         self._flush_when_dropped.detach()
         self.pipeline.close()
         self._store.close()
@@ -417,6 +443,19 @@ class EmbeddingCache(Upkeep):
 
     def __repr__(self) -> str:
         return f"EmbeddingCache(model={self.model!r}, storage={self._store.layout.describe()!r})"
+
+    @property
+    def config(self) -> travel.Config:
+        """What this cache pickles as: its configuration, the credentials it took from the
+        environment by reference (see `embeddingcache.travel`)."""
+        api_key = self.pipeline.settings.api_key
+        return travel.config_of(self, from_env=self._from_env, api_key=api_key)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return travel.reopen, (EmbeddingCache, self.config)
+
+    def __dask_tokenize__(self) -> object:
+        return travel.token_of(self.config)
 
 
 def _chunks(
@@ -440,6 +479,23 @@ def _chunks(
                 raise TextTooLongError(exc.detail, index=done + exc.index) from None
             done += len(chunk)
             yield vectors
+
+
+def _missing(pipeline: Pipeline, checked: Checked, texts: Iterator[str]) -> list[str]:
+    """`EmbeddingCache.missing`, a chunk of ``CHUNK_TEXTS`` texts at a time."""
+    found: list[str] = []
+    seen: set[bytes] = set()  # the keys of what is missing, across chunks
+    done = 0
+    while chunk := list(itertools.islice(texts, CHUNK_TEXTS)):
+        items, _ = validate_texts(chunk, offset=done)
+        call = pipeline.prepare(checked.spec, list(map(checked.normalize, items)), checked.prefix)
+        absent = pipeline.absent(call)
+        for key, u in zip(call.distinct_keys(absent), absent, strict=True):
+            if key not in seen:
+                seen.add(key)
+                found.append(items[call.firsts[u]])
+        done += len(chunk)
+    return found
 
 
 # The arguments of __init__ and prune, checked before anything is opened or removed.

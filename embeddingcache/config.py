@@ -41,7 +41,8 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
 
 
 def resolve_db_url(db_url: str | None) -> str | None:
-    return db_url if db_url is not None else os.environ.get(ENV_DB_URL) or None
+    """``None`` reads the environment; ``""`` means the SQLite folder, whatever it says."""
+    return (db_url or None) if db_url is not None else os.environ.get(ENV_DB_URL) or None
 
 
 def resolve_remote_url(remote_url: str | bool | None) -> str | None:

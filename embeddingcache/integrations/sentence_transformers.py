@@ -179,6 +179,15 @@ class CachedSentenceTransformer:
     def __repr__(self) -> str:
         return f"CachedSentenceTransformer({self.model_name_or_path!r}, cache={self.cache!r})"
 
+    # A copy (a Ray or Dask worker's) travels as its cache's configuration (see
+    # `embeddingcache.travel`): the model it loaded for the tokenizer loads again where it
+    # lands, if it is asked for there.
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_model", "prompts")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _model=None, prompts=_prompts(state["model_name_or_path"]))
+
     # -- internals --------------------------------------------------------------------------
 
     def _dimension(self, truncate_dim: int | None) -> int:

@@ -169,6 +169,13 @@ class Pipeline:
         vectors, hits, waited = self._assembled(state, slices)
         return Answer(vectors, hits, state.target.version, waited)
 
+    def absent(self, call: Call) -> list[int]:
+        """The positions of the call's distinct texts whose shard holds no vector for them:
+        what a `resolve` would fetch or compute. Reads keys only, no vector."""
+        distinct = call.distinct_keys()
+        held = self.storage.held(call.target.shard, distinct)
+        return [u for u, key in enumerate(distinct) if key not in held]
+
     def store(self, spec: ModelSpec, embedded: Sequence[str], vectors: np.ndarray) -> int:
         """Store vectors computed elsewhere for embedded strings not stored yet (see
         `store_new`); the number stored. Keeps the cache within ``max_size`` afterwards."""

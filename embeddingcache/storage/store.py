@@ -210,6 +210,20 @@ class Store:
             self._use.touch(model, stale)
         return result
 
+    def held(self, model: str, keys: Sequence[bytes]) -> set[bytes]:
+        """The keys of ``keys`` the model's shard holds a vector for, its vectors unread."""
+        shard = self._open_shard(model)
+        if shard is None or shard.info is None or not keys:
+            return set()
+        try:
+            with shard.place.engine.connect() as connection:
+                return shard.table.holding(connection, keys)
+        except sa_exc.SQLAlchemyError as exc:
+            if _vanished(getattr(exc, "orig", None) or exc):  # removed: nothing is stored
+                self._forget(model, shard)
+                return set()
+            raise self.error(f"cannot read the shard of {model!r}", exc) from exc
+
     def text_count(self) -> int:
         """Rows in the hashstring table (0 when it does not exist yet)."""
         place = self.layout.text_place()
