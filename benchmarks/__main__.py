@@ -31,6 +31,7 @@ def _suites() -> dict[str, Callable[[Path, bool], list[Result]]]:
         bench_compute,
         bench_concurrency,
         bench_hits,
+        bench_ray,
         bench_remote,
         bench_storage,
         bench_team,
@@ -50,6 +51,8 @@ def _suites() -> dict[str, Callable[[Path, bool], list[Result]]]:
         "postgres": bench_storage.postgres,
         "api": bench_api.api,
         "team": bench_team.team,
+        "ray": bench_ray.ray_job,
+        "dask": bench_ray.dask_job,
     }
 
 

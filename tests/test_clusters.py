@@ -110,7 +110,7 @@ def _ray_job(cache: EmbeddingCache, base: type[EmbedColumn]) -> list[dict[str, A
     rows: list[dict[str, Any]] = dataset.map_batches(
         counting(base),
         fn_constructor_args=(cache,),
-        concurrency=2,
+        compute=ray.data.ActorPoolStrategy(size=2),
         batch_size=500,
         batch_format="numpy",
     ).take_all()

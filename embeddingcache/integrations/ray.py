@@ -6,7 +6,13 @@
 
     cache = EmbeddingCache("all-MiniLM-L6-v2", db_url="postgresql://team-db/embeddings")
     ds = ray.data.read_parquet("s3://corpus/")
-    ds = ds.map_batches(EmbedBatches, fn_constructor_args=(cache,), concurrency=4, num_gpus=1)
+    ds = ds.map_batches(
+        EmbedBatches,
+        fn_constructor_args=(cache,),
+        compute=ray.data.ActorPoolStrategy(size=4),  # 4 actors,
+        num_gpus=1,  # a GPU each
+        batch_size=1024,
+    )
 
 Each actor opens the cache once, in its constructor (the cache arrives pickled as its
 configuration: see `embeddingcache.travel`), reads the ``text`` column of each batch and
