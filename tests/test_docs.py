@@ -230,7 +230,8 @@ def test_every_report_a_public_method_returns_is_documented() -> None:
     documented = _documented_objects()
     cache = embeddingcache.EmbeddingCache
     todo: list[type] = []
-    for name, member in vars(cache).items():
+    members = {name: m for klass in reversed(cache.__mro__) for name, m in vars(klass).items()}
+    for name, member in members.items():
         function = member.fget if isinstance(member, property) else member
         if name.startswith("_") or not inspect.isfunction(function):
             continue
