@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import exc as sa_exc
 
 from ._util import finite_rows, first_non_finite
 from ._version import __version__
 from .errors import DimensionMismatchError, InvalidInputError, ShardMismatchError
 from .pipeline import store_new
-from .storage import Store, tables
-from .storage.tables import WRITE_BATCH, shard_table, text_table
+from .storage import Store
+from .storage.store import entries
+from .storage.tables import WRITE_BATCH
 
 __all__ = ["FORMAT", "VERSION", "ExportReport", "ImportReport", "export_shard", "import_file"]
 
@@ -122,7 +122,7 @@ def export_shard(store: Store, model: str, path: str | os.PathLike[str]) -> Expo
     try:
         with _writer(target, partial) as out:
             out.write(_json_line(header))
-            for rows, texts in _entries(store, model):
+            for rows, texts in entries(store, model):
                 sound = _sound(rows, width)
                 lines = []
                 for (key, vector), ok in zip(rows, sound, strict=True):
@@ -365,30 +365,3 @@ def _check_finite(numbers: list[int], blobs: list[bytes], dimension: int, source
     if bad is not None:
         number = numbers[bad]
         raise InvalidInputError(f"{source}: line {number}: 'vector' holds NaN or infinite values")
-
-
-def _entries(
-    store: Store, model: str
-) -> Iterator[tuple[list[tuple[bytes, bytes]], dict[bytes, str]]]:
-    """Every ``(hashid, vector)`` row of a model's shard in key order, ``tables.READ_CHUNK``
-    at a time, each chunk with the texts of its keys; read-only.
-
-    Raises:
-        StorageError: the shard or the texts could not be read.
-    """
-    place = store.layout.shard_place(model)
-    table = shard_table(place)
-    text_place = store.layout.text_place()
-    texts = text_table(text_place)
-    # Brings the text table to the current schema, or says it is not there (0 texts)
-    # without creating it: reading all of a shard only reads.
-    have_texts = store.text_count() > 0
-    last = b""  # sorts before every 64-byte key
-    try:
-        with place.engine.connect() as vectors, text_place.engine.connect() as text_rows:
-            while rows := table.after(vectors, last, tables.READ_CHUNK):
-                last = rows[-1][0]
-                found = texts.texts(text_rows, [k for k, _ in rows]) if have_texts else {}
-                yield rows, found
-    except sa_exc.SQLAlchemyError as exc:
-        raise store.error(f"cannot read the shard of {model!r}", exc) from exc

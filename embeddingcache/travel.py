@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy.engine import make_url
-
 from .config import ENV_DB_URL
 from .errors import InvalidInputError
 from .models import ENV_OPENAI_BASE_URL
+from .storage.layout import shown_url
 
 __all__ = [
     "Config",
@@ -38,7 +37,6 @@ __all__ = [
     "config_of",
     "forget",
     "reopen",
-    "shown_url",
     "token_of",
 ]
 
@@ -202,14 +200,6 @@ def close_all() -> None:
         _OPEN.clear()
     for cache in caches:
         cache.close()
-
-
-def shown_url(url: str) -> str:
-    """A database URL as it may be shown: without its password."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # a URL SQLAlchemy cannot parse shows nothing of itself
-        return "<a database URL>"
 
 
 def _check_env_db_url(expected: str | None) -> None:

@@ -311,7 +311,7 @@ def test_an_export_that_fails_midway_leaves_the_previous_file_and_no_partial_one
     path = tmp_path / "exports" / "shard.jsonl"
     path.parent.mkdir()
     path.write_text("the previous export\n", encoding="utf-8")
-    real_entries = transfer._entries
+    real_entries = transfer.entries
 
     def failing_entries(store: Store, model: str) -> Iterator[Any]:
         chunks = real_entries(store, model)
@@ -319,7 +319,7 @@ def test_an_export_that_fails_midway_leaves_the_previous_file_and_no_partial_one
         raise StorageError("the disk went away")  # the fault to inject
 
     monkeypatch.setattr("embeddingcache.storage.tables.READ_CHUNK", 10)
-    monkeypatch.setattr(transfer, "_entries", failing_entries)
+    monkeypatch.setattr(transfer, "entries", failing_entries)
     with pytest.raises(StorageError, match="the disk went away"):
         export_shard(cache._store, shard_name(tiny_model), path)
     assert [p.name for p in path.parent.iterdir()] == ["shard.jsonl"]

@@ -241,6 +241,15 @@ def server_schema(model: str) -> str:
     return f"{SHARD_SCHEMA_PREFIX}{readable}_{digest}"
 
 
+def shown_url(db_url: str) -> str:
+    """A database URL as it may be shown: its password masked (nothing of it, when it
+    cannot be parsed)."""
+    try:
+        return _server_url(db_url).render_as_string(hide_password=True)
+    except InvalidInputError:
+        return "<a database URL>"
+
+
 def _server_url(db_url: str) -> URL:
     try:
         url = make_url(db_url)

@@ -41,6 +41,7 @@ __all__ = [
     "ReadOnlyStorageError",
     "ShardSummary",
     "Store",
+    "entries",
 ]
 
 logger = logging.getLogger("embeddingcache.storage")
@@ -575,6 +576,33 @@ class Store:
             self._shards.clear()
             self._prepared.clear()
         self.layout.close()
+
+
+def entries(
+    store: Store, model: str
+) -> Iterator[tuple[list[tuple[bytes, bytes]], dict[bytes, str]]]:
+    """Every ``(hashid, vector)`` row of a model's shard in key order, ``tables.READ_CHUNK``
+    at a time (`transfer`'s export), each chunk with the texts of its keys; read-only.
+
+    Raises:
+        StorageError: the shard or the texts could not be read.
+    """
+    place = store.layout.shard_place(model)
+    table = shard_table(place)
+    text_place = store.layout.text_place()
+    texts = text_table(text_place)
+    # Brings the text table to the current schema, or says it is not there (0 texts)
+    # without creating it: reading all of a shard only reads.
+    have_texts = store.text_count() > 0
+    last = b""  # sorts before every 64-byte key
+    try:
+        with place.engine.connect() as vectors, text_place.engine.connect() as text_rows:
+            while rows := table.after(vectors, last, tables.READ_CHUNK):
+                last = rows[-1][0]
+                found = texts.texts(text_rows, [k for k, _ in rows]) if have_texts else {}
+                yield rows, found
+    except sa_exc.SQLAlchemyError as exc:
+        raise store.error(f"cannot read the shard of {model!r}", exc) from exc
 
 
 def _checked_matrix(vectors: np.ndarray, n: int) -> np.ndarray:
