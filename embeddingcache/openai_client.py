@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -93,10 +94,12 @@ class OpenAIClient:
         headers = {"User-Agent": f"embeddingcache/{__version__}", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        # The URL as given (it may carry a query an Azure deployment needs).
-        self._client = httpx.Client(
-            base_url=base_url.strip().rstrip("/") + "/", timeout=timeout, headers=headers
-        )
+        # The query (an Azure deployment's api-version) as given, after the path: httpx
+        # would append a relative path to a base URL's text, query included (issue 30).
+        parts = urlsplit(base_url.strip())
+        path = parts.path.rstrip("/") + "/embeddings"
+        self._url = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+        self._client = httpx.Client(timeout=timeout, headers=headers)
         self.in_flight = in_flight
         self.max_attempts = max_attempts
         self.max_retry_seconds = max_retry_seconds
@@ -188,7 +191,7 @@ class OpenAIClient:
         failed: httpx.TransportError | None = None
         try:
             response = self._client.post(
-                "embeddings",
+                self._url,
                 json=body,
                 timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
             )
