@@ -275,8 +275,7 @@ def _shown(error: BaseException) -> Iterator[str]:
 def test_no_log_record_or_exception_shows_a_key_a_token_or_url_credentials(
     ctx: Ctx, case: Callable[[Ctx], BaseException | None], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Each path a key takes, logged at DEBUG (httpx and httpcore too): it works with the key
-    stripped, or fails with one error of the library's, and neither shows a secret."""
+    """Each path works with the key stripped or fails with one library error; nothing shows it."""
     for name in ("", "httpx", "httpcore", "embeddingcache"):
         caplog.set_level(logging.DEBUG, logger=name or None)
     asked = ctx.backend.stats()["requests"]
@@ -298,6 +297,7 @@ def test_no_log_record_or_exception_shows_a_key_a_token_or_url_credentials(
 
 
 def test_clean_strips_outer_whitespace_and_keeps_an_empty_key_empty() -> None:
+    """Whitespace around a key goes and inside it stays; a blank key is "" (none); bytes fail."""
     assert clean("\t sk-a b\r\n", "api_key") == "sk-a b"
     assert clean("  ", "api_key") == "" and clean(None, "api_key") is None
     with pytest.raises(InvalidInputTypeError, match="api_key must be a str"):
@@ -305,11 +305,13 @@ def test_clean_strips_outer_whitespace_and_keeps_an_empty_key_empty() -> None:
 
 
 def test_mask_hides_secrets_and_the_credentials_and_query_of_urls() -> None:
+    """Secrets shorter than four characters are left alone: they would mask ordinary words."""
     said = f"at http://{USER}:pw@h:1/v1?api-key={KEY}#f: Bearer {TOKEN}"
     assert mask(said, [TOKEN, None, "ab"]) == "at http://***@h:1/v1?***#f: Bearer ***"
 
 
 def test_a_foreign_error_is_kept_as_a_cause_only_when_it_shows_no_secret() -> None:
+    """An exception chained to the foreign one counts: it would show in the traceback."""
     clean_error = httpx.ConnectError("[Errno 111] Connection refused")
     assert clean_cause(clean_error, [KEY]) is clean_error
     dirty = httpx.ConnectError("outer")

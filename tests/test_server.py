@@ -462,8 +462,7 @@ def test_a_msgpack_body_of_100000_texts_gets_the_documented_422_too_many_texts(
 def test_a_json_body_not_in_utf8_is_a_400_on_both_routes_never_a_5xx(
     start_server: Any, tiny_model: str, encoding: str
 ) -> None:
-    """JSON travels as UTF-8 (docs/protocol.md, RFC 8259): UTF-16 or UTF-32 (with a byte
-    order mark or without) and Latin-1 bodies are malformed, though Python could read them."""
+    """JSON travels as UTF-8 (RFC 8259): others are malformed, though json.loads reads UTF-16/32."""
     server, _ = start_server()
     for path, body in (
         ("/embed", {"texts": ["café"]}),
