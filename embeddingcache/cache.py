@@ -23,6 +23,7 @@ from .config import (
     resolve_remote_url,
     resolve_token,
 )
+from .credentials import clean
 from .engines import EmbedOptions, EngineSettings
 from .errors import InvalidInputError, InvalidInputTypeError, TextTooLongError
 from .keys import normalizer, validate_texts
@@ -78,11 +79,13 @@ class EmbeddingCache(Upkeep):
             Its endpoint (scheme, host, port, path) is part of the model's identity: the
             same model name at two endpoints never shares a shard.
         api_key: the key of that API; default ``OPENAI_API_KEY``. Never stored, logged or
-            shown.
+            shown. Outer whitespace (a key read from a file ends with a newline) is
+            stripped, from ``token`` too.
 
     Raises:
-        InvalidInputError: an unknown provider or normalization policy, or ``max_size``
-            with a database URL.
+        InvalidInputError: an unknown provider or normalization policy, ``max_size``
+            with a database URL, a ``base_url`` holding credentials, or a key or token
+            holding a character an HTTP header cannot carry (never shown).
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class EmbeddingCache(Upkeep):
         self.device = device
         self.max_size = _checked_max_size(max_size, self.db_url)
         self.base_url = _checked_base_url(base_url)
+        api_key = clean(api_key, "api_key")
         self._store = Store(layout_for(self.cache_dir, self.db_url))
         self.pipeline = Pipeline(
             self._store,

@@ -22,6 +22,7 @@ import numpy as np
 from . import __version__
 from .cache import EmbeddingCache
 from .config import ENV_PRICE_PER_MILLION, ENV_TOKEN, resolve_price_per_million
+from .credentials import clean
 from .errors import EmbeddingCacheError
 from .progress import Progress
 from .protocol import Limits
@@ -437,7 +438,7 @@ def _api_key(args: argparse.Namespace) -> str | None:
             "--api-key-env takes the name of an environment variable (letters, digits and "
             "_, e.g. OPENAI_API_KEY), not a key: put the key in that variable"
         )
-    key = os.environ.get(name, "").strip()
+    key = clean(os.environ.get(name, ""), f"--api-key-env {name}: the variable {name}")
     if not key:
         raise EmbeddingCacheError(
             f"--api-key-env {name}: the environment variable {name} is not set or empty"
@@ -674,7 +675,7 @@ def _serve(args: argparse.Namespace) -> int:
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     served = ", ".join(f"{name} ({s.dimension}-d)" for name, s in backend.models.items())
     print(f"embeddingcache: serving {served} at {url}", file=sys.stderr, flush=True)
-    if args.token is None and host not in ("127.0.0.1", "::1", "localhost"):
+    if backend.token is None and host not in ("127.0.0.1", "::1", "localhost"):
         print(
             "embeddingcache: warning: listening beyond this machine without --token",
             file=sys.stderr,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .credentials import clean
 from .errors import InvalidInputError
 from .models import DEFAULT_MODEL
 
@@ -60,7 +61,14 @@ def resolve_model_name(model: str | None) -> str:
 
 
 def resolve_token(token: str | None) -> str | None:
-    return token if token is not None else os.environ.get(ENV_TOKEN) or None
+    """The backend's bearer token, without its outer whitespace (`credentials.clean`).
+
+    Raises:
+        InvalidInputError: a character an HTTP header cannot carry is left in it.
+    """
+    if token is not None:
+        return clean(token, "token")
+    return clean(os.environ.get(ENV_TOKEN) or None, f"${ENV_TOKEN}")
 
 
 def resolve_price_per_million(price: float | None) -> float | None:

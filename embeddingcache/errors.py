@@ -5,7 +5,8 @@ Errors about the caller's input also derive from the built-in they refine, so th
 ``except ValueError`` keeps working:
 
     EmbeddingCacheError
-    ├── InvalidInputError (ValueError)       empty, whitespace-only or None text, bad option
+    ├── InvalidInputError (ValueError)       empty, whitespace-only or None text, bad option,
+    │                                        a key or token a header cannot carry
     │   └── TextTooLongError                 longer than the model accepts, truncate=False
     ├── InvalidInputTypeError (TypeError)    a text that is not a str
     ├── StorageError                         the cache database cannot be opened or written

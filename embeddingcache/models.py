@@ -4,12 +4,14 @@ The one place where a model name becomes a provider and an identity (`resolve_mo
 
 - ``openai:MODEL`` is ``MODEL`` behind an OpenAI-compatible ``POST {base_url}/embeddings``
   (engine ``"openai"``). Its shard name holds everything that changes its vectors: the model,
-  the endpoint (scheme, host, port and path of ``base_url``, without credentials or query)
-  unless it is OpenAI's own, and OpenAI's ``dimensions`` when asked:
+  the endpoint (scheme, host, port and path of ``base_url``, without its query) unless it is
+  OpenAI's own, and OpenAI's ``dimensions`` when asked:
   ``openai:text-embedding-3-small``, ``openai:nomic-embed-text;endpoint=http://127.0.0.1:11434/v1``,
   ``openai:text-embedding-3-large;dimensions=256``. The same model name at two endpoints is
   two shards. How the model is reached (the base URL as given, the key) is the spec's
-  `Access`, which is no part of its identity and never shown.
+  `Access`, which is no part of its identity and never shown. A ``base_url`` holding
+  credentials (``user:key@host``) is refused: the key goes in ``api_key``, sent in a header
+  (httpx would send the URL's as Basic auth, in place of the key, and log them).
 - A catalog name, in any spelling of it.
 - Any other name is used as it is: a Hugging Face id, or a local model folder (resolved to an
   absolute path, so that ``./model`` run from two folders never shares a shard).
@@ -29,6 +31,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from .credentials import clean, mask
 from .errors import InvalidInputError
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "Access",
     "ModelSpec",
     "endpoint_of",
+    "resolve_api_key",
     "resolve_model",
 ]
 
@@ -58,18 +62,25 @@ ENV_OPENAI_API_KEY = "OPENAI_API_KEY"
 
 def endpoint_of(base_url: str) -> str:
     """The part of a base URL that names where vectors come from: scheme, host, port and path,
-    without credentials, query or fragment, and without a trailing slash.
+    without query or fragment, and without a trailing slash.
 
     Raises:
-        ValueError: not an http(s) URL with a host.
+        ValueError: not an http(s) URL with a host, or one holding credentials (what the
+            message shows of the URL leaves them and the query out).
     """
     parts = urlsplit(base_url.strip())
+    # Never the URL as given: it may carry a key (user:key@host, ?api-key=...).
+    shown = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        # Never the URL as given: it may carry a key (user:key@host, ?api-key=...).
-        shown = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
         raise ValueError(
             f"base_url must be an http(s) URL with a host, not {shown!r} "
             "(credentials and query not shown)"
+        )
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"base_url {shown!r} holds credentials (user:key@ before the host, not shown): "
+            "give the key as api_key= (or OPENAI_API_KEY), sent as a Bearer header, and the "
+            "URL without them"
         )
     host = parts.hostname
     if ":" in host:  # an IPv6 literal
@@ -84,8 +95,8 @@ _OPENAI_ENDPOINT = endpoint_of(OPENAI_BASE_URL)
 @dataclass(frozen=True, repr=False)
 class Access:
     """How this process reaches a model behind an API: the base URL as given (it may hold a
-    query an Azure deployment needs, or credentials) and the API key. Neither is identity,
-    and neither is ever shown: the repr names the endpoint only."""
+    query an Azure deployment needs) and the API key. Neither is identity, and neither is
+    ever shown: the repr names the endpoint only."""
 
     base_url: str
     api_key: str | None = None
@@ -162,6 +173,18 @@ def catalog_name(model: str) -> str | None:
     return _BY_LOWER_NAME.get(model.lower())
 
 
+def resolve_api_key(api_key: str | None) -> str | None:
+    """The key of API models: ``api_key``, else ``OPENAI_API_KEY``, without its outer
+    whitespace (`embeddingcache.credentials.clean`); ``None``: no key.
+
+    Raises:
+        InvalidInputError: a character an HTTP header cannot carry is left in the key.
+    """
+    if api_key is not None:
+        return clean(api_key, "api_key")
+    return clean(os.environ.get(ENV_OPENAI_API_KEY) or None, f"${ENV_OPENAI_API_KEY}")
+
+
 def resolve_model(
     model: str,
     *,
@@ -179,7 +202,9 @@ def resolve_model(
 
     Raises:
         InvalidInputError: an empty name, a malformed ``openai:`` name, a ``base_url`` that
-            is not an http(s) URL, or one that contradicts the endpoint the name holds.
+            is not an http(s) URL, holds credentials, or contradicts the endpoint the name
+            holds, or a key a header cannot carry. No message shows a key, nor a URL's
+            credentials or query.
     """
     if not isinstance(model, str) or not model.strip():
         raise InvalidInputError(f"model must be a non-empty str, not {model!r}")
@@ -258,10 +283,12 @@ def _api_spec(
 ) -> ModelSpec:
     """The spec of ``openai:MODEL``, named by `api_name` from what the name holds and what
     the caller gives (the two must agree)."""
+    # The name as messages show it: an endpoint in it may hold credentials or a query.
+    shown = mask(model)
     found = _API_NAME.fullmatch(model)
     if found is None or not found["model"].strip():
         raise InvalidInputError(
-            f"model {model!r}: an API model is named openai:MODEL, optionally followed by "
+            f"model {shown!r}: an API model is named openai:MODEL, optionally followed by "
             ";endpoint=URL and ;dimensions=N"
         )
     named_endpoint, named_dim = found["endpoint"], found["dim"]
@@ -269,13 +296,13 @@ def _api_spec(
     try:
         endpoint = endpoint_of(url) if url is not None else None
         if named_endpoint is not None and endpoint_of(named_endpoint) != named_endpoint:
-            raise ValueError(f"the endpoint {named_endpoint!r} is not in its canonical form")
+            raise ValueError(f"the endpoint {mask(named_endpoint)!r} is not in its canonical form")
     except ValueError as exc:
-        raise InvalidInputError(f"model {model!r}: {exc}") from None
+        raise InvalidInputError(f"model {shown!r}: {exc}") from None
     if named_endpoint is not None:
         if base_url is not None and endpoint != named_endpoint:
             raise InvalidInputError(
-                f"model {model!r} is at {named_endpoint}, and base_url is {endpoint}"
+                f"model {shown!r} is at {named_endpoint}, and base_url is {endpoint}"
             )
         if endpoint != named_endpoint:
             url, endpoint = named_endpoint, named_endpoint  # the name says where
@@ -286,7 +313,7 @@ def _api_spec(
     if named_dim is not None:
         if dimensions is not None and dimensions != int(named_dim):
             raise InvalidInputError(
-                f"model {model!r} has dimensions={named_dim}, and dimensions={dimensions} was asked"
+                f"model {shown!r} has dimensions={named_dim}, and dimensions={dimensions} was asked"
             )
         dimensions = int(named_dim)
     if dimensions is not None and (
@@ -298,13 +325,12 @@ def _api_spec(
     if dimensions is not None:
         options["dimensions"] = dimensions
     assert url is not None
-    key = api_key if api_key is not None else os.environ.get(ENV_OPENAI_API_KEY) or None
     return ModelSpec(
         name=name,
         engine=OPENAI,
         dimension=dimensions,
         options=MappingProxyType(options),
-        access=Access(url, key),
+        access=Access(url, resolve_api_key(api_key)),
     )
 
 

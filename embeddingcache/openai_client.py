@@ -9,7 +9,10 @@ is checked before a vector of it is returned: one vector per input, indexes comp
 dimension, finite numbers.
 
 The API key is held by the HTTP client's headers only: it is never in a message, a log line or a
-``repr``.
+``repr``. It is checked first (`embeddingcache.credentials.clean`: a key a header cannot carry
+is one `InvalidInputError`, never a request), every message that quotes the server or httpx is
+masked (`embeddingcache.credentials.mask`), and a foreign error is kept as the cause only when
+it shows no secret. A request httpx could not write is not retried: it never will be.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from email.utils import parsedate_to_datetime
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -31,6 +35,7 @@ import tenacity
 
 from ._util import first_non_finite
 from ._version import __version__
+from .credentials import clean, clean_cause, mask
 from .errors import ProviderError
 from .models import OPENAI_BASE_URL, endpoint_of
 
@@ -83,15 +88,18 @@ class OpenAIClient:
         max_attempts: int = MAX_ATTEMPTS,
         max_retry_seconds: float = MAX_RETRY_SECONDS,
     ) -> None:
-        self.endpoint = endpoint_of(base_url)
+        self.endpoint = endpoint_of(base_url)  # refuses credentials in the URL
+        api_key = clean(api_key, "api_key")
+        self._secrets = (api_key,)
         headers = {"User-Agent": f"embeddingcache/{__version__}", "Accept": "application/json"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
-        # The URL as given (it may carry a query an Azure deployment needs); credentials in it
-        # are httpx's to send and never part of `endpoint`.
-        self._client = httpx.Client(
-            base_url=base_url.strip().rstrip("/") + "/", timeout=timeout, headers=headers
-        )
+        # The query (an Azure deployment's api-version) as given, after the path: httpx
+        # would append a relative path to a base URL's text, query included (issue 30).
+        parts = urlsplit(base_url.strip())
+        path = parts.path.rstrip("/") + "/embeddings"
+        self._url = urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+        self._client = httpx.Client(timeout=timeout, headers=headers)
         self.in_flight = in_flight
         self.max_attempts = max_attempts
         self.max_retry_seconds = max_retry_seconds
@@ -180,19 +188,21 @@ class OpenAIClient:
         if dimensions is not None:
             body["dimensions"] = dimensions
         where = f"{self.endpoint}/embeddings (model {model!r})"
+        failed: httpx.TransportError | None = None
         try:
             response = self._client.post(
-                "embeddings",
+                self._url,
                 json=body,
                 timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
             )
         except httpx.TransportError as exc:
-            # A timeout or a dropped connection: nothing came back, so it is asked again.
-            error = APIError(f"{where}: no answer ({type(exc).__name__}: {exc})", retried=True)
-            error.__cause__ = exc
-            raise _Retryable(error) from exc
+            failed = exc
+        if failed is not None:
+            # Raised out of the except block: the error chains to what `_no_answer` keeps.
+            raise self._no_answer(where, failed)
         if response.status_code != 200:
-            message = f"{where}: HTTP {response.status_code}: {_server_message(response)}"
+            said = mask(_server_message(response), self._secrets)
+            message = f"{where}: HTTP {response.status_code}: {said}"
             if response.status_code in RETRIED_STATUSES:
                 error = APIError(message, status=response.status_code, retried=True)
                 raise _Retryable(error, _asked_wait(response.headers))
@@ -201,6 +211,22 @@ class OpenAIClient:
             return _vectors(response, len(texts), dimensions)
         except ValueError as exc:
             raise APIError(f"{where}: unusable answer: {exc}") from exc
+
+    def _no_answer(self, where: str, exc: httpx.TransportError) -> Exception:
+        """The error for a request that got no answer, masked, chained to ``exc`` only when
+        it shows no secret: retried after a timeout or a dropped connection, not when httpx
+        could not write the request (it never will)."""
+        detail = mask(f"{type(exc).__name__}: {exc}", self._secrets)
+        cause = clean_cause(exc, self._secrets)
+        if isinstance(exc, (httpx.LocalProtocolError, httpx.UnsupportedProtocol)):
+            refused = APIError(f"{where}: the request could not be sent ({detail})")
+            refused.__cause__ = cause
+            return refused
+        error = APIError(f"{where}: no answer ({detail})", retried=True)
+        error.__cause__ = cause
+        retry = _Retryable(error)
+        retry.__cause__ = cause
+        return retry
 
 
 def _server_message(response: httpx.Response) -> str:

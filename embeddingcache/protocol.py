@@ -129,26 +129,35 @@ def decode_body(body: bytes, kind: str, limits: Limits | None = None) -> Any:
 
     With ``limits`` (a server reading a request), msgpack refuses containers and strings
     larger than a valid request can hold before building them: a few bytes can announce
-    millions of items.
+    millions of items. JSON must be UTF-8 (RFC 8259 for JSON that travels; a UTF-8 byte
+    order mark is ignored, as it allows): ``json.loads`` of bytes would take UTF-16 and
+    UTF-32 too.
     """
     try:
         if kind == MSGPACK:
             bounds = {}
             if limits is not None:
                 bounds = {
-                    "max_array_len": max(limits.max_texts, 65536),
+                    # An array cannot hold more items than its body has bytes: the bound
+                    # refuses no real array, so too many texts get the 422 that says so
+                    # (`_texts`), and a header announcing more is refused before msgpack
+                    # allocates its list.
+                    "max_array_len": len(body),
                     "max_map_len": 64,
                     "max_str_len": max(4 * limits.max_text_chars, 65536),
                     "max_bin_len": 4 * MAX_DIMENSIONS,
                     "max_ext_len": 0,
                 }
             return msgpack.unpackb(body, raw=False, strict_map_key=True, **bounds)
-        return json.loads(body)
+        return json.loads(body.decode("utf-8").removeprefix("\ufeff"))
     # A decoder may fail in many ways (bad UTF-8, extra data, nesting too deep, a map key
     # that cannot be hashed): every one of them is the sender's malformed body.
     except Exception as exc:
         name = "msgpack" if kind == MSGPACK else "JSON"
-        raise ProtocolError(400, f"malformed {name} body: {exc}", code="malformed") from None
+        detail = str(exc)
+        if kind == JSON and isinstance(exc, UnicodeDecodeError):
+            detail = f"not UTF-8 ({exc.reason} at byte {exc.start}); send JSON as UTF-8"
+        raise ProtocolError(400, f"malformed {name} body: {detail}", code="malformed") from None
 
 
 def encode_body(obj: Any, kind: str) -> bytes:

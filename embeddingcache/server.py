@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect
 from . import openai_wire
 from ._version import __version__
 from .cache import EmbeddingCache
+from .credentials import clean
 from .engines import EmbedOptions
 from .errors import (
     EmbeddingCacheError,
@@ -91,7 +92,8 @@ class Backend:
                 "EmbeddingCache(remote_url=False, fallback_providers=('local',))"
             )
         self.cache = cache
-        self.token = token or None
+        # A token read from a file ends with a newline that no client sends.
+        self.token = clean(token, "token") or None
         self.allow_push = allow_push
         self.limits = limits or Limits()
         self.started = time.time()

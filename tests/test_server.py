@@ -446,6 +446,51 @@ def test_a_body_announcing_millions_of_items_is_refused_before_building_them(
     assert response.status_code == 400 and "malformed msgpack" in response.json()["detail"]
 
 
+def test_a_msgpack_body_of_100000_texts_gets_the_documented_422_too_many_texts(
+    server: Any,
+) -> None:
+    """Issue 30: msgpack's own array bound answered 400 "exceeds max_array_len(65536)"."""
+    response = post(server.url, {"texts": [f"t{i}" for i in range(100_000)]})
+    assert response.status_code == 422
+    assert response.json() == {
+        "detail": "100000 texts in one request; this server takes at most 4096",
+        "error": "too_many_texts",
+    }
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "latin-1"])
+def test_a_json_body_not_in_utf8_is_a_400_on_both_routes_never_a_5xx(
+    start_server: Any, tiny_model: str, encoding: str
+) -> None:
+    """JSON travels as UTF-8 (RFC 8259): others are malformed, though json.loads reads UTF-16/32."""
+    server, _ = start_server()
+    for path, body in (
+        ("/embed", {"texts": ["café"]}),
+        ("/v1/embeddings", {"input": ["café"], "model": tiny_model}),
+    ):
+        content = json.dumps(body, ensure_ascii=False).encode(encoding)
+        response = httpx.post(
+            f"{server.url}{path}",
+            content=content,
+            headers={"Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert response.status_code == 400, (path, response.text)
+        said = response.json()
+        message = said["detail"] if path == "/embed" else said["error"]["message"]
+        assert message.startswith("malformed JSON body")
+    assert httpx.get(f"{server.url}/stats").json()["computed"] == 0
+
+
+def test_a_json_body_in_utf8_with_a_byte_order_mark_is_read(server: Any) -> None:
+    """RFC 8259 lets a reader ignore a UTF-8 byte order mark; the server does."""
+    content = json.dumps({"texts": ["café"]}, ensure_ascii=False).encode("utf-8-sig")
+    response = httpx.post(
+        f"{server.url}/embed", content=content, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 200 and len(response.json()["embeddings"]) == 1
+
+
 # -- hostile paths, headers and slow clients ---------------------------------------------------
 
 header_values = st.text(

@@ -4,6 +4,10 @@ One connection pool per cache, a timeout on every request, and no retries: a bac
 does not answer in time is skipped, and the next provider computes. After a network failure
 the backend is left alone for ``COOLDOWN_S`` seconds, so that a pipeline of many small calls
 does not wait for a dead backend on each one.
+
+The token is stripped and checked first (`embeddingcache.credentials.clean`). Credentials in
+the URL (``user:password@``, for a proxy in front of the backend) are sent as httpx sends
+them, as Basic auth, but are no part of the URL that httpx logs and messages show.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import httpx
 import numpy as np
 
 from .._version import __version__
 from ..batching import plan
+from ..credentials import clean, clean_cause, mask
 from ..errors import InvalidInputError, ProviderError, TextTooLongError
 from ..models import ModelSpec
 from ..protocol import (
@@ -96,11 +102,17 @@ class BackendEngine(Engine):
     answers_lookups = True
 
     def __init__(self, url: str, *, timeout: float, token: str | None = None) -> None:
-        self.url = url
+        token = clean(token, "token")
+        parts = urlsplit(url)
+        auth = None
+        if "@" in parts.netloc:
+            auth = httpx.BasicAuth(unquote(parts.username or ""), unquote(parts.password or ""))
+        self.url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        self._secrets = (token, parts.password)
         headers = {"Accept": MSGPACK, "User-Agent": f"embeddingcache/{__version__}"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        self._client = httpx.Client(base_url=url, timeout=timeout, headers=headers)
+        self._client = httpx.Client(base_url=self.url, timeout=timeout, headers=headers, auth=auth)
         self.timeout = timeout
         self._down_until = 0.0
         self._down_because = ""
@@ -326,6 +338,7 @@ class BackendEngine(Engine):
                 raise BackendError(f"{self._down_because}; not asked again for {COOLDOWN_S:g} s")
         deadline = time.monotonic() + self.timeout
         headers = {"Content-Type": MSGPACK} if content is not None else {}
+        failed: httpx.HTTPError | None = None
         try:
             with self._client.stream(method, path, content=content, headers=headers) as response:
                 chunks = []
@@ -335,12 +348,18 @@ class BackendEngine(Engine):
                     if time.monotonic() > deadline:
                         raise httpx.ReadTimeout(f"no full answer within {self.timeout:g} s")
         except httpx.HTTPError as exc:
+            failed = exc
+        if failed is not None:
             # Unreachable, refused, reset or too slow: skip this backend for a while.
-            because = f"the backend at {self.url} did not answer: {type(exc).__name__}: {exc}"
+            # (Raised out of the except block: the error chains to `clean_cause`'s only.)
+            detail = mask(f"{type(failed).__name__}: {failed}", self._secrets)
+            because = f"the backend at {self.url} did not answer: {detail}"
             with self._lock:
                 self._down_until = time.monotonic() + COOLDOWN_S
                 self._down_because = because
-            raise BackendError(because) from exc
+            error = BackendError(because)
+            error.__cause__ = clean_cause(failed, self._secrets)
+            raise error
         body = b"".join(chunks)
         if response.status_code != 200:
             raise _refusal(self.url, response.status_code, response.reason_phrase, body)

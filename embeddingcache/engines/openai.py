@@ -35,13 +35,13 @@ from .._util import positive_env
 from ..batching import plan, token_bound
 from ..errors import InvalidInputError, ProviderError, TextTooLongError
 from ..models import (
-    ENV_OPENAI_API_KEY,
     ENV_OPENAI_BASE_URL,
     OPENAI,
     OPENAI_BASE_URL,
     Access,
     ModelSpec,
     endpoint_of,
+    resolve_api_key,
 )
 from ..openai_client import OpenAIClient
 from ..versions import PROBE
@@ -224,7 +224,7 @@ class OpenAIEngine(Engine):
         if access is None:  # a spec built by hand: the cache's settings, then the variables
             access = Access(
                 self.settings.base_url or os.environ.get(ENV_OPENAI_BASE_URL) or OPENAI_BASE_URL,
-                self.settings.api_key or os.environ.get(ENV_OPENAI_API_KEY) or None,
+                resolve_api_key(self.settings.api_key or None),
             )
         with self._lock:
             client = self._clients.get(access)
