@@ -18,6 +18,7 @@ stays open there until closed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from .config import ENV_DB_URL
+from .credentials import mask
 from .errors import InvalidInputError
 from .models import ENV_OPENAI_BASE_URL
 from .storage.layout import shown_url
@@ -59,7 +61,7 @@ class Travelling(Protocol):
     base_url: str | None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Config:
     """The arguments that open a cache like the one pickled. The secrets are left out of
     the repr, and of `public`."""
@@ -83,6 +85,13 @@ class Config:
     """The database URL given as an argument, password and all; ``None`` otherwise."""
     token: str | None = field(default=None, repr=False)
     api_key: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        # The backend's and the endpoint's URLs may hold userinfo: shown masked.
+        fields = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
+        )
+        return mask(f"Config({fields})")
 
     def public(self) -> tuple[object, ...]:
         """The configuration without its secrets: what tells two caches apart (Dask's

@@ -75,6 +75,9 @@ def test_credentials_from_the_environment_stay_there_and_given_ones_travel(
     landed = _copy(given)
     assert landed.token == "t-" + PASSWORD and landed.config.api_key == KEY
     assert landed.db_url == url
+    with_userinfo = EmbeddingCache("m", db_url=url, remote_url=f"http://u:{KEY}@127.0.0.1:9")
+    assert KEY not in repr(with_userinfo.config) and "***" in repr(with_userinfo.config)
+    with_userinfo.close()
     cache.close()
     given.close()
 
