@@ -119,8 +119,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def private_pg() -> Iterator[PrivateServer]:
-    """A Postgres server started for this module on 127.0.0.1, stopped at the end whatever
-    happens."""
+    """A Postgres server of this module's own on 127.0.0.1, stopped at the end whatever happens."""
     if PG_BIN is None:
         pytest.skip("no Postgres server binaries (initdb): cannot start a server of our own")
     if os.geteuid() == 0:
@@ -163,8 +162,7 @@ def _cache_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
 def test_a_postgres_restart_in_the_middle_of_a_job_loses_no_vector(
     static_model: str, private_pg: PrivateServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Postgres stopped (immediate) 4,000 vectors into a 20,000-text call and started 3 s
-    later: the writes ride the restart out, and every vector is stored, without a warning."""
+    """A 3 s restart 4,000 vectors into a 20,000-text call: all 20,000 stored, no warning."""
     monkeypatch.setattr(retry, "WAIT_SCALE", 1.0)  # the real backoff: it rides the restart out
     url = private_pg.new_database()
     texts = [f"a text of a long job, number {i}" for i in range(20_000)]
@@ -209,8 +207,7 @@ def test_a_postgres_restart_in_the_middle_of_a_job_loses_no_vector(
 def test_the_first_call_after_a_restart_neither_fails_nor_warns(
     static_model: str, private_pg: PrivateServer
 ) -> None:
-    """The server restarted between two calls: the next call reads its hits and stores its
-    new texts on fresh connections (the old ones are checked before use), with no warning."""
+    """After a restart, the next call reads and stores on new connections, without a warning."""
     url = private_pg.new_database()
     with EmbeddingCache(static_model, db_url=url, device="cpu") as cache:
         before = cache.get_embeddings([f"before {i}" for i in range(300)])
@@ -240,9 +237,7 @@ FROZEN_BOUNDS = {
 def test_a_frozen_postgres_costs_a_call_its_bounded_wait_then_heals(
     static_model: str, private_pg: PrivateServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every process of the server stopped (SIGSTOP): the call returns the right vectors with
-    a warning within the bound the settings give; once the server runs again, the next call
-    stores them."""
+    """A SIGSTOPped server: right vectors and a warning within the bound; the next call stores."""
     from sentence_transformers import SentenceTransformer
 
     for name, value in FROZEN_BOUNDS.items():
@@ -281,8 +276,7 @@ def test_a_frozen_postgres_costs_a_call_its_bounded_wait_then_heals(
 def test_a_database_never_reached_is_one_clear_error_at_once(
     tiny_model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A refused first connection (nothing listens on the port) is not waited for as an
-    outage: it is one StorageError, without the retries' pauses."""
+    """A refused first connection is one StorageError at once, not an outage waited for."""
     monkeypatch.setattr(retry, "WAIT_SCALE", 1.0)
     url = f"postgresql://postgres@127.0.0.1:{_free_port()}/nowhere"
     with EmbeddingCache(tiny_model, db_url=url, device="cpu") as cache:
@@ -295,8 +289,7 @@ def test_a_database_never_reached_is_one_clear_error_at_once(
 def test_the_timeouts_are_set_on_every_connection_and_lifted_for_upkeep(
     tiny_model: str, pg_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The settings reach the server (statement and lock timeouts) and libpq (connect
-    timeout); upkeep runs without the statement and lock timeouts; a bad value is refused."""
+    """The timeouts reach server and libpq, are lifted for upkeep, and bad values are refused."""
     monkeypatch.setenv(timeouts.ENV_STATEMENT_TIMEOUT, "7.5")
     monkeypatch.setenv(timeouts.ENV_LOCK_TIMEOUT, "3")
     monkeypatch.setenv(timeouts.ENV_CONNECT_TIMEOUT, "4")
