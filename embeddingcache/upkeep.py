@@ -13,6 +13,7 @@ from .errors import InvalidInputError
 from .models import ModelSpec
 from .storage import ShardSummary
 from .storage.evict import PruneReport
+from .storage.timeouts import unbounded
 from .transfer import ExportReport, ImportReport, export_shard, import_file
 
 if TYPE_CHECKING:
@@ -34,7 +35,9 @@ class CacheContents:
 
 
 class Upkeep:
-    """`EmbeddingCache`'s methods over its store as a whole; see there."""
+    """`EmbeddingCache`'s methods over its store as a whole; see there. On Postgres they run
+    without the statement and lock timeouts (`storage.timeouts.unbounded`): a big shard's
+    prune, count or export takes as long as it takes."""
 
     _store: Store
     pipeline: Pipeline
@@ -48,15 +51,17 @@ class Upkeep:
 
         Returns the names of the places (files or schemas) found and now current.
         """
-        return self._store.migrate()
+        with unbounded():
+            return self._store.migrate()
 
     def contents(self) -> CacheContents:
         """What the storage holds: its location, the number of texts, and each model shard."""
-        return CacheContents(
-            location=self._store.layout.describe(),
-            texts=self._store.text_count(),
-            shards=self._store.summaries(),
-        )
+        with unbounded():
+            return CacheContents(
+                location=self._store.layout.describe(),
+                texts=self._store.text_count(),
+                shards=self._store.summaries(),
+            )
 
     def prune(
         self,
@@ -90,10 +95,14 @@ class Upkeep:
         if stale_versions:
             if model is not None or age is not None or max_size is not None:
                 raise InvalidInputError("stale_versions=True prunes alone: call prune again")
-            stale = self.pipeline.stale_versions()
-            return self.pipeline.prune(shards=stale, dry_run=dry_run)
+            with unbounded():
+                stale = self.pipeline.stale_versions()
+                return self.pipeline.prune(shards=stale, dry_run=dry_run)
         name = self._spec(model).name if model is not None else None
-        return self.pipeline.prune(model=name, older_than_s=age, max_size=max_size, dry_run=dry_run)
+        with unbounded():
+            return self.pipeline.prune(
+                model=name, older_than_s=age, max_size=max_size, dry_run=dry_run
+            )
 
     def export_to(self, path: str | os.PathLike[str], model: str | None = None) -> ExportReport:
         """Write one model's texts and vectors to a portable file (JSON lines; gzip when the
@@ -105,7 +114,8 @@ class Upkeep:
             OSError: the file could not be written.
         """
         spec = self._spec(model)
-        return export_shard(self._store, spec.name, path)
+        with unbounded():
+            return export_shard(self._store, spec.name, path)
 
     def import_from(self, path: str | os.PathLike[str]) -> ImportReport:
         """Add the entries of a file written by `export_to` that this cache lacks. The

@@ -39,6 +39,7 @@ from ..models import catalog_name
 from .places import Place, ShardPlace, TextPlace
 from .sqlite import SHARD_PAGE_SIZE, Reader, is_read_only, sqlite_engine
 from .tables import HitRow
+from .timeouts import Gate, Timeouts
 
 if TYPE_CHECKING:
     from .postgres import PostgresConnections
@@ -271,8 +272,18 @@ class ServerLayout:
                 f"{self.describe()}; embeddingcache supports SQLite (cache_dir) and PostgreSQL"
             )
         try:
+            from . import postgres
+
+            # Every wait for the database is bounded, and an outage is waited for within
+            # bounds, by one gate for the engine and the hit path (timeouts.py, issue 30).
+            self.gate = Gate(Timeouts.from_env())
             # pre_ping replaces a connection the server dropped before it is used.
-            self.engine = create_engine(self.url, pool_pre_ping=True)
+            self.engine = create_engine(
+                self.url,
+                pool_pre_ping=True,
+                connect_args=postgres.connect_args(self.url, self.gate.timeouts),
+            )
+            postgres.bind(self.engine, self.gate)
             self._readers: dict[str, ShardReader] = {}
             self._connections: PostgresConnections | None = None  # the hit path's
             self._places: dict[str, Place] = {}
@@ -339,7 +350,7 @@ class ServerLayout:
             reader = self._readers.get(place.name)
             if reader is None:
                 if self._connections is None:
-                    self._connections = PostgresConnections(self.url)
+                    self._connections = PostgresConnections(self.url, self.gate)
                 table = f"{place.schema}.{place.embedding.name}"
                 reader = self._readers[place.name] = PostgresReader(self._connections, table)
             return reader

@@ -29,6 +29,7 @@ from sqlalchemy.schema import CreateSchema
 
 from .places import Place, TextPlace
 from .sqlite import write_transaction
+from .timeouts import unbounded
 
 __all__ = ["HEADS", "READABLE", "Kind", "ensure", "migrate", "script_location"]
 
@@ -125,7 +126,9 @@ def _locked(place: Place) -> Iterator[Connection]:
         with write_transaction(place.engine) as connection:
             yield connection
         return
-    with place.engine.begin() as connection:
+    # Unbounded: an upgrade may rewrite a big shard, and the processes that open the cache
+    # meanwhile wait for its lock (Postgres's timeouts would end both: timeouts.py).
+    with unbounded(), place.engine.begin() as connection:
         if dialect == "postgresql":
             name = f"embeddingcache:{place.schema}".encode()
             key = int.from_bytes(hashlib.sha256(name).digest()[:8], "big", signed=True)
