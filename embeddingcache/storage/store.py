@@ -26,6 +26,7 @@ from .._util import first_non_finite
 from .._version import __version__
 from ..errors import DimensionMismatchError, ShardMismatchError, StorageError
 from . import migrate, tables
+from .faults import disk_full
 from .layout import Layout, ShardReader
 from .places import Place, ShardPlace
 from .retry import retry_write
@@ -566,7 +567,9 @@ class Store:
 
     def error(self, action: str, exc: BaseException) -> StorageError:
         """A StorageError naming the cache, its password masked, and the driver's reason."""
-        reason = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+        reason = str(exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc)
+        if disk_full(exc, self.layout.out_of_room) and "full" not in reason:
+            reason += " (disk full)"
         return StorageError(f"{action} at {self.layout.describe()}: {reason}")
 
     def close(self) -> None:
