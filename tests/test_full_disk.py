@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from embeddingcache import EmbeddingCache, EmbeddingCacheWarning, StorageError
+from embeddingcache.cli import main
 from embeddingcache.keys import key_of
 
 DISK_BYTES = 8 << 20
@@ -81,13 +82,14 @@ def test_a_fresh_cache_on_a_disk_the_cache_filled_returns_every_vector_with_a_wa
     static_model: str, full_disk: tuple[Path, list[str]]
 ) -> None:
     """A cache that never worked here, on a full disk: its first call, all misses, returns
-    them computed with a warning (not `StorageError`); hits are served."""
+    them computed with a warning (not `StorageError`), counted as not stored; hits are served."""
     folder, stored = full_disk
     assert len(stored) > 1000
     new = [f"never stored {i}" for i in range(300)]
     with EmbeddingCache(static_model, cache_dir=folder, device="cpu") as cache:
         with pytest.warns(EmbeddingCacheWarning, match=rf"could not store 300 vector.*{FULL}"):
             vectors = cache.get_embeddings(new)
+        assert cache.stats["not_stored"] == 300
         np.testing.assert_allclose(vectors, encoded(static_model, new), atol=1e-6)
         hits = cache.get_embeddings(stored[:200])
         assert (cache.stats["hits"], cache.stats["computed"]) == (200, 300)
@@ -126,6 +128,28 @@ def test_a_cache_directory_that_cannot_exist_is_still_one_clear_error(
     with EmbeddingCache(static_model, cache_dir=blocker / "cache", device="cpu") as cache:
         with pytest.raises(StorageError, match=r"cannot create the cache directory .*Not a dir"):
             cache.get_embeddings(["never stored"])
+
+
+def test_the_cli_on_a_full_disk_writes_its_output_and_says_what_it_could_not_store(
+    static_model: str, full_disk: tuple[Path, list[str]], tmp_path: Path, capsys: Any
+) -> None:
+    """`embeddingcache embed` on a full cache disk exits 0, writes every vector to its output
+    file, and says how many it could not store, and why, once. Its first chunk (512 lines)
+    is all new: no hit has shown the store working before the first write fails."""
+    folder, stored = full_disk
+    texts = [f"a line never stored {i}" for i in range(600)] + stored[:100]
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    out = tmp_path / "vectors.npy"
+    model = ["--model", static_model, "--device", "cpu", "--cache-dir", str(folder)]
+    assert main(["embed", *model, "--out", str(out), str(lines)]) == 0
+    np.testing.assert_allclose(np.load(out), encoded(static_model, texts), atol=1e-6)
+    captured = capsys.readouterr()
+    assert "100 from the cache, 0 from the backend, 600 computed" in captured.out
+    assert "600 not stored in the cache" in captured.out
+    said = [line for line in captured.err.splitlines() if line.startswith("embeddingcache: w")]
+    assert said and all(FULL in line for line in said)
+    assert len(said) == len(set(said))
 
 
 @pytest.mark.parametrize(

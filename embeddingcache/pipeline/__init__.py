@@ -100,7 +100,7 @@ class Pipeline:
         self.policy = StoragePolicy(store, max_size=max_size)
         self.counters = Counters(store)
         self.versions = Versions(store, self.chain)
-        self.writer = Writer(store, self.policy)
+        self.writer = Writer(store, self.policy, self.counters)
         self.remote = BackendTier(
             self.chain, self.versions, self.writer, self.counters, self.known_dimension
         )
