@@ -13,6 +13,7 @@ import contextlib
 import shutil
 import sqlite3
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,34 @@ def test_the_cli_on_a_full_disk_writes_its_output_and_says_what_it_could_not_sto
     said = [line for line in captured.err.splitlines() if line.startswith("embeddingcache: w")]
     assert said and all(FULL in line for line in said)
     assert len(said) == len(set(said))
+
+
+def test_prune_on_a_full_disk_frees_room_and_the_next_call_stores_again(
+    static_model: str, full_disk: tuple[Path, list[str]]
+) -> None:
+    """`EmbeddingCache.prune(max_size=...)` in a fresh cache on the full disk frees room (the
+    whole shard goes: SQLite has no room to delete a row), and the next call stores."""
+    folder, stored = full_disk
+    budget = DISK_BYTES // 2
+    with EmbeddingCache(static_model, cache_dir=folder, device="cpu") as cache:
+        report = cache.prune(max_size=budget)
+        assert report.bytes_after <= budget
+        assert report.vectors_removed == len(stored)
+        assert shutil.disk_usage(folder).free > DISK_BYTES - (256 << 10)
+        texts = [f"stored after the prune {i}" for i in range(500)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", EmbeddingCacheWarning)
+            cache.get_embeddings(texts)
+        assert cache.missing(texts) == []
+    assert len(stored_keys(folder)) == len(texts)
+
+
+def test_the_cli_prunes_a_full_disk(full_disk: tuple[Path, list[str]], capsys: Any) -> None:
+    """`embeddingcache prune --max-size` runs on the full disk, exits 0 and frees room."""
+    folder, stored = full_disk
+    assert main(["prune", "--cache-dir", str(folder), "--max-size", "4MiB"]) == 0
+    assert f"removed {len(stored)} vectors" in capsys.readouterr().out
+    assert shutil.disk_usage(folder).free > DISK_BYTES // 2
 
 
 @pytest.mark.parametrize(

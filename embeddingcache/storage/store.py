@@ -531,13 +531,14 @@ class Store:
             raise self.error(f"cannot open {place.name}", exc) from exc
 
     def forget(self, model: str) -> None:
-        """Drop what this process knows of a model's shard (after its rows were removed)."""
-        shard = self._shards.get(model)
-        if shard is not None:
-            with self._lock:
-                self._shards.pop(model, None)
-            if shard.reader is not None:
-                shard.reader.close()
+        """Drop what this process knows of a model's shard (after its rows were removed, or
+        its file: the next write creates it anew)."""
+        place = self.layout.shard_place(model)
+        with self._lock:
+            shard = self._shards.pop(model, None)
+            self._prepared.discard((place.path, place.schema))
+        if shard is not None and shard.reader is not None:
+            shard.reader.close()
 
     def live_bytes(self) -> int:
         """The bytes the cache's data takes (see ``Layout.live_bytes``): what a size budget
