@@ -419,8 +419,9 @@ class EmbeddingCache(Upkeep):
         """Counts over distinct texts per call, in this process: ``hits``, ``misses`` (not
         in the local cache), ``remote_hits`` (found by the backend), ``computed`` (by this
         machine), ``remote_computed`` (by the backend, for this cache), ``waited`` (computed
-        by another call or process sharing the store while this one waited for them) and
-        ``pushed`` (accepted by the backend); ``tokens_computed``, what the
+        by another call or process sharing the store while this one waited for them),
+        ``pushed`` (accepted by the backend) and ``not_stored`` (returned but not stored: the
+        cache could not be written, a full disk say); ``tokens_computed``, what the
         computed vectors cost in tokens, and ``tokens_saved``, the recorded cost of the hits:
         tokens not paid for again. Only an engine that bills by the token (an API's) has its
         tokens counted, exactly or as an estimate; see docs/storage.md, "What the cache

@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -23,7 +24,7 @@ from . import __version__
 from .cache import EmbeddingCache
 from .config import ENV_PRICE_PER_MILLION, ENV_TOKEN, resolve_price_per_million
 from .credentials import clean
-from .errors import EmbeddingCacheError
+from .errors import EmbeddingCacheError, EmbeddingCacheWarning
 from .progress import Progress
 from .protocol import Limits
 from .storage import ShardSummary
@@ -337,7 +338,30 @@ def _embed(args: argparse.Namespace) -> int:
         total = sum(1 for _ in _lines(sources))  # checks every line before any work
         if not total:
             raise EmbeddingCacheError(f"{' '.join(args.files)}: no text to embed")
-        return _embed_lines(args, _lines(sources), total)
+        with _warnings_once():
+            return _embed_lines(args, _lines(sources), total)
+
+
+@contextlib.contextmanager
+def _warnings_once() -> Iterator[None]:
+    """Show the library's warnings at the end, each once, on a line of its own like every
+    other message: a cache that cannot be written (a full disk) warns at every chunk, and
+    the progress bar shares standard error. Other warnings are shown as Python would."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", EmbeddingCacheWarning)
+        try:
+            yield
+        finally:
+            shown: set[str] = set()
+            for warning in caught:
+                message = str(warning.message)
+                if not issubclass(warning.category, EmbeddingCacheWarning):
+                    warnings.showwarning(
+                        warning.message, warning.category, warning.filename, warning.lineno
+                    )
+                elif message not in shown:
+                    shown.add(message)
+                    print(f"embeddingcache: warning: {message}", file=sys.stderr)
 
 
 def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> int:
@@ -408,6 +432,8 @@ def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> 
     wrote = ""
     if args.out is not None:
         wrote = f"; wrote {shape if kind == 'npy' else str(total) + ' lines'} to {args.out}"
+    if stats["not_stored"]:  # a full disk, say: the warnings below say why
+        wrote += f"; {stats['not_stored']} not stored in the cache"
     print(
         f"{total} texts ({distinct} distinct) with {model}: "
         f"{stats['hits']} from the cache, {stats['remote_hits']} from the backend, "

@@ -45,6 +45,7 @@ def test_second_call_computes_nothing(cache: EmbeddingCache, encode_spy: EncodeS
         "remote_computed": 0,
         "waited": 0,
         "pushed": 0,
+        "not_stored": 0,
         "tokens_computed": 0,  # a local model's tokens are not counted
         "tokens_saved": 0,
     }

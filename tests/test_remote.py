@@ -69,6 +69,7 @@ def test_vectors_the_backend_holds_are_counted_as_remote_hits_and_kept(
             "remote_computed": 0,
             "waited": 0,
             "pushed": 0,
+            "not_stored": 0,
             "tokens_computed": 0,  # a local model's tokens are not counted
             "tokens_saved": 0,
         }

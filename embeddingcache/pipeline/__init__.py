@@ -27,6 +27,7 @@ yielded.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
@@ -66,6 +67,8 @@ __all__ = [
     "tapered",
 ]
 
+logger = logging.getLogger("embeddingcache")
+
 
 class Answer(NamedTuple):
     """A call's vectors in input order; which of them the store held (``None``: all of
@@ -97,7 +100,7 @@ class Pipeline:
         self.policy = StoragePolicy(store, max_size=max_size)
         self.counters = Counters(store)
         self.versions = Versions(store, self.chain)
-        self.writer = Writer(store, self.policy)
+        self.writer = Writer(store, self.policy, self.counters)
         self.remote = BackendTier(
             self.chain, self.versions, self.writer, self.counters, self.known_dimension
         )
@@ -129,7 +132,7 @@ class Pipeline:
         """Key and dedupe normalized texts for ``spec`` with ``prompt`` in front, for the
         shard of the model's current version (checked at most once a second: see
         `shard_for`)."""
-        return Call(spec, normalized, prompt, self.versions.target(spec, fresh=False))
+        return Call(spec, normalized, prompt, self._target(spec, fresh=False))
 
     def resolve(
         self,
@@ -200,7 +203,7 @@ class Pipeline:
         remote = self.settings.remote_url is not None
         if len(found.positions) < n and (compute or remote):
             # Before anything is fetched or computed, the model's version as its files say now.
-            now = self.versions.target(call.spec, fresh=True)
+            now = self._target(call.spec, fresh=True)
             if now.pinned and now.version != state.target.version:
                 state.switch(now)
                 found = self._lookup(state, distinct)
@@ -243,6 +246,24 @@ class Pipeline:
         """A call's own state, with the cache's engine options unless it has its own."""
         return Resolution(call, options or EmbedOptions(batch_size=self.settings.batch_size))
 
+    def _target(self, spec: ModelSpec, *, fresh: bool) -> Target:
+        """`Versions.target`; when the store cannot be read to map the version to its shard
+        and the policy lets the call go on (a process that opens a cache on a full disk
+        cannot even read it: SQLite's ``-shm`` file cannot grow), the model's own shard at
+        the version its engine says. The lookup that follows meets the same fault and warns;
+        a write that lands after all is checked against the version the shard records."""
+        try:
+            return self.versions.target(spec, fresh=fresh)
+        except StorageError as exc:
+            if not self.policy.degrades(exc):
+                raise
+            logger.warning("cannot read the version of %r in the cache (%s)", spec.name, exc)
+        try:
+            version, pinned = self.versions.version(spec, fresh=fresh)
+        except StorageError:  # a version known by its answers, matched against the store
+            version, pinned = None, False
+        return Target(spec.name, version, pinned)
+
     def _lookup(self, state: Resolution, distinct: list[bytes]) -> Lookup:
         target = state.target
         try:
@@ -253,7 +274,11 @@ class Pipeline:
             # The storage that worked cannot be read now (a database gone, a file system
             # remounted): the caller still gets its vectors, computed; the next call tries again.
             degraded(f"cannot read the cache ({exc}); computing the texts instead")
-            return Lookup.empty(self.known_dimension(state.call.spec, target.shard))
+        try:
+            dimension = self.known_dimension(state.call.spec, target.shard)
+        except StorageError:  # the shard's model row is unreadable too
+            dimension = self.chain.dimension_said(state.call.spec) or state.call.spec.dimension or 0
+        return Lookup.empty(dimension)
 
     def _assembled(
         self, state: Resolution, slices: Iterator[Slice]

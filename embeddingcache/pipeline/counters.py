@@ -26,6 +26,7 @@ class Counters:
             "remote_computed": 0,
             "waited": 0,
             "pushed": 0,
+            "not_stored": 0,
             "tokens_computed": 0,
             "tokens_saved": 0,
         }

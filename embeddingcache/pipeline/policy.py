@@ -2,7 +2,8 @@
 
 A storage fault after the storage worked (a database gone, a disk full) costs a call its
 caching, never its vectors: it degrades with a warning. A storage that never worked is more
-likely misconfigured, and that is an error to fix.
+likely misconfigured, and that is an error to fix; unless the error itself says it is a fault
+of the machine (a full disk: `storage.faults`), which degrades in a fresh process too.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from .._util import warn
 from ..errors import DimensionMismatchError, ShardMismatchError, StorageError
 from ..storage import Store
 from ..storage.evict import PruneReport, prune
+from ..storage.faults import is_fault
 from ..storage.store import ReadOnlyStorageError
 
 __all__ = ["LOW_WATER", "StoragePolicy", "degraded"]
@@ -41,13 +43,20 @@ class StoragePolicy:
         self.worked = False  # it was read from or written to: see degrades
 
     def degrades(self, exc: StorageError) -> bool:
-        """Whether a call goes on without its storage after ``exc``: only when the storage
-        worked before in this cache (a fault that came up, which may pass). A storage that never
-        worked is more likely misconfigured (a wrong URL or password, a read-only directory):
-        that is an error to fix. A shard of another model or dimension is always an error."""
+        """Whether a call goes on without its storage after ``exc``: when the storage worked
+        before in this cache (a fault that came up, which may pass), or when the error is a
+        fault whatever came before (a full disk, said by the driver or, where SQLite could
+        not create a file, by the file system: `storage.faults.is_fault`). A storage that
+        never worked, for another reason, is more likely misconfigured (a wrong path, URL or
+        password, a database that refuses writes): that is an error to fix. A shard of
+        another model or dimension is always an error."""
         if isinstance(exc, ReadOnlyStorageError):
             return True  # a cache on read-only media serves its hits; misses are computed
-        return self.worked and not isinstance(exc, (ShardMismatchError, DimensionMismatchError))
+        if isinstance(exc, (ShardMismatchError, DimensionMismatchError)):
+            return False
+        # A full disk in a fresh process (a new run, every CLI run) is no mistake to fix
+        # first: discarding what the call computed would help no one (issue 30).
+        return self.worked or is_fault(exc, self.storage.layout.out_of_room)
 
     def prune(self, **options: object) -> PruneReport:
         """`embeddingcache.storage.evict.prune` of this store, one prune at a time."""

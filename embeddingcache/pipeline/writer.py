@@ -16,6 +16,7 @@ from ..errors import InvalidInputError, StorageError
 from ..keys import keys_of
 from ..storage import Store
 from .call import Rows, dedupe
+from .counters import Counters
 from .policy import StoragePolicy, degraded
 
 __all__ = ["REMOTE_WRITES_AHEAD", "Writer", "store_new"]
@@ -34,9 +35,10 @@ class Writer:
     """Stores rows in the order they are handed over, on one thread, so that a slice handed
     over after the backend's vectors is stored after them (thread-safe)."""
 
-    def __init__(self, storage: Store, policy: StoragePolicy) -> None:
+    def __init__(self, storage: Store, policy: StoragePolicy, counters: Counters) -> None:
         self.storage = storage
         self.policy = policy
+        self.counters = counters
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
         self._unawaited: list[Future[None]] = []  # writes nobody waits for (the backend's)
@@ -105,9 +107,9 @@ class Writer:
             if not self.policy.degrades(exc):
                 raise
             # A write transaction is all or nothing: what was not stored is simply not there.
-            degraded(
-                f"could not store {len(rows.keys)} vector(s) ({exc}); returning them as computed"
-            )
+            missing = self._unstored(shard, rows.keys)
+            self.counters.add(not_stored=missing)
+            degraded(f"could not store {missing} vector(s) ({exc}); returning them as computed")
             return np.asarray(rows.vectors, dtype=np.float32)
         self.policy.keep_within()
         if stored is None:
@@ -117,6 +119,14 @@ class Writer:
         vectors = np.array(rows.vectors, dtype=np.float32)
         vectors[stored.positions] = stored.vectors
         return vectors
+
+    def _unstored(self, shard: str, keys: Sequence[bytes]) -> int:
+        """How many of ``keys`` a failed write left unstored: a write of more than
+        ``WRITE_BATCH`` rows commits each batch on its own, so the first ones may be in."""
+        try:
+            return len(keys) - len(self.storage.held(shard, keys))
+        except StorageError:  # the store cannot be read either: count them all
+            return len(keys)
 
     def close(self) -> None:
         """Wait for every write handed over, then let the thread go."""

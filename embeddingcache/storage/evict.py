@@ -12,22 +12,29 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from sqlalchemy import exc as sa_exc
 
 from ..errors import InvalidInputError, StorageError
 from ..versions import model_of
+from .faults import disk_full
 from .layout import SQLiteLayout
 from .places import ShardPlace
 from .retry import retry_write
+from .room import allocated_bytes, least_recently_written, remove_shard, truncate_logs
 from .sqlite import SHARD_PAGE_SIZE, compact, write_transaction
 from .store import Store
 from .tables import READ_CHUNK, shard_table, text_table
 
 __all__ = ["PruneReport", "prune"]
 
+NO_ROOM_HINT = (
+    "; no room left on the disk, and this prune may remove no shard whole to make some: "
+    "prune by size or by model, or free space"
+)
 # Rounds of remove-then-measure for a size budget: the first removes by an estimate of
 # each entry's share of the files, the next ones correct it with the measured sizes.
 MAX_ROUNDS = 4
@@ -93,15 +100,96 @@ def prune(
             "removed rows for reuse, so its size does not fall; prune it by model or by age"
         )
     store.flush()  # last use that waits in memory counts
-    try:
+
+    def run() -> PruneReport:
         if shards is not None:
             return _remove_whole(store, _shards(store), set(shards), dry_run)
         return _prune(store, model, older_than_s, max_size, dry_run)
-    except sa_exc.SQLAlchemyError as exc:
-        reason = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
-        raise StorageError(
-            f"cannot prune the cache at {store.layout.describe()}: {reason}"
-        ) from exc
+
+    try:
+        return run()
+    except (sa_exc.SQLAlchemyError, StorageError) as exc:
+        if dry_run or not _full(store, exc) or not isinstance(store.layout, SQLiteLayout):
+            _reraise(store, exc)
+    return _making_room(store, run, _removable(store, model, max_size, older_than_s, shards))
+
+
+def _full(store: Store, exc: BaseException) -> bool:
+    return disk_full(exc, store.layout.out_of_room)
+
+
+def _reraise(store: Store, exc: Exception, hint: str = "") -> NoReturn:
+    """Raise ``exc`` as a `StorageError` naming the cache (as it is, when it is one and
+    there is no ``hint`` to add)."""
+    if isinstance(exc, StorageError) and not hint:
+        raise exc
+    reason = str(exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc)
+    if not isinstance(exc, StorageError):
+        reason = f"cannot prune the cache at {store.layout.describe()}: {reason}"
+    raise StorageError(f"{reason}{hint}") from exc
+
+
+def _making_room(
+    store: Store, run: Callable[[], PruneReport], removable: list[ShardPlace]
+) -> PruneReport:
+    """`prune` on a disk with no room left (see `room`): empty the logs that can be, try
+    again, and while there is still no room remove the least recently written shard of
+    ``removable`` whole, then try again."""
+    bytes_before = allocated_bytes(store)
+    truncate_logs(store)
+    removed: dict[str, int] = {}
+    while True:
+        try:
+            report = run()
+            break
+        except InvalidInputError:
+            if not removed:
+                raise
+            # The model's every shard was removed whole: that was the prune.
+            report = PruneReport({}, _drop_orphan_texts(store, None), 0, 0)
+            break
+        except (sa_exc.SQLAlchemyError, StorageError) as exc:
+            candidates = least_recently_written(removable)
+            if not _full(store, exc):
+                _reraise(store, exc)
+            if not candidates:
+                _reraise(store, exc, NO_ROOM_HINT)
+            model, entries = remove_shard(store, candidates[0])
+            removable.remove(candidates[0])
+            removed[model] = removed.get(model, 0) + entries
+    for name, count in report.removed.items():
+        removed[name] = removed.get(name, 0) + count
+    return PruneReport(removed, report.texts_removed, bytes_before, store.total_bytes())
+
+
+def _removable(
+    store: Store,
+    model: str | None,
+    max_size: int | None,
+    older_than_s: float | None,
+    shards: Sequence[str] | None,
+) -> list[ShardPlace]:
+    """The shards a prune may remove whole to make room: those it was asked to empty, or
+    under a size budget any of its scope (a prune by age alone removes none whole)."""
+    layout = store.layout
+    if shards is not None:
+        return [layout.shard_place(name) for name in shards]
+    if model is None:
+        return layout.shard_places() if max_size is not None else []
+    if max_size is None and older_than_s is not None:
+        return []
+    own = layout.shard_place(model)  # found without a read: none may be possible
+    return [p for p in layout.shard_places() if p.path == own.path or _of_model(p, model)]
+
+
+def _of_model(place: ShardPlace, model: str) -> bool:
+    """Whether a shard holds a version of ``model`` (``False`` when it cannot be read)."""
+    try:
+        with place.engine.connect() as connection:
+            row = shard_table(place).info(connection)
+    except sa_exc.SQLAlchemyError:
+        return False
+    return row is not None and model_of(row.model) == model
 
 
 def _prune(
@@ -188,10 +276,9 @@ def _remove_whole(
         return PruneReport(removed, 0, bytes_before, max(bytes_before - freed, 0), True)
     if not scope:
         return PruneReport({}, 0, bytes_before, bytes_before)
-    for shard in scope:
-        _empty(store, shard)
+    emptied = [shard.place for shard in scope if _empty(store, shard)]
     texts = _drop_orphan_texts(store, None)
-    return _finish(store, removed, texts, bytes_before, [s.place for s in scope])
+    return _finish(store, removed, texts, bytes_before, emptied)
 
 
 def _remove(
@@ -303,17 +390,26 @@ def _delete(shard: _Shard, keys: Sequence[bytes]) -> None:
         retry_write(run)
 
 
-def _empty(store: Store, shard: _Shard) -> None:
+def _empty(store: Store, shard: _Shard) -> bool:
     """Remove every vector of a shard and its model row: the name is free for a model of
     another dimension. The file or schema stays, so that other processes using it keep
-    working (a deleted file would keep its readers and writers on a vanished inode)."""
+    working (a deleted file would keep its readers and writers on a vanished inode); unless
+    the disk has no room to write the removal: the file then goes (see `room`), and the
+    answer is ``False``."""
 
     def run() -> None:
         with write_transaction(shard.place.engine) as connection:
             shard_table(shard.place).empty(connection)
 
-    retry_write(run)
+    try:
+        retry_write(run)
+    except sa_exc.SQLAlchemyError as exc:
+        if not _full(store, exc) or shard.place.path is None:
+            raise
+        remove_shard(store, shard.place)
+        return False
     store.forget(shard.model)
+    return True
 
 
 def _drop_orphan_texts(store: Store, candidates: Sequence[bytes] | None) -> int:

@@ -33,9 +33,10 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, StorageError
 from ..keys import check_model_name, model_slug
 from ..models import catalog_name
+from .faults import out_of_room
 from .places import Place, ShardPlace, TextPlace
 from .sqlite import SHARD_PAGE_SIZE, Reader, is_read_only, sqlite_engine
 from .tables import HitRow
@@ -77,6 +78,7 @@ class Layout(Protocol):
     def bytes_on_disk(self, place: Place) -> int: ...
     def live_bytes(self, place: Place) -> int: ...
     def prepare(self) -> None: ...
+    def out_of_room(self) -> bool: ...
     def reader(self, place: ShardPlace) -> ShardReader | None: ...
     def read_only(self, place: Place) -> bool: ...
     def replaced(self, place: Place) -> bool: ...
@@ -157,7 +159,17 @@ class SQLiteLayout:
         return int(size) * (int(pages) - int(free))
 
     def prepare(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # A file in the way or a permission is a mistake, a full disk a fault: either way
+            # a storage error, which the pipeline's policy tells apart (`faults.is_fault`).
+            message = f"cannot create the cache directory {self.directory}: {exc}"
+            raise StorageError(message) from exc
+
+    def out_of_room(self) -> bool:
+        """Whether the directory's disk is full (see `faults.out_of_room`)."""
+        return out_of_room(self.directory)
 
     def _engine(self, path: Path, page_size: int | None) -> Engine:
         with self._lock:
@@ -341,6 +353,9 @@ class ServerLayout:
 
     def prepare(self) -> None:
         pass
+
+    def out_of_room(self) -> bool:
+        return False  # the server says so itself (SQLSTATE 53100: `faults.no_room`)
 
     def reader(self, place: ShardPlace) -> ShardReader | None:
         """The plain psycopg reader of a shard's schema (the hit path)."""

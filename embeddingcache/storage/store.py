@@ -26,6 +26,7 @@ from .._util import first_non_finite
 from .._version import __version__
 from ..errors import DimensionMismatchError, ShardMismatchError, StorageError
 from . import migrate, tables
+from .faults import disk_full
 from .layout import Layout, ShardReader
 from .places import Place, ShardPlace
 from .retry import retry_write
@@ -531,13 +532,14 @@ class Store:
             raise self.error(f"cannot open {place.name}", exc) from exc
 
     def forget(self, model: str) -> None:
-        """Drop what this process knows of a model's shard (after its rows were removed)."""
-        shard = self._shards.get(model)
-        if shard is not None:
-            with self._lock:
-                self._shards.pop(model, None)
-            if shard.reader is not None:
-                shard.reader.close()
+        """Drop what this process knows of a model's shard (after its rows were removed, or
+        its file: the next write creates it anew)."""
+        place = self.layout.shard_place(model)
+        with self._lock:
+            shard = self._shards.pop(model, None)
+            self._prepared.discard((place.path, place.schema))
+        if shard is not None and shard.reader is not None:
+            shard.reader.close()
 
     def live_bytes(self) -> int:
         """The bytes the cache's data takes (see ``Layout.live_bytes``): what a size budget
@@ -567,7 +569,9 @@ class Store:
 
     def error(self, action: str, exc: BaseException) -> StorageError:
         """A StorageError naming the cache, its password masked, and the driver's reason."""
-        reason = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+        reason = str(exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc)
+        if disk_full(exc, self.layout.out_of_room) and "full" not in reason:
+            reason += " (disk full)"
         return StorageError(f"{action} at {self.layout.describe()}: {reason}")
 
     def close(self) -> None:
