@@ -110,31 +110,41 @@ def ray_job(work: Path, quick: bool) -> list[Result]:
         ray.shutdown()
         for drop in drops:
             drop()
-    ratio = together / alone
-    extra = computed - n
     return [
-        Result(
-            f"18. a Ray Data job: {ACTORS} actors, {kind}",
-            f"{2 * n:,} rows, {n:,} distinct texts each twice, the fast model, "
-            "map_batches(EmbedBatches) on a local cluster: wall time, and texts computed "
-            "beyond the distinct ones",
-            together,
-            alone,
-            "one process alone on the same texts, same run",
-            ratio,
-            "0 computed twice",
-            extra == 0,
-            unit="s",
-            notes=[
-                f"{kind}: {computed:,} texts computed for {n:,} distinct ({extra} twice); "
-                f"the job took {together:.2f} s (actors starting and loading the model "
-                f"included) against {alone:.2f} s for one process ({ratio:.2f}x); once the "
-                f"first batch was back, the job ran at {rate:,.0f} rows/s against "
-                f"{2 * n / alone:,.0f}/s for the process; then missing() over the "
-                f"{n:,} texts took {asked:.2f} s to say that nothing is left"
-            ],
+        _result(
+            f"a Ray Data job: {ACTORS} actors, {kind}",
+            "map_batches(EmbedBatches)",
+            n,
+            (computed, together, alone),
+            f"(actors starting and loading the model included) against {alone:.2f} s for one "
+            f"process ({together / alone:.2f}x); once the first batch was back, the job ran at "
+            f"{rate:,.0f} rows/s against {2 * n / alone:,.0f}/s for the process; then "
+            f"missing() over the {n:,} texts took {asked:.2f} s to say that nothing is left",
         )
     ]
+
+
+def _result(name: str, how: str, n: int, figures: tuple[int, float, float], detail: str) -> Result:
+    """Benchmark 18's line for a job: ``figures`` are the texts it computed, its wall time
+    and the one process's; the target is no text computed twice."""
+    computed, together, alone = figures
+    extra = computed - n
+    return Result(
+        f"18. {name}",
+        f"{2 * n:,} rows, {n:,} distinct texts each twice, the fast model, {how} on a local "
+        "cluster: wall time, and texts computed beyond the distinct ones",
+        together,
+        alone,
+        "one process alone on the same texts, same run",
+        together / alone,
+        "0 computed twice",
+        extra == 0,
+        unit="s",
+        notes=[
+            f"{name.split(', ')[-1]}: {computed:,} texts computed for {n:,} distinct "
+            f"({extra} twice); the job took {together:.2f} s {detail}"
+        ],
+    )
 
 
 def _dask_job(model: str, stores: list[str], texts: list[str]) -> list[tuple[int, float]]:
@@ -182,27 +192,14 @@ def dask_job(work: Path, quick: bool) -> list[Result]:
     finally:
         for drop in drops:
             drop()
-    ratio = together / alone
-    extra = max(computed, warm_computed) - n
     return [
-        Result(
-            f"18. a Dask job: {ACTORS} workers, {kind}",
-            f"{2 * n:,} rows, {n:,} distinct texts each twice, the fast model, "
-            "map_partitions(EmbedColumn) on a local cluster: wall time, and texts computed "
-            "beyond the distinct ones",
-            together,
-            alone,
-            "one process alone on the same texts, same run",
-            ratio,
-            "0 computed twice",
-            extra == 0,
-            unit="s",
-            notes=[
-                f"{kind}: {computed:,} texts computed for {n:,} distinct ({extra} twice); "
-                f"the job took {together:.2f} s (each worker loading the model included) "
-                f"against {alone:.2f} s for one process ({ratio:.2f}x); the same job on a "
-                f"new store, on the same workers (the model loaded): {warm:.2f} s, "
-                f"{warm_computed:,} computed"
-            ],
+        _result(
+            f"a Dask job: {ACTORS} workers, {kind}",
+            "map_partitions(EmbedColumn)",
+            n,
+            (max(computed, warm_computed), together, alone),
+            f"(each worker loading the model included) against {alone:.2f} s for one process "
+            f"({together / alone:.2f}x); the same job on a new store, on the same workers "
+            f"(the model loaded): {warm:.2f} s, {warm_computed:,} computed",
         )
     ]
