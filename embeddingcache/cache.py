@@ -481,7 +481,7 @@ def _chunks(
             try:
                 vectors = get(chunk, model, progress, **options)
             except TextTooLongError as exc:
-                raise TextTooLongError(exc.detail, index=done + exc.index) from None
+                raise exc.at(done + exc.index) from None
             done += len(chunk)
             yield vectors
 

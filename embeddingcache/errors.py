@@ -50,13 +50,23 @@ class InvalidInputError(EmbeddingCacheError, ValueError):
 class TextTooLongError(InvalidInputError):
     """A text has more tokens than the model accepts and truncation was not asked for.
 
-    ``index`` is the position of the text in the caller's input; ``detail`` says by how much.
+    ``index`` is the position of the text in the caller's input; ``detail`` says by how much;
+    ``tokens`` and ``limit``, where the engine counted them: the text's tokens and the most the
+    model takes.
     """
 
-    def __init__(self, detail: str, *, index: int) -> None:
+    def __init__(
+        self, detail: str, *, index: int, tokens: int | None = None, limit: int | None = None
+    ) -> None:
         super().__init__(f"texts[{index}]: {detail}")
         self.detail = detail
         self.index = index
+        self.tokens = tokens
+        self.limit = limit
+
+    def at(self, index: int) -> TextTooLongError:
+        """The same error for the text at ``index`` of a longer input."""
+        return TextTooLongError(self.detail, index=index, tokens=self.tokens, limit=self.limit)
 
 
 class InvalidInputTypeError(EmbeddingCacheError, TypeError):

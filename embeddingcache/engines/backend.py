@@ -252,7 +252,7 @@ class BackendEngine(Engine):
             try:
                 body = self._post("/embed", request.to_wire())
             except TextTooLongError as exc:
-                raise TextTooLongError(exc.detail, index=start + exc.index) from None
+                raise exc.at(start + exc.index) from None
             return self._vectors(body, spec, stop - start, lookup_only)
 
         if lookup_only and len(ranges) > 1:

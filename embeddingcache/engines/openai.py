@@ -177,6 +177,8 @@ class OpenAIEngine(Engine):
                     f"{len(tokens)} tokens, and model {spec.name!r} takes at most {limit} "
                     "(pass truncate=True to cut it)",
                     index=i,
+                    tokens=len(tokens),
+                    limit=limit,
                 )
             if cut:
                 out[i] = _cut(encoding, tokens, limit)

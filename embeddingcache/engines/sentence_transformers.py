@@ -378,6 +378,8 @@ class SentenceTransformersEngine(Engine):
                     f"text is {len(ids)} tokens long, more than the {limit} that model "
                     f"{spec.name!r} accepts; pass truncate=True to embed its first {limit} tokens",
                     index=index,
+                    tokens=len(ids),
+                    limit=limit,
                 )
 
     def _encode(self, model: Any, texts: list[str], prompt: str, batch_size: int) -> np.ndarray:

@@ -72,13 +72,13 @@ logger = logging.getLogger("embeddingcache")
 
 class Answer(NamedTuple):
     """A call's vectors in input order; which of them the store held (``None``: all of
-    them); the model version they are of; and how many distinct texts another call
-    computed while this one waited for them."""
+    them); the model version they are of; and which of them another call computed while this
+    one waited for them (``None``: none)."""
 
     vectors: np.ndarray
     hits: np.ndarray | None
     version: str | None
-    waited: int = 0
+    waited: np.ndarray | None = None
 
 
 class Pipeline:
@@ -282,17 +282,17 @@ class Pipeline:
 
     def _assembled(
         self, state: Resolution, slices: Iterator[Slice]
-    ) -> tuple[np.ndarray, np.ndarray | None, int]:
-        """The slices' vectors in input order, which the store held (``None``: all), and how
-        many distinct texts were waited for."""
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """The slices' vectors in input order, which the store held (``None``: all), and
+        which were waited for (``None``: none)."""
         call = state.call
         first = next(slices, None)
         n = len(call.firsts)
         if first is not None and first.source == "hit" and len(first.positions) == n:
             # All stored: the lookup's rows are already in key order (the hot path).
             if call.inverse is None:
-                return first.vectors, None, 0
-            return first.vectors[call.inverse], None, 0
+                return first.vectors, None, None
+            return first.vectors[call.inverse], None, None
         parts = [first, *slices] if first is not None else []
         only = parts[0] if len(parts) == 1 else None
         if only is not None and only.source == "remote" and len(only.positions) == n:
@@ -300,8 +300,8 @@ class Pipeline:
             # so its rows (a copy of the answer's) are in key order already, as a lookup's.
             hit = np.zeros(n, dtype=bool)
             if call.inverse is None:
-                return only.vectors, hit, 0
-            return only.vectors[call.inverse], hit[call.inverse], 0
+                return only.vectors, hit, None
+            return only.vectors[call.inverse], hit[call.inverse], None
         dimensions = {s.vectors.shape[1] for s in parts}
         if len(dimensions) > 1:
             raise DimensionMismatchError(
@@ -313,16 +313,19 @@ class Pipeline:
         # Every row is filled below unless something stayed missing (lookup only).
         unique = (np.zeros if filled < n else np.empty)((n, dimension), dtype=np.float32)
         hit = np.zeros(n, dtype=bool)
-        waited = 0
+        waited: np.ndarray | None = None
         for part in parts:
             unique[part.positions] = part.vectors
             if part.source == "hit":
                 hit[part.positions] = True
             elif part.source == "waited":
-                waited += len(part.positions)
+                if waited is None:
+                    waited = np.zeros(n, dtype=bool)
+                waited[part.positions] = True
         if call.inverse is None:
             return unique, hit, waited
-        return unique[call.inverse], hit[call.inverse], waited
+        inverse = call.inverse
+        return unique[inverse], hit[inverse], None if waited is None else waited[inverse]
 
     # -- versions -------------------------------------------------------------------------
 

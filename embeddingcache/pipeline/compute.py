@@ -230,7 +230,7 @@ class Compute:
             try:
                 lead.check_inputs(call.spec, texts, truncate=options.truncate)
             except TextTooLongError as exc:
-                raise TextTooLongError(exc.detail, index=call.firsts[missing[exc.index]]) from None
+                raise exc.at(call.firsts[missing[exc.index]]) from None
             except ProviderError as exc:  # it cannot compute these: the next engine may
                 logger.debug("engine %s cannot take these texts: %s", name, exc)
                 state.fail(name, exc)
@@ -315,7 +315,7 @@ class Compute:
                 if engine.versioned_by == "backend":
                     self.remote.check_version(state, engine)
             except TextTooLongError as exc:
-                raise TextTooLongError(exc.detail, index=origins[exc.index]) from None
+                raise exc.at(origins[exc.index]) from None
             except ProviderError as exc:
                 logger.debug("engine %s failed: %s", name, exc)
                 state.fail(name, exc)
