@@ -13,55 +13,15 @@ from embeddingcache import EmbeddingCache
 from embeddingcache.engines.backend import LOOKUP_TEXTS, BackendEngine
 from embeddingcache.models import resolve_model
 
-from .common import (
-    DIM,
-    MODEL,
-    OPENAI_INPUTS,
-    Result,
-    fill,
-    median,
-    random_vectors,
-    sentences,
-    serving,
-    timings,
-)
+from .common import DIM, MODEL, Result, median, serving_hits, timings
 
 N = 20_000
 
 
 def remote(work: Path, quick: bool) -> list[Result]:
     directory = work / "remote-server"
-    texts = sentences(N, seed=4)
-    vectors = random_vectors(N, seed=4)
-    fill(directory, texts, vectors)
-    with serving("-m", MODEL, "--cache-dir", str(directory)) as url:
+    with serving_hits(directory, N, seed=4) as (url, texts, vectors):
         return _measure(work, url, directory, texts, vectors, quick)
-
-
-def _openai_hits(url: str, texts: list[str], vectors: object, repeat: int) -> tuple[float, float]:
-    """Seconds for all texts through /v1/embeddings with the official client, in requests of
-    OpenAI's 2,048 inputs: base64 (the client's default) and float."""
-    import numpy as np
-    import openai
-
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-    chunks = [texts[i : i + OPENAI_INPUTS] for i in range(0, len(texts), OPENAI_INPUTS)]
-
-    def run(**encoding: str) -> list[list[float]]:
-        got = []
-        for chunk in chunks:
-            answer = client.embeddings.create(model=MODEL, input=chunk, **encoding)  # type: ignore[call-overload]
-            got += [item.embedding for item in answer.data]
-        return got
-
-    try:
-        # Named no format, the client asks for base64 and decodes it into floats itself.
-        assert np.array_equal(np.asarray(run(), dtype=np.float32), vectors)
-        b64 = median(timings(run, repeat))
-        floats = median(timings(lambda: run(encoding_format="float"), repeat))
-    finally:
-        client.close()
-    return b64, floats
 
 
 def _measure(
@@ -114,24 +74,7 @@ def _measure(
             )
             wire += len(response.content)
     raw = N * 4 * DIM
-    openai_b64, openai_float = _openai_hits(url, texts, vectors, repeat)
     return [
-        Result(
-            "15. OpenAI API warm hits",
-            f"{N:,} texts through serve's /v1/embeddings, official openai client (base64): "
-            "vectors/s",
-            N / openai_b64,
-            N / remote_time,
-            "the same hits through /embed (msgpack)",
-            remote_time / openai_b64,
-            ">= 0.5x",
-            remote_time / openai_b64 >= 0.5,
-            unit="vectors/s",
-            notes=[
-                f"JSON floats (encoding_format='float'): {N / openai_float:,.0f} vectors/s "
-                f"({remote_time / openai_float:.2f}x /embed)"
-            ],
-        ),
         Result(
             "7. remote warm hits",
             f"{N:,} texts through serve on loopback, msgpack: vectors/s",

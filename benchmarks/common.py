@@ -82,11 +82,13 @@ def shard_path(cache_dir: Path, model: str = MODEL) -> Path:
 
 
 @contextlib.contextmanager
-def serving(*args: str) -> Iterator[str]:
-    """``embeddingcache serve --port 0 ARGS`` in a process of its own: its URL, and the
-    process stopped afterwards."""
+def serving(*args: str, module: str = "embeddingcache.cli") -> Iterator[str]:
+    """``embeddingcache serve --port 0 ARGS`` in a process of its own (or ``python -m
+    MODULE ARGS``, a server that prints its URL as serve does): its URL, and the process
+    stopped afterwards."""
+    command = ["serve", "--port", "0", *args] if module == "embeddingcache.cli" else list(args)
     server = subprocess.Popen(
-        [sys.executable, "-m", "embeddingcache.cli", "serve", "--port", "0", *args],
+        [sys.executable, "-m", module, *command],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -98,13 +100,24 @@ def serving(*args: str) -> Iterator[str]:
                 url = line.rsplit(" at ", 1)[1].strip()
                 break
         if not url:
-            raise RuntimeError("embeddingcache serve did not start")
+            raise RuntimeError(f"{module} did not start")
         # Keep reading: a server whose stderr pipe fills (a model's loading bars) would stop.
         threading.Thread(target=server.stderr.read, daemon=True).start()
         yield url
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serving_hits(directory: Path, n: int, seed: int) -> Iterator[tuple[str, list[str], np.ndarray]]:
+    """``n`` texts with generated vectors stored in ``directory``, served by ``embeddingcache
+    serve`` in a process of its own: its URL, the texts and their vectors."""
+    texts = sentences(n, seed=seed)
+    vectors = random_vectors(n, seed=seed)
+    fill(directory, texts, vectors)
+    with serving("-m", MODEL, "--cache-dir", str(directory)) as url:
+        yield url, texts, vectors
 
 
 def timings(run: Callable[[], object], repeat: int, warmup: int = 1) -> list[float]:
