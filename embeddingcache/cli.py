@@ -26,7 +26,7 @@ from .config import ENV_PRICE_PER_MILLION, ENV_TOKEN, resolve_price_per_million
 from .credentials import clean
 from .errors import EmbeddingCacheError, EmbeddingCacheWarning
 from .progress import Progress
-from .protocol import Limits
+from .protocol import Connections, Limits
 from .storage import ShardSummary
 
 __all__ = ["main"]
@@ -206,9 +206,53 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.max_body_bytes,
         help="bytes per request body (%(default)s)",
     )
+    serve.add_argument(
+        "--truncate",
+        action="store_true",
+        help="on /v1/embeddings, embed the first tokens of an input longer than the model "
+        'takes, unless the request says "truncate": false (default: refuse it with a 400)',
+    )
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="a browser origin that may call the server (https://app.example.com, or * for "
+        "any); repeat for several (default: none, no CORS)",
+    )
+    connections = Connections()
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=connections.header_timeout_s,
+        metavar="S",
+        help="close a connection that has not sent a request's headers in S seconds (%(default)s)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=float,
+        default=defaults.body_timeout_s,
+        metavar="S",
+        help="answer 408 to a body that has not arrived in S seconds (%(default)s)",
+    )
+    serve.add_argument(
+        "--keep-alive",
+        type=int,
+        default=connections.keep_alive_s,
+        metavar="S",
+        help="close a connection idle for S seconds after an answer (%(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=connections.max_connections,
+        metavar="N",
+        help="connections open at once; beyond, a new one gets 503 (%(default)s)",
+    )
     serve.add_argument("--batch-size", type=int, default=32, help="texts per forward pass")
     serve.add_argument("--device", help="cpu, cuda, mps... (default: the best available)")
-    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--access-log", action="store_true", help="log every request, with its id and time"
+    )
     serve.set_defaults(run=_serve)
 
     info = commands.add_parser(
@@ -669,13 +713,22 @@ def _serve(args: argparse.Namespace) -> int:
         raise EmbeddingCacheError(
             f"the server needs FastAPI and uvicorn ({exc}): pip install 'embeddingcache[server]'"
         ) from exc
-    for name in ("max_texts", "max_text_chars", "max_body_bytes"):
+    for name in ("max_texts", "max_text_chars", "max_body_bytes", "keep_alive", "max_connections"):
         if getattr(args, name) < 1:
             raise EmbeddingCacheError(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("header_timeout", "body_timeout"):
+        if not getattr(args, name) > 0:
+            raise EmbeddingCacheError(f"--{name.replace('_', '-')} must be more than 0")
     limits = Limits(
         max_texts=args.max_texts,
         max_text_chars=args.max_text_chars,
         max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout,
+    )
+    connections = Connections(
+        header_timeout_s=args.header_timeout,
+        keep_alive_s=args.keep_alive,
+        max_connections=args.max_connections,
     )
     models = args.model or []
     cache = EmbeddingCache(
@@ -691,7 +744,12 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         backend = Backend(
-            cache, models, token=args.token, allow_push=args.allow_push, limits=limits
+            cache,
+            models,
+            token=args.token,
+            allow_push=args.allow_push,
+            limits=limits,
+            truncate=args.truncate,
         )
         sock = bind(args.host, args.port)
     except BaseException:
@@ -707,7 +765,8 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    serve(create_app(backend), sock, access_log=args.access_log)
+    app = create_app(backend, cors_origins=args.cors_origin or (), access_log=args.access_log)
+    serve(app, sock, connections)
     return 0
 
 

@@ -9,6 +9,7 @@ touches the cache: the server computes what `parse_request` accepted and renders
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .errors import TextTooLongError
 from .protocol import Limits, ProtocolError
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "parse_request",
     "response_body",
     "shorten",
+    "too_long",
 ]
 
 # The extension field that picks a prompt (as NVIDIA's and Voyage's APIs name it), and the
@@ -44,6 +47,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",
     408: "timeout_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
@@ -59,6 +63,7 @@ class OpenAIRequest:
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     input_type: str | None = None  # a key of INPUT_TYPES
+    truncate: bool | None = None  # None: the server's default (serve --truncate)
 
 
 def _bad(message: str, param: str, index: int | None = None) -> ProtocolError:
@@ -94,10 +99,13 @@ def parse_request(obj: Any, limits: Limits) -> OpenAIRequest:
     ):
         known = ", ".join(repr(k) for k in INPUT_TYPES)
         raise _bad(f"input_type must be one of {known}, not {input_type!r}", "input_type")
+    truncate = obj.get("truncate")
+    if truncate is not None and not isinstance(truncate, bool):
+        raise _bad(f"truncate must be true or false, not {truncate!r}", "truncate")
     user = obj.get("user")
     if user is not None and not isinstance(user, str):
         raise _bad(f"user must be a string, not {type(user).__name__}", "user")
-    return OpenAIRequest(model, texts, single, encoding, dimensions, input_type)
+    return OpenAIRequest(model, texts, single, encoding, dimensions, input_type, truncate)
 
 
 def _inputs(value: Any, limits: Limits) -> tuple[list[str], bool]:
@@ -109,9 +117,13 @@ def _inputs(value: Any, limits: Limits) -> tuple[list[str], bool]:
         )
     if not items:
         raise _bad("'input' is empty; send at least one string", "input")
-    if all(isinstance(x, int) and not isinstance(x, bool) for x in items) or any(
-        isinstance(x, list) for x in items
-    ):
+    kinds = set(map(type, items))
+    if kinds == {str} and _all_fit(items, limits.max_text_chars):
+        if len(items) > limits.max_texts:
+            raise _too_many(len(items), limits)
+        _check_encodable(items, single)
+        return list(items), single
+    if kinds <= {int} or list in kinds:
         raise _bad(
             "token arrays are not accepted: this cache keys vectors by text, so send the "
             "strings themselves (with LangChain's OpenAIEmbeddings, pass "
@@ -119,12 +131,7 @@ def _inputs(value: Any, limits: Limits) -> tuple[list[str], bool]:
             "input",
         )
     if len(items) > limits.max_texts:
-        raise ProtocolError(
-            400,
-            f"{len(items)} inputs in one request; this server takes at most {limits.max_texts}",
-            code="too_many_inputs",
-            param="input",
-        )
+        raise _too_many(len(items), limits)
     for i, text in enumerate(items):
         where = "'input'" if single else f"input[{i}]"
         if not isinstance(text, str):
@@ -138,7 +145,62 @@ def _inputs(value: Any, limits: Limits) -> tuple[list[str], bool]:
                 "input",
                 i,
             )
-    return list(items), single
+    raise AssertionError("unreachable: _all_fit found a text at fault")  # pragma: no cover
+
+
+def _all_fit(texts: list[str], max_chars: int) -> bool:
+    """Whether every text is non-blank and short enough, in a few passes of C code (the
+    per-text loop of `_inputs` runs only to name the first that is not)."""
+    return all(texts) and not any(map(str.isspace, texts)) and max(map(len, texts)) <= max_chars
+
+
+def _too_many(n: int, limits: Limits) -> ProtocolError:
+    return ProtocolError(
+        400,
+        f"{n} inputs in one request; this server takes at most {limits.max_texts}",
+        code="too_many_inputs",
+        param="input",
+    )
+
+
+def _check_encodable(texts: list[str], single: bool) -> None:
+    """Refuse a text UTF-8 cannot encode: a lone surrogate, what JavaScript's ``slice`` leaves
+    of a cut emoji, and JSON's ``"\\ud83d"`` spells. One pass over all, the per-text one only
+    to name the first."""
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError:
+        for i, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                where = "'input'" if single else f"input[{i}]"
+                raise _bad(
+                    f"{where} is not valid Unicode: character {exc.start} is a lone surrogate "
+                    f"({text[exc.start]!a}), half of a character that was cut",
+                    "input",
+                    i,
+                ) from None
+
+
+def too_long(exc: TextTooLongError, model: str, *, single: bool) -> ProtocolError:
+    """The 400 for an input longer than the model takes, naming both ways to truncate it."""
+    where = "'input'" if single else f"input[{exc.index}]"
+    if exc.tokens is not None and exc.limit is not None:
+        what = (
+            f"{where} is {exc.tokens} tokens long, more than the {exc.limit} that model "
+            f"{model!r} takes"
+        )
+    else:
+        what = f"{where} is longer than model {model!r} takes"
+    return ProtocolError(
+        400,
+        f'{what}: send "truncate": true to embed its first tokens, or start the server '
+        "with --truncate to do so for every request",
+        code="context_length_exceeded",
+        index=exc.index,
+        param="input",
+    )
 
 
 def check_dimensions(dimensions: int, model_dimension: int) -> None:
@@ -174,26 +236,62 @@ def shorten(vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
 def response_body(vectors: np.ndarray, model: str, tokens: int, encoding: str) -> bytes:
     """The JSON answer to a ``/v1/embeddings`` request, ``data`` in input order.
 
-    Written by hand: the vectors are most of it, and a base64 string needs no escaping, so
-    the body is joined from pieces rather than built as objects and serialized.
+    Written by hand: the vectors are most of it and need no escaping, so the body is joined
+    from pieces rather than built as objects and serialized; the pieces of all the vectors
+    are made by one call (`_base64_rows`, `_float_rows`), and the body by one join.
     """
     rows = np.ascontiguousarray(vectors, dtype="<f4")
-    if encoding == "base64":
-        width = 4 * rows.shape[1]
-        raw = rows.tobytes()
-        embeddings = [
-            b'"' + base64.b64encode(raw[i * width : (i + 1) * width]) + b'"'
-            for i in range(rows.shape[0])
-        ]
-    else:
-        embeddings = [json.dumps(row).encode() for row in rows.tolist()]
-    data = b",".join(
-        b'{"object":"embedding","index":%d,"embedding":%s}' % (i, e)
-        for i, e in enumerate(embeddings)
-    )
     usage = json.dumps({"prompt_tokens": tokens, "total_tokens": tokens}).encode()
-    head = b'{"object":"list","model":' + json.dumps(model).encode()
-    return head + b',"usage":' + usage + b',"data":[' + data + b"]}"
+    pieces: list[Any] = [
+        b'{"object":"list","model":' + json.dumps(model).encode(),
+        b',"usage":' + usage + b',"data":[',
+    ]
+    if encoding == "base64":  # a string needs quotes, which the pieces around it carry
+        embeddings: list[Any] = _base64_rows(rows)
+        opening, closing = b'"', b'"}'
+    else:
+        embeddings, opening, closing = _float_rows(rows), b"", b"}"
+    for i, embedding in enumerate(embeddings):
+        pieces += (_item_head(i), opening, embedding, closing)
+    pieces.append(b"]}")
+    return b"".join(pieces)
+
+
+@functools.lru_cache(maxsize=8192)
+def _item_head(index: int) -> bytes:
+    """The start of ``data[index]``, with the comma before it (cached: the same few
+    thousand heads start every answer)."""
+    return b'%s{"object":"embedding","index":%d,"embedding":' % (b"," if index else b"", index)
+
+
+def _base64_rows(rows: np.ndarray) -> list[memoryview]:
+    """Each row's little-endian float32 bytes in base64, cut from one encoding of all: a
+    row of a multiple of 3 bytes encodes on its own as it does among the others. A row of
+    another length is padded with zero bytes to one, which encode as ``A`` where its own
+    encoding has ``=``, and those are put back."""
+    n, width = rows.shape[0], 4 * rows.shape[1]
+    pad = -width % 3
+    if pad:
+        padded = np.zeros((n, width + pad), dtype=np.uint8)
+        padded[:, :width] = rows.view(np.uint8).reshape(n, width)
+        chars = np.frombuffer(bytearray(base64.b64encode(padded.data)), dtype=np.uint8)
+        chars = chars.reshape(n, -1)
+        chars[:, -pad:] = ord("=")
+        encoded = chars.data.cast("B")
+    else:
+        encoded = memoryview(base64.b64encode(rows.data))
+    step = (width + pad) // 3 * 4
+    return [encoded[i * step : (i + 1) * step] for i in range(n)]
+
+
+def _float_rows(rows: np.ndarray) -> list[bytes]:
+    """Each row as a JSON list of numbers (each float32 as the shortest float64 repr that
+    reads back to it, as ``json.dumps`` writes it), from one ``json.dumps`` of all."""
+    if rows.shape[0] == 0:
+        return []
+    text = json.dumps(rows.tolist(), separators=(",", ":")).encode()
+    # No number contains "],[": it is only ever the seam between two rows.
+    return [b"[" + row + b"]" for row in text[2:-2].split(b"],[")]
 
 
 def model_item(name: str, created: int) -> dict[str, Any]:

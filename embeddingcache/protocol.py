@@ -23,6 +23,7 @@ from .keys import validate_texts
 __all__ = [
     "JSON",
     "MSGPACK",
+    "Connections",
     "EmbedRequest",
     "Limits",
     "ProtocolError",
@@ -72,7 +73,21 @@ class Limits:
     max_texts: int = 4096
     max_text_chars: int = 100_000
     max_body_bytes: int = 16 * 1024 * 1024
-    body_timeout_s: float = 30.0
+    body_timeout_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class Connections:
+    """How long a connection to the server may take and how many may be open (``serve``'s
+    options; see `embeddingcache.server.running`)."""
+
+    header_timeout_s: float = 10.0
+    keep_alive_s: int = 5
+    max_connections: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.header_timeout_s <= 0 or self.keep_alive_s < 1 or self.max_connections < 1:
+            raise ValueError(f"connection limits must be positive: {self}")
 
 
 @dataclass(frozen=True)

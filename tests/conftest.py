@@ -227,20 +227,21 @@ def any_store(storage: dict[str, Any]) -> Iterator[Any]:
 class RunningServer:
     """A real uvicorn server on 127.0.0.1 and a free port, in a thread of this process."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, connections: Any = None) -> None:
         import threading
 
         import uvicorn
 
         from embeddingcache.server import bind
+        from embeddingcache.server.running import config
 
         self.app = app
         self._sock = bind("127.0.0.1", 0)
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        config = uvicorn.Config(
-            app, log_level="warning", access_log=False, timeout_graceful_shutdown=1
+        # The limits `serve` runs under (`connections`: others), as `serve` configures uvicorn.
+        self._server = uvicorn.Server(
+            config(app, connections, log_level="warning", timeout_graceful_shutdown=1)
         )
-        self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
         )
@@ -267,7 +268,8 @@ def start_server(
     tiny_model: str, server_cache_dir: Path
 ) -> Iterator[Callable[..., tuple[RunningServer, Any]]]:
     """Start a backend serving the tiny model (or ``models=``): ``start_server(token=...,
-    allow_push=..., limits=..., wrap=...)`` gives the running server and its ``Backend``."""
+    allow_push=..., limits=..., wrap=..., app_options=..., connections=...)`` gives the
+    running server and its ``Backend``."""
     from embeddingcache.server import Backend, create_app
 
     servers: list[RunningServer] = []
@@ -277,6 +279,8 @@ def start_server(
         wrap: Callable[[Any], Any] | None = None,
         storage: dict[str, Any] | None = None,
         models: list[str] | None = None,
+        app_options: dict[str, Any] | None = None,
+        connections: Any = None,
         **options: Any,
     ) -> tuple[RunningServer, Any]:
         cache = EmbeddingCache(
@@ -287,8 +291,8 @@ def start_server(
             **(storage or {"cache_dir": server_cache_dir}),
         )
         backend = Backend(cache, models or [tiny_model], **options)
-        app = create_app(backend)
-        server = RunningServer(wrap(app) if wrap else app)
+        app = create_app(backend, **(app_options or {}))
+        server = RunningServer(wrap(app) if wrap else app, connections)
         servers.append(server)
         return server, backend
 

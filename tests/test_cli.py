@@ -142,6 +142,13 @@ def test_serve_has_help_for_every_option() -> None:
         "--db-url",
         "--base-url",
         "--api-key-env",
+        "--truncate",
+        "--cors-origin",
+        "--header-timeout",
+        "--body-timeout",
+        "--keep-alive",
+        "--max-connections",
+        "--access-log",
     ):
         assert option in result.stdout
 
@@ -153,6 +160,8 @@ def test_serve_errors_are_one_line(tiny_model: str, tmp_path: Path, capsys: Any)
     assert err.startswith("embeddingcache: error: cannot load model") and err.count("\n") == 1
     assert main(["serve", "-m", tiny_model, "--max-texts", "0", *cache]) == 1
     assert "--max-texts must be at least 1" in capsys.readouterr().err
+    assert main(["serve", "-m", tiny_model, "--header-timeout", "0", *cache]) == 1
+    assert "--header-timeout must be more than 0" in capsys.readouterr().err
     from embeddingcache.server import bind
 
     with bind("127.0.0.1", 0) as taken:

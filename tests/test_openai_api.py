@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from typing import Any
 
@@ -14,6 +15,7 @@ from conftest import EncodeSpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from embeddingcache import EmbeddingCache
 from embeddingcache.protocol import Limits
 
 TEXTS = ["the first text", "a second one", "and a third"]
@@ -139,6 +141,7 @@ def test_models_are_listed_as_openai_lists_them(start_server: Any, tiny_model: s
         # Unhashable: a 500 once (found by test_mutated_bodies_never_get_a_5xx).
         ({"model": "M", "input": ["x"], "input_type": []}, "input_type must be one of"),
         ({"model": "M", "input": ["x"], "input_type": {}}, "input_type must be one of"),
+        ({"model": "M", "input": ["x"], "truncate": "yes"}, "truncate must be true or false"),
     ],
 )
 def test_bad_requests_are_400s_in_openais_shape_naming_what_is_wrong(
@@ -256,6 +259,12 @@ json_values = st.recursive(
 )
 
 
+# Text UTF-8 cannot encode: lone surrogates (what JavaScript's slice leaves of an emoji).
+unencodable = st.text(
+    alphabet=st.characters(categories=["Cs", "Ll", "Zs"]), min_size=1, max_size=12
+)
+
+
 def test_mutated_bodies_never_get_a_5xx(start_server: Any, tiny_model: str) -> None:
     server, _ = start_server(limits=Limits(max_texts=8, max_text_chars=200))
     valid = st.fixed_dictionaries(
@@ -270,7 +279,8 @@ def test_mutated_bodies_never_get_a_5xx(start_server: Any, tiny_model: str) -> N
         {},
         optional={
             "model": st.sampled_from([tiny_model, "other"]) | json_values,
-            "input": st.lists(st.text(max_size=30), max_size=10) | json_values,
+            "input": st.lists(st.text(max_size=30) | unencodable, max_size=10) | json_values,
+            "truncate": json_values,
             "encoding_format": st.sampled_from(["float", "base64", "x"]) | json_values,
             "dimensions": st.integers(-2, 64) | json_values,
             "input_type": st.sampled_from(["query", "document", "x"]) | json_values,
@@ -282,7 +292,7 @@ def test_mutated_bodies_never_get_a_5xx(start_server: Any, tiny_model: str) -> N
     @settings(max_examples=150, deadline=None)
     @given(body=valid | fields | json_values)
     def throw(body: Any) -> None:
-        response = httpx.post(server.url + "/v1/embeddings", json=body, timeout=30)
+        response = post_json(server.url + "/v1/embeddings", body)
         assert response.status_code < 500, response.text
         if response.status_code >= 400:
             assert response.json()["error"]["message"]
@@ -292,3 +302,124 @@ def test_mutated_bodies_never_get_a_5xx(start_server: Any, tiny_model: str) -> N
     assert any(s == 200 for s in answered) and any(s >= 400 for s in answered)
     raw = httpx.post(server.url + "/v1/embeddings", content=b"{not json", timeout=30)
     assert raw.status_code == 400 and raw.json()["error"]["message"]
+
+
+# -- production: no 5xx for any text, truncation, OpenAI's shape for every error -------------
+
+
+def post_json(url: str, body: Any) -> httpx.Response:
+    """POST ``body`` as JSON that spells a lone surrogate as ``\\ud83d``, as JavaScript's
+    ``JSON.stringify`` does (httpx's own encoder would refuse to send it)."""
+    return httpx.post(
+        url, content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+
+
+@pytest.mark.parametrize("bad", ["cut \ud83d", "\ude00 half", "\udfff"])
+def test_a_lone_surrogate_is_a_400_naming_the_input_on_v1_and_a_422_on_embed(
+    server: Any, tiny_model: str, bad: str
+) -> None:
+    """Half an emoji (what JavaScript's slice leaves) is refused as the client's mistake on
+    both routes, never a 500 that clients retry."""
+    answer = post_json(server.url + "/v1/embeddings", {"model": tiny_model, "input": ["ok", bad]})
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == "input" and error["type"] == "invalid_request_error"
+    assert error["message"].startswith("input[1] is not valid Unicode")
+    ours = post_json(server.url + "/embed", {"texts": ["ok", bad]})
+    assert ours.status_code == 422 and "texts[1] is not valid Unicode" in ours.json()["detail"]
+
+
+LONG = "x" * 100  # more tokens than the tiny model takes
+
+
+def test_a_too_long_input_is_a_400_that_names_both_ways_to_truncate(
+    server: Any, tiny_model: str
+) -> None:
+    """OpenAI answers an over-long input with 400 (BadRequestError in its clients); ours
+    says which input, by how much, and the two switches that would embed it."""
+    with pytest.raises(openai.BadRequestError) as failed:
+        client(server).embeddings.create(model=tiny_model, input=["short", LONG])
+    error = failed.value.body
+    assert isinstance(error, dict) and error["param"] == "input"
+    assert error["code"] == "context_length_exceeded"
+    message = error["message"]
+    assert message.startswith("input[1] is ") and "tokens long, more than the" in message
+    assert '"truncate": true' in message and "--truncate" in message
+
+
+def test_truncate_in_the_request_gives_the_vector_get_embeddings_truncate_gives(
+    server: Any, tiny_model: str, tmp_path: Any
+) -> None:
+    """The extension field ``truncate`` cuts an over-long input as the library does."""
+    answer = client(server).embeddings.create(
+        model=tiny_model, input=["short", LONG], extra_body={"truncate": True}
+    )
+    served = np.array(answer.data[1].embedding, dtype=np.float32)
+    with EmbeddingCache(tiny_model, cache_dir=tmp_path, device="cpu", remote_url=False) as cache:
+        expected = cache.get_embeddings([LONG], truncate=True)[0]
+    np.testing.assert_array_equal(served, expected)
+
+
+def test_serve_truncate_is_the_default_a_request_can_turn_off(
+    start_server: Any, tiny_model: str
+) -> None:
+    """``Backend(truncate=True)`` (``serve --truncate``) cuts what a request does not say
+    otherwise; ``"truncate": false`` still gets the 400."""
+    server, _ = start_server(truncate=True)
+    answer = httpx.post(server.url + "/v1/embeddings", json={"model": tiny_model, "input": LONG})
+    assert answer.status_code == 200 and len(answer.json()["data"]) == 1
+    refused = httpx.post(
+        server.url + "/v1/embeddings",
+        json={"model": tiny_model, "input": "y" * 100, "truncate": False},
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "input"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v1/nope", 404),
+        ("POST", "/v1", 404),
+        ("POST", "/v1/chat/completions", 404),
+        ("GET", "/v1/embeddings", 405),
+        ("DELETE", "/v1/models", 405),
+    ],
+)
+def test_every_error_under_v1_is_in_openais_shape(
+    server: Any, method: str, path: str, status: int
+) -> None:
+    """Unknown paths and wrong methods under /v1 answer as OpenAI does, so that its clients
+    show the message rather than "(no body)"."""
+    answer = httpx.request(method, server.url + path)
+    assert answer.status_code == status
+    error = answer.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and path in error["message"]
+
+
+def test_a_trailing_slash_is_served_not_redirected(server: Any, tiny_model: str) -> None:
+    """``/v1/embeddings/`` is ``/v1/embeddings``: a 307 would make many clients fail a POST."""
+    answer = httpx.post(
+        server.url + "/v1/embeddings/", json={"model": tiny_model, "input": "hello"}
+    )
+    assert answer.status_code == 200 and len(answer.json()["data"]) == 1
+    assert httpx.get(server.url + "/v1/models/").json()["object"] == "list"
+
+
+@pytest.mark.parametrize("dimension", [1, 2, 3, 64, 383, 385])
+def test_an_answer_decodes_to_the_exact_vectors_whatever_the_dimension(dimension: int) -> None:
+    """Base64 cut from one encoding of all rows, and floats split from one dump, give each
+    row's own bits, with the padding a row of any length needs."""
+    from embeddingcache import openai_wire
+
+    rows = np.random.default_rng(dimension).standard_normal((12, dimension)).astype(np.float32)
+    rows[0, 0] = np.float32(1e-45)  # the smallest subnormal survives both
+    for encoding in ("base64", "float"):
+        answer = json.loads(openai_wire.response_body(rows, "m", 7, encoding))
+        assert [item["index"] for item in answer["data"]] == list(range(12))
+        got = [item["embedding"] for item in answer["data"]]
+        if encoding == "base64":
+            assert got == [base64.b64encode(row.tobytes()).decode() for row in rows]
+        else:
+            np.testing.assert_array_equal(np.asarray(got, dtype=np.float32), rows)

@@ -279,10 +279,18 @@ def test_json_push_takes_float_lists(start_server: Any) -> None:
         assert response.status_code == 422 and words in response.json()["detail"]
 
 
-def test_unknown_paths_and_methods_are_4xx(server: Any) -> None:
-    assert httpx.get(f"{server.url}/nope").status_code == 404
-    assert httpx.get(f"{server.url}/embed").status_code == 405
-    assert json.loads(httpx.get(f"{server.url}/nope").content)["detail"] == "Not Found"
+def test_unknown_paths_and_methods_are_4xx_in_our_shape_naming_them(server: Any) -> None:
+    """Outside /v1, a 404 and a 405 say what was asked, in the shape of every other error."""
+    missing = httpx.get(f"{server.url}/nope")
+    assert missing.status_code == 404
+    assert missing.json() == {
+        "detail": "no such route: GET /nope (see docs/protocol.md)",
+        "error": "unknown_url",
+    }
+    wrong = httpx.get(f"{server.url}/embed")
+    assert wrong.status_code == 405
+    assert wrong.json()["error"] == "method_not_allowed"
+    assert wrong.headers["allow"] == "POST" and "POST" in wrong.json()["detail"]
 
 
 # -- hostile bodies --------------------------------------------------------------------------
@@ -305,10 +313,14 @@ values = st.recursive(
     ),
     max_leaves=12,
 )
+# Text UTF-8 cannot encode: lone surrogates (what JavaScript's slice leaves of an emoji).
+unencodable = st.text(
+    alphabet=st.characters(categories=["Cs", "Ll", "Zs"]), min_size=1, max_size=12
+)
 near_valid = st.fixed_dictionaries(
     {},
     optional={
-        "texts": st.lists(st.text(max_size=30), max_size=4) | values,
+        "texts": st.lists(st.text(max_size=30) | unencodable, max_size=4) | values,
         "model": st.sampled_from([None, "nope", ""]) | values,
         "normalized": values,
         "lookup_only": values,
@@ -343,7 +355,8 @@ def encoded(kind: str, value: Any) -> bytes:
         except (TypeError, ValueError):
             return b"{"
     try:
-        return msgpack.packb(value)
+        # A lone surrogate goes as the bytes Python would give it: not UTF-8 at all.
+        return msgpack.packb(value, unicode_errors="surrogatepass")
     except OverflowError:  # an int beyond 64 bits: JSON can carry it, msgpack cannot
         return b"\xc1"
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 from .. import openai_wire
@@ -33,15 +35,24 @@ from ..protocol import (
     parse_embed_request,
     parse_push_request,
 )
-from .backend import Backend
+from .answers import EXPOSED, error_answer
+from .backend import Backend, Embedded
+from .metrics import CONTENT_TYPE_LATEST, Metrics
+from .observe import Observed
 
 __all__ = ["create_app"]
 
 logger = logging.getLogger("embeddingcache.server")
 
 
-def create_app(backend: Backend) -> FastAPI:
-    """The ASGI app of a backend; closing the app (lifespan end) closes its cache."""
+def create_app(
+    backend: Backend, *, cors_origins: Sequence[str] = (), access_log: bool = False
+) -> FastAPI:
+    """The ASGI app of a backend; closing the app (lifespan end) closes its cache.
+
+    ``cors_origins``: the browser origins that may call it (``"*"``: any); none by default.
+    ``access_log``: a log line per request, with its id and time.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -56,22 +67,29 @@ def create_app(backend: Backend) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # A 307 to the path with(out) a slash fails many clients' POSTs; `Observed` strips it.
+        redirect_slashes=False,
     )
     app.state.backend = backend
+    metrics = Metrics(backend)
+    _answer_errors(app, backend)
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST"],
+            # OpenAI's browser clients send headers of their own (x-stainless-*).
+            allow_headers=["*"],
+            expose_headers=["x-request-id", *EXPOSED],
+            max_age=600,
+        )
+    app.add_middleware(Observed, metrics=metrics, access_log=access_log)
 
-    @app.exception_handler(ProtocolError)
-    async def protocol_error(request: Request, exc: ProtocolError) -> Response:
-        backend.count(**{"rejected" if exc.status < 500 else "failed": 1})
-        if request.url.path.startswith("/v1/"):
-            headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-            return JSONResponse(
-                openai_wire.error_body(exc), status_code=exc.status, headers=headers
-            )
-        body: dict[str, Any] = {"detail": str(exc), "error": exc.code}
-        if exc.index is not None:
-            body["index"] = exc.index
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(body, status_code=exc.status, headers=headers)
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> Response:
+        _authorize(backend, request)
+        body = await run_in_threadpool(metrics.render)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
@@ -110,16 +128,17 @@ def create_app(backend: Backend) -> FastAPI:
     async def embed(request: Request) -> Response:
         kind, obj = await _read(backend, request)
         parsed = parse_embed_request(obj, backend.limits)
-        vectors, hits, served, version = await _run(backend.embed, parsed)
-        present = hits if parsed.lookup_only else None
+        embedded: Embedded = await _run(backend, backend.embed, parsed)
+        present = embedded.stored if parsed.lookup_only else None
         answer = {
-            "embeddings": encode_vectors(vectors, present, kind),
-            "cache_hits": hits.tolist(),
-            "model": served.spec.name,
-            "dimensions": served.dimension,
-            "version": version,
+            "embeddings": encode_vectors(embedded.vectors, present, kind),
+            "cache_hits": embedded.stored.tolist(),
+            "model": embedded.served.spec.name,
+            "dimensions": embedded.served.dimension,
+            "version": embedded.version,
         }
-        return Response(encode_body(answer, kind), media_type=kind)
+        headers = embedded.sources.headers()
+        return Response(encode_body(answer, kind), media_type=kind, headers=headers)
 
     @app.post("/push")
     async def push(request: Request) -> Response:
@@ -137,7 +156,7 @@ def create_app(backend: Backend) -> FastAPI:
             return backend.served(model, exact=True).dimension
 
         parsed = parse_push_request(obj, kind, backend.limits, dimension_of)
-        accepted = await _run(backend.push, parsed)
+        accepted = await _run(backend, backend.push, parsed)
         served = backend.served(parsed.model, exact=True)
         answer = {"accepted": accepted, "model": served.spec.name, "dimensions": served.dimension}
         return Response(encode_body(answer, kind), media_type=kind)
@@ -148,15 +167,14 @@ def create_app(backend: Backend) -> FastAPI:
         # OpenAI's clients send JSON; curl's -d names a form: every body here is JSON.
         obj = await _read_body(backend, request, JSON)
         parsed = openai_wire.parse_request(obj, backend.limits)
-        vectors, tokens, hits, served, version = await _run(backend.embed_openai, parsed)
-        body = openai_wire.response_body(vectors, parsed.model, tokens, parsed.encoding_format)
-        headers = {
-            "x-embeddingcache-hits": str(hits),
-            "x-embeddingcache-computed": str(len(parsed.texts) - hits),
-            "x-embeddingcache-model": served.spec.name,
-        }
-        if version is not None:
-            headers["x-embeddingcache-version"] = version
+        embedded, tokens = await _run(backend, backend.embed_openai, parsed, invalid=400)
+        body = openai_wire.response_body(
+            embedded.vectors, parsed.model, tokens, parsed.encoding_format
+        )
+        headers = embedded.sources.headers()
+        headers["x-embeddingcache-model"] = embedded.served.spec.name
+        if embedded.version is not None:
+            headers["x-embeddingcache-version"] = embedded.version
         return Response(body, media_type=JSON, headers=headers)
 
     @app.get("/v1/models")
@@ -171,6 +189,35 @@ def create_app(backend: Backend) -> FastAPI:
         return openai_wire.model_item(served.spec.name, int(backend.started))
 
     return app
+
+
+def _answer_errors(app: FastAPI, backend: Backend) -> None:
+    """Every error in one shape per route family: OpenAI's under ``/v1``, ours elsewhere
+    (`answers.error_answer`), for the library's refusals and for Starlette's 404 and 405."""
+
+    @app.exception_handler(ProtocolError)
+    async def protocol_error(request: Request, exc: ProtocolError) -> Response:
+        backend.count(**{"rejected" if exc.status < 500 else "failed": 1})
+        return error_answer(request.url.path, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        method, path = request.method, request.url.path
+        if exc.status_code == 404:
+            refusal = ProtocolError(
+                404, f"no such route: {method} {path} (see docs/protocol.md)", code="unknown_url"
+            )
+        elif exc.status_code == 405:
+            given = {name.lower(): value for name, value in (exc.headers or {}).items()}
+            allowed = given.get("allow", "")
+            refusal = ProtocolError(
+                405,
+                f"{method} is not allowed on {path}; it takes {allowed}",
+                code="method_not_allowed",
+            )
+        else:
+            refusal = ProtocolError(exc.status_code, str(exc.detail), code="invalid")
+        return error_answer(path, refusal, exc.headers)
 
 
 def _authorize(backend: Backend, request: Request) -> None:
@@ -234,18 +281,22 @@ async def _body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _run(function: Any, request: Any) -> Any:
+async def _run(backend: Backend, function: Any, request: Any, *, invalid: int = 422) -> Any:
     """Run blocking work (the database, the model) off the event loop, translating the
-    library's errors into answers."""
+    library's errors into answers; ``invalid``: the status of a text the model refuses (422
+    on our routes, 400 on OpenAI's)."""
     try:
         return await run_in_threadpool(function, request)
     except ProtocolError:
         raise
     except TextTooLongError as exc:
-        raise ProtocolError(422, str(exc), code="too_many_tokens", index=exc.index) from None
+        raise ProtocolError(
+            invalid, str(exc), code="too_many_tokens", index=exc.index, param="input"
+        ) from None
     except InvalidInputError as exc:
-        raise ProtocolError(422, str(exc)) from None
+        raise ProtocolError(invalid, str(exc)) from None
     except StorageError as exc:
+        backend.count(storage_errors=1)
         logger.error("storage failed: %s", exc)
         raise ProtocolError(
             503, f"the server's storage failed: {exc}", code="unavailable"

@@ -7,7 +7,7 @@ import hmac
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -16,13 +16,13 @@ from .. import openai_wire
 from ..cache import EmbeddingCache
 from ..credentials import clean
 from ..engines import EmbedOptions
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, TextTooLongError
 from ..keys import normalizer
 from ..models import ModelSpec, catalog_name
 from ..openai_wire import OpenAIRequest
 from ..protocol import EmbedRequest, Limits, ProtocolError, PushRequest
 
-__all__ = ["Backend", "Served"]
+__all__ = ["Backend", "Embedded", "Served", "Sources"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,51 @@ class Served:
 
     spec: ModelSpec
     dimension: int
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where a request's inputs came from, counted by input (a text sent twice counts
+    twice), as the answer's headers and ``/stats`` say: ``stored`` (the store held them),
+    ``waited`` (another request computed them while this one waited), ``computed`` (this
+    request computed them), ``not_found`` (a lookup-only request's misses)."""
+
+    stored: int
+    waited: int
+    computed: int
+    not_found: int
+
+    @classmethod
+    def of(
+        cls, n: int, stored: np.ndarray, waited: np.ndarray | None, *, computed: bool
+    ) -> Sources:
+        held = int(stored.sum())
+        waits = 0 if waited is None else int(waited.sum())
+        rest = n - held - waits
+        return cls(held, waits, rest if computed else 0, 0 if computed else rest)
+
+    def counts(self) -> dict[str, int]:
+        return asdict(self)
+
+    def headers(self) -> dict[str, str]:
+        """The answer's ``x-embeddingcache-*`` counts."""
+        return {
+            "x-embeddingcache-hits": str(self.stored),
+            "x-embeddingcache-waited": str(self.waited),
+            "x-embeddingcache-computed": str(self.computed),
+        }
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A request's vectors in input order, which the store held, where they came from, the
+    served model and the model's version they are of."""
+
+    vectors: np.ndarray
+    stored: np.ndarray
+    sources: Sources
+    served: Served
+    version: str | None
 
 
 class Backend:
@@ -48,6 +93,7 @@ class Backend:
         token: str | None = None,
         allow_push: bool = False,
         limits: Limits | None = None,
+        truncate: bool = False,
     ) -> None:
         if cache.remote_url is not None or "remote" in cache.fallback_providers:
             # A backend that asked a backend could end up asking itself.
@@ -60,6 +106,9 @@ class Backend:
         self.token = clean(token, "token") or None
         self.allow_push = allow_push
         self.limits = limits or Limits()
+        # /v1's default for an input longer than the model takes: cut it, or refuse it.
+        # (/embed's clients, this library, always say which they want.)
+        self.truncate = truncate
         self.started = time.time()
         self.models: dict[str, Served] = {}
         self._aliases: dict[str, str] = {}
@@ -73,6 +122,8 @@ class Backend:
             "rejected": 0,
             "failed": 0,
             "texts": 0,
+            **dict.fromkeys((f.name for f in fields(Sources)), 0),
+            "storage_errors": 0,
             "accepted_pushes": 0,
         }
         self._lock = threading.Lock()
@@ -125,12 +176,10 @@ class Backend:
         openai_wire.check_dimensions(int(digits), served.dimension)
         return Served(spec, int(digits))
 
-    def embed(
-        self, request: EmbedRequest, spec: ModelSpec | None = None
-    ) -> tuple[np.ndarray, np.ndarray, Served, str | None]:
-        """The vectors of a request (zeros where a lookup found nothing), which were stored
-        already, and the model's version they are of; ``spec``: a variant of the served model
-        (an API model asked for OpenAI's ``dimensions``), else the served model itself."""
+    def embed(self, request: EmbedRequest, spec: ModelSpec | None = None) -> Embedded:
+        """The vectors of a request (zeros where a lookup found nothing) and where each came
+        from; ``spec``: a variant of the served model (an API model asked for OpenAI's
+        ``dimensions``), else the served model itself."""
         served = self.served(request.model, exact=spec is None)
         spec = spec or served.spec
         normalized, prompt = self._embedded(request.texts, request, spec)
@@ -141,31 +190,18 @@ class Backend:
             compute=not request.lookup_only,
             options=EmbedOptions(batch_size=self.cache.batch_size, truncate=request.truncate),
         )
-        self.count(texts=len(request.texts))
-        hits = answer.hits
-        found = np.ones(len(normalized), dtype=bool) if hits is None else hits
-        return answer.vectors, found, served, answer.version
+        n = len(normalized)
+        stored = np.ones(n, dtype=bool) if answer.hits is None else answer.hits
+        sources = Sources.of(n, stored, answer.waited, computed=not request.lookup_only)
+        self.count(texts=n, **sources.counts())
+        return Embedded(answer.vectors, stored, sources, served, answer.version)
 
-    def embed_openai(
-        self, request: OpenAIRequest
-    ) -> tuple[np.ndarray, int, int, Served, str | None]:
-        """``/v1/embeddings``: the vectors (with OpenAI's ``dimensions`` applied), the tokens
-        of every input, the inputs served from the cache, the model and its version."""
+    def embed_openai(self, request: OpenAIRequest) -> tuple[Embedded, int]:
+        """``/v1/embeddings``: the vectors (with OpenAI's ``dimensions`` applied) and where
+        each came from, and the tokens of every input."""
         served = self.served_openai(request.model)
         spec = served.spec
-        prompt: str | None = None
-        if request.input_type is not None and spec.prompts:
-            names = openai_wire.INPUT_TYPES[request.input_type]
-            name = next((n for n in names if n in spec.prompts), None)
-            if name is None:
-                raise ProtocolError(
-                    400,
-                    f"model {spec.name!r} has no {' or '.join(map(repr, names))} prompt for "
-                    f"input_type {request.input_type!r}; its prompts: "
-                    f"{', '.join(sorted(spec.prompts))}",
-                    param="input_type",
-                )
-            prompt = spec.prompts[name]
+        prompt = self._openai_prompt(spec, request.input_type)
         # OpenAI's dimensions: an API model is asked for them (its shortened vectors are its
         # own, in a shard of their own, never cut from the full ones); a local model's are cut
         # from its stored vectors on read.
@@ -173,15 +209,37 @@ class Backend:
         if request.dimensions is not None:
             openai_wire.check_dimensions(request.dimensions, served.dimension)
             asked = self.cache.model_spec(spec.name, dimensions=request.dimensions)
-        vectors, hits, _, version = self.embed(
-            EmbedRequest(texts=request.texts, model=spec.name, prompt=prompt), asked
-        )
+        truncate = self.truncate if request.truncate is None else request.truncate
+        embed = EmbedRequest(texts=request.texts, model=spec.name, prompt=prompt, truncate=truncate)
+        try:
+            embedded = self.embed(embed, asked)
+        except TextTooLongError as exc:
+            raise openai_wire.too_long(exc, spec.name, single=request.single) from None
         tokens = self.cache.count_tokens(
             request.texts, spec.name, prompt=prompt if prompt is not None else spec.prompt(None)
         )
-        shortened = vectors if asked != spec else openai_wire.shorten(vectors, request.dimensions)
+        if asked == spec and request.dimensions is not None:
+            embedded = replace(
+                embedded, vectors=openai_wire.shorten(embedded.vectors, request.dimensions)
+            )
         # A model whose engine has no tokenizer bills nothing it could count: 0.
-        return shortened, sum(tokens or ()), int(hits.sum()), served, version
+        return replace(embedded, served=served), sum(tokens or ())
+
+    @staticmethod
+    def _openai_prompt(spec: ModelSpec, input_type: str | None) -> str | None:
+        """The prompt an OpenAI request's ``input_type`` picks (``None``: the default)."""
+        if input_type is None or not spec.prompts:
+            return None
+        names = openai_wire.INPUT_TYPES[input_type]
+        name = next((n for n in names if n in spec.prompts), None)
+        if name is None:
+            raise ProtocolError(
+                400,
+                f"model {spec.name!r} has no {' or '.join(map(repr, names))} prompt for "
+                f"input_type {input_type!r}; its prompts: {', '.join(sorted(spec.prompts))}",
+                param="input_type",
+            )
+        return spec.prompts[name]
 
     def served_openai(self, model: str) -> Served:
         """The served model an OpenAI request names, or the 404 OpenAI's clients expect."""
@@ -232,17 +290,17 @@ class Backend:
                 self._counts[name] += amount
 
     def stats(self) -> dict[str, Any]:
+        """What ``/stats`` and ``/metrics`` say. The texts are counted by input, as each
+        answer's headers count them, so that the headers of all answers add up to these."""
         with self._lock:
             counts = dict(self._counts)
         cache = self.cache.stats
         return {
             **counts,
-            "hits": cache["hits"],
-            "misses": cache["misses"],
-            "computed": cache["computed"],
-            # Texts another request (of this server, or of a replica over the same
-            # database) computed while this one waited for them: computed once, served twice.
-            "waited": cache["waited"],
+            "hits": counts["stored"],
+            "misses": counts["texts"] - counts["stored"],
+            # Vectors the server returned but could not store (a full disk, a storage fault).
+            "not_stored": cache["not_stored"],
             # Tokens since the server started (docs/storage.md, "What the cache saved"):
             # what its computed vectors cost, and the recorded cost of the hits it served.
             "tokens_computed": cache["tokens_computed"],
