@@ -134,11 +134,48 @@ def test_a_second_backup_to_the_same_folder_sends_only_the_files_that_changed(
     _fill(tiny_model, cache_dir, _texts(50, "newer"))  # the tiny shard and the texts change
     with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as cache:
         third = cache.backup(dest)
-    changed = {f.name for f in third.files} - {f.name for f in first.files if f in third.files}
-    assert third.sent == 2 and len(changed) == 2 and "hashstring.db" in changed
+    unchanged = [f for f in third.files if f in first.files]
+    assert third.sent == 2 and [f.model for f in unchanged] == [static_model]
     assert sorted(p.name for p in (dest / "files").iterdir()) == sorted(
         f"{f.sha256}.db" for f in third.files
     )
+
+
+def test_a_backup_that_fails_half_way_leaves_the_previous_one_whole(
+    tiny_model: str, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fault while the second file is sent (injected) fails the backup; the manifest and
+    files of the backup before are untouched, and it restores as it was."""
+    from embeddingcache.destinations import Folder
+
+    expected = _fill(tiny_model, cache_dir, _texts(40))
+    dest = tmp_path / "backup"
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as cache:
+        cache.backup(dest)
+    before = {p: p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+    _fill(tiny_model, cache_dir, _texts(40, "later"))
+    put = Folder.put
+    sent: list[str] = []
+
+    def failing(self: Folder, name: str, path: Path, progress: Any) -> None:
+        if sent:
+            raise BackupError("injected: the disk went away")
+        sent.append(name)
+        put(self, name, path, progress)
+
+    monkeypatch.setattr(Folder, "put", failing)
+    with (
+        EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as cache,
+        pytest.raises(BackupError, match="injected"),
+    ):
+        cache.backup(dest)
+    monkeypatch.undo()
+    assert sent and {p: p.read_bytes() for p in before} == before
+    assert not [p for p in dest.iterdir() if p.name.startswith(".")]
+    restored = tmp_path / "restored"
+    with EmbeddingCache(tiny_model, cache_dir=restored, device="cpu") as cache:
+        cache.restore(dest)
+    assert _served(tiny_model, restored, _texts(40)).tobytes() == expected.tobytes()
 
 
 # -- refused backups -----------------------------------------------------------------------
