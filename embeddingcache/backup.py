@@ -219,6 +219,8 @@ def restore(
         for old in replaced:
             snapshot.remove(old)
         for entry in files:
+            # A log left beside a missing file would be read into the restored one.
+            snapshot.remove(folder / entry.name)
             os.replace(staging / entry.name, folder / entry.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -292,6 +292,35 @@ def test_a_restore_refuses_a_folder_that_holds_a_cache_unless_forced(
     assert sorted(p.name for p in target.glob("*.db")) == sorted(f.name for f in report.files)
 
 
+def test_a_restore_never_reads_a_stale_log_left_in_the_folder_into_a_restored_file(
+    tiny_model: str, cache_dir: Path, tmp_path: Path
+) -> None:
+    """A ``hashstring.db-wal`` of another cache, left without its file, is removed before the
+    restored file is moved in: SQLite would otherwise read its pages into it."""
+    expected = _fill(tiny_model, cache_dir, _texts(30))
+    dest = tmp_path / "backup"
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as cache:
+        cache.backup(dest)
+    other = tmp_path / "other" / "hashstring.db"
+    other.parent.mkdir()
+    writer = sqlite3.connect(other, isolation_level=None)
+    writer.execute("PRAGMA journal_mode = WAL")
+    writer.execute("PRAGMA wal_autocheckpoint = 0")
+    writer.execute("CREATE TABLE hashstring (hashid BLOB PRIMARY KEY, text TEXT)")
+    writer.executemany(
+        "INSERT INTO hashstring VALUES (?, ?)", [(b"x%d" % i, "y") for i in range(9)]
+    )
+    target = tmp_path / "restored"
+    target.mkdir()
+    shutil.copyfile(other.with_name("hashstring.db-wal"), target / "hashstring.db-wal")
+    writer.close()
+    with EmbeddingCache(tiny_model, cache_dir=target, device="cpu") as cache:
+        cache.restore(dest)
+        assert cache.contents().texts == 30
+    assert set(_integrity(target).values()) == {"ok"}
+    assert _served(tiny_model, target, _texts(30)).tobytes() == expected.tobytes()
+
+
 def test_a_backup_of_an_older_schema_is_upgraded_by_the_usual_migrations(
     tiny_model: str, cache_dir: Path, tmp_path: Path, downgrade_to: Any
 ) -> None:
