@@ -28,6 +28,7 @@ def _suites() -> dict[str, Callable[[Path, bool], list[Result]]]:
     from . import (
         bench_alternatives,
         bench_api,
+        bench_backup,
         bench_compute,
         bench_concurrency,
         bench_hits,
@@ -55,6 +56,7 @@ def _suites() -> dict[str, Callable[[Path, bool], list[Result]]]:
         "team": bench_team.team,
         "ray": bench_ray.ray_job,
         "dask": bench_ray.dask_job,
+        "backup": bench_backup.backup_beside_a_writer,
     }
 
 

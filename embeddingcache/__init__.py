@@ -26,6 +26,7 @@ from .config import (
 )
 from .errors import (
     AllProvidersFailedError,
+    BackupError,
     DimensionMismatchError,
     EmbeddingCacheError,
     EmbeddingCacheWarning,
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AllProvidersFailedError",
+    "BackupError",
     "DimensionMismatchError",
     "EmbeddingCache",
     "EmbeddingCacheError",

@@ -333,6 +333,39 @@ def _parser() -> argparse.ArgumentParser:
         "Opening a cache does this too; this command does it ahead of time.",
     )
     migrate.set_defaults(run=_migrate)
+
+    quiet = _Parser(add_help=False)
+    quiet.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    backup = commands.add_parser(
+        "backup",
+        parents=[storage, quiet],
+        help="back up a SQLite cache, in use or not, to a folder or an S3 bucket",
+        description="Copy every file of the cache as of one moment while other processes "
+        "read and write it (writers do not wait), check each copy, and write them with a "
+        "manifest (sizes, SHA-256, schema revisions, models, counts) to DEST: a folder, or "
+        "s3://bucket/prefix on any S3-compatible store (endpoint and credentials as boto3 "
+        "takes them: AWS_ENDPOINT_URL, AWS_PROFILE...). Files already at DEST unchanged are "
+        "not sent again. A Postgres cache is backed up with pg_dump (docs/recipes.md).",
+    )
+    backup.add_argument("dest", metavar="DEST", help="a folder, or s3://bucket/prefix")
+    backup.set_defaults(run=_backup)
+
+    restore = commands.add_parser(
+        "restore",
+        parents=[storage, quiet],
+        help="restore a backup into a cache folder",
+        description="Fetch the backup at SRC (a folder or s3://bucket/prefix written by "
+        "`embeddingcache backup`), check every file against its manifest and with SQLite's "
+        "integrity check before any is put in place, then upgrade older schemas. A cache "
+        "folder that holds files is refused unless --force.",
+    )
+    restore.add_argument("src", metavar="SRC", help="a folder, or s3://bucket/prefix")
+    restore.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the files the cache folder holds (stop the processes that use it first)",
+    )
+    restore.set_defaults(run=_restore)
     return parser
 
 
@@ -778,6 +811,34 @@ def _migrate(args: argparse.Namespace) -> int:
         print(f"{where}: {', '.join(places)} at the current schema")
     else:
         print(f"{where}: nothing stored yet; a new cache is created at the current schema")
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    with EmbeddingCache(cache_dir=args.cache_dir, db_url=args.db_url, remote_url=False) as cache:
+        report = cache.backup(args.dest, show_progress=not args.quiet)
+    size = sum(f.bytes for f in report.files)
+    print(
+        f"backed up {len(report.files)} files ({_megabytes(size)}) to {report.destination} "
+        f"in {report.seconds:.1f} s: {report.sent} sent ({_megabytes(report.bytes_sent)}), "
+        f"{len(report.files) - report.sent} unchanged"
+    )
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    with EmbeddingCache(cache_dir=args.cache_dir, db_url=args.db_url, remote_url=False) as cache:
+        report = cache.restore(args.src, force=args.force, show_progress=not args.quiet)
+    shards = [f for f in report.files if f.model is not None]
+    texts = sum(f.entries for f in report.files if f.name == "hashstring.db")
+    models = ", ".join(f"{f.model}: {f.entries} vectors" for f in shards)
+    print(
+        f"restored {len(report.files)} files from {report.source} (taken {report.created_at}) "
+        f"into {report.cache_dir}: {texts} texts"
+        + (f"; {models}" if models else "")
+        + (f"; upgraded {', '.join(report.upgraded)}" if report.upgraded else "")
+        + (f"; replaced {len(report.replaced)} files" if report.replaced else "")
+    )
     return 0
 
 

@@ -12,13 +12,15 @@ Errors about the caller's input also derive from the built-in they refine, so th
     ├── StorageError                         the cache database cannot be opened or written
     │   ├── ShardMismatchError               a shard belongs to another model
     │   └── DimensionMismatchError           a vector of another dimension than the shard's
+    ├── BackupError                          a backup cannot be written or read, is not
+    │                                        sound (refused whole), or would overwrite a cache
     └── ProviderError                        one provider could not compute
         ├── ModelLoadError                   the model could not be loaded
         └── AllProvidersFailedError          nobody could compute; says what was tried
 
     EmbeddingCacheWarning (UserWarning)      a repair: a file moved aside, a vector recomputed
 
-Foreign exceptions (SQLAlchemy, torch, httpx) are translated where they enter the library,
+Foreign exceptions (SQLAlchemy, torch, httpx, botocore) are translated where they enter the library,
 with the original kept as ``__cause__``.
 """
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 __all__ = [
     "AllProvidersFailedError",
+    "BackupError",
     "DimensionMismatchError",
     "EmbeddingCacheError",
     "EmbeddingCacheWarning",
@@ -83,6 +86,12 @@ class ShardMismatchError(StorageError):
 
 class DimensionMismatchError(StorageError):
     """A vector's dimension differs from the one its model shard records."""
+
+
+class BackupError(EmbeddingCacheError):
+    """A backup could not be written or read (a folder, a bucket), a backup failed its
+    checks (a file missing, truncated or damaged: nothing was restored), or a restore would
+    overwrite a cache that holds files and was not told to."""
 
 
 class ProviderError(EmbeddingCacheError):

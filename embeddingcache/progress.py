@@ -1,6 +1,7 @@
 """One progress bar for a whole job: a call with ``show_progress=True``, an `iter_embeddings`
 loop, or the command line's file. It counts input texts, shows texts per second, the hits and
 computed so far in its postfix, and an ETA when the total is known; on stderr, through tqdm.
+A backup or a restore counts bytes instead (``unit="B"``).
 
 The model's own per-batch bar is never shown on top of it (engines get ``show_progress`` to
 mean "the caller shows progress": the sentence-transformers engine passes
@@ -21,9 +22,10 @@ __all__ = ["Progress"]
 
 class Progress:
     """A tqdm bar over ``total`` texts (``None``: not known, no ETA); ``enabled=False`` draws
-    nothing and costs next to nothing, so callers hold one either way."""
+    nothing and costs next to nothing, so callers hold one either way. ``unit="B"`` counts
+    bytes, shown in kB, MB, GB."""
 
-    def __init__(self, total: int | None, *, enabled: bool = True) -> None:
+    def __init__(self, total: int | None, *, enabled: bool = True, unit: str = "text") -> None:
         self.enabled = enabled
         self.hits = 0
         self.computed = 0
@@ -31,7 +33,13 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="text", file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total,
+                unit=unit,
+                unit_scale=unit == "B",
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
     def add(self, texts: int, *, hits: int = 0, computed: int = 0) -> None:
         """Move the bar by ``texts`` input texts, of which ``hits`` came from a cache (this

@@ -1,5 +1,6 @@
 """The upkeep half of `EmbeddingCache`: what the store holds, and keeping it (its schema,
-pruning, export and import). A base class of the cache, apart from the calls that embed."""
+pruning, export and import, backup and restore). A base class of the cache, apart from the
+calls that embed."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from . import backup as backups
 from ._util import positive_int
+from .backup import BackupReport, RestoreReport
 from .errors import InvalidInputError
 from .models import ModelSpec
 from .storage import ShardSummary
@@ -131,6 +134,51 @@ class Upkeep:
         report = import_file(self._store, path)
         self.pipeline.keep_within()
         return report
+
+    def backup(
+        self, destination: str | os.PathLike[str], *, show_progress: bool = False
+    ) -> BackupReport:
+        """Back up every file of this SQLite cache to a folder or to ``s3://bucket/prefix``,
+        while other processes read and write it: each file is copied as of one moment
+        (SQLite's online backup API; writers do not wait for it), checked, and listed in a
+        manifest (``manifest.json``: sizes, SHA-256, schema revisions, models, counts). A file
+        already at the destination unchanged is not sent again. An S3-compatible store is
+        reached through boto3 (``pip install 'embeddingcache[s3]'``), with its endpoint and
+        credentials taken the way boto3 takes them (``AWS_ENDPOINT_URL``, ``AWS_PROFILE``...)
+        and never shown. ``show_progress`` draws a bar of the bytes on stderr. See
+        docs/recipes.md, "Backing up a cache".
+
+        Raises:
+            InvalidInputError: a database cache (back it up with pg_dump), a destination URL
+                of another scheme than ``s3://``, or nothing stored yet.
+            BackupError: the destination could not be written (or boto3 is not installed).
+            StorageError: a file of the cache could not be copied.
+        """
+        return backups.backup(self._store, destination, show_progress=show_progress)
+
+    def restore(
+        self,
+        source: str | os.PathLike[str],
+        *,
+        force: bool = False,
+        show_progress: bool = False,
+    ) -> RestoreReport:
+        """Restore the backup at ``source`` (a folder or ``s3://bucket/prefix`` written by
+        `backup`) into this cache's folder. Every file is checked against the manifest (size,
+        SHA-256) and with ``PRAGMA integrity_check`` before any is put in place; older schema
+        revisions are then upgraded by the usual migrations. A folder that holds cache files
+        is refused unless ``force``, which replaces them all (stop the processes that use it
+        first). ``show_progress`` draws a bar of the bytes on stderr.
+
+        Raises:
+            InvalidInputError: a database cache (restore it with pg_restore), or a source
+                URL of another scheme than ``s3://``.
+            BackupError: no backup there, a file missing, truncated or damaged (nothing was
+                put in place), the backup could not be read, or the folder holds files and
+                ``force`` was not given.
+            StorageError: a restored file could not be upgraded.
+        """
+        return backups.restore(self._store, source, force=force, show_progress=show_progress)
 
 
 def _checked_age(older_than: float | timedelta | None) -> float | None:

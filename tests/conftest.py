@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -134,26 +135,33 @@ def pg_admin_url() -> str:
     return url
 
 
-@pytest.fixture
-def pg_url(pg_admin_url: str) -> Iterator[str]:
-    """A fresh database of this test's own on the test server, dropped afterwards."""
+@contextlib.contextmanager
+def fresh_database(admin_url: str) -> Iterator[str]:
+    """The URL of a new database on the test server, with a unique name, dropped afterwards."""
     import uuid
 
     from sqlalchemy import create_engine, make_url, text
 
     name = f"ec_test_{uuid.uuid4().hex[:12]}"
     admin = create_engine(
-        make_url(pg_admin_url).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT"
+        make_url(admin_url).set(drivername="postgresql+psycopg"), isolation_level="AUTOCOMMIT"
     )
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     try:
-        yield make_url(pg_admin_url).set(database=name).render_as_string(hide_password=False)
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
         embeddingcache._reset_shared_caches()
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh database of this test's own on the test server, dropped afterwards."""
+    with fresh_database(pg_admin_url) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

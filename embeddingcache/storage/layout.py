@@ -237,6 +237,7 @@ class SQLiteLayout:
             engines, self._engines = list(self._engines.values()), {}
             readers, self._readers = list(self._readers.values()), {}
             self._places.clear()
+            self._identity.clear()  # the next connections may open other files (a restore)
         for engine in engines:
             engine.dispose()
         for reader in readers:

@@ -31,7 +31,7 @@ from .places import Place, TextPlace
 from .sqlite import write_transaction
 from .timeouts import unbounded
 
-__all__ = ["HEADS", "READABLE", "Kind", "ensure", "migrate", "script_location"]
+__all__ = ["HEADS", "READABLE", "Kind", "ensure", "migrate", "revision", "script_location"]
 
 Kind = Literal["text", "shard"]
 
@@ -74,6 +74,16 @@ def state(
     if inspector.has_table(_MAIN_TABLE[kind], schema=place.schema):
         return "old"
     return "missing"
+
+
+def revision(connection: Connection, place: Place) -> str | None:
+    """The place's schema revision, as its ``alembic_version`` table says (``None``: none);
+    read-only."""
+    if not inspect(connection).has_table("alembic_version", schema=place.schema):
+        return None
+    table = "alembic_version" if place.schema is None else f"{place.schema}.alembic_version"
+    found = connection.scalars(select(text("version_num")).select_from(text(table))).first()
+    return None if found is None else str(found)
 
 
 def ensure(place: Place, *, create: bool) -> bool:

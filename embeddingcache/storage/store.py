@@ -575,6 +575,8 @@ class Store:
         return StorageError(f"{action} at {self.layout.describe()}: {reason}")
 
     def close(self) -> None:
+        """Write what waits and close every connection; a later use opens them anew (a
+        restore replaces the files in between)."""
         self.flush()
         with self._lock:
             self._shards.clear()
