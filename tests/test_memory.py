@@ -136,9 +136,13 @@ def test_a_shard_of_another_dimension_is_never_served_a_remembered_vector(
     try:
         store.put("m", keys, [TEXT], np.ones((1, 32), dtype=np.float32))
         assert store.lookup("m", keys).vectors.shape == (1, 32)
+        recalled = store.recall("m", keys[0])
+        assert recalled is not None and recalled.vectors.shape == (1, 32)
         prune(store, model="m")
+        assert store.recall("m", keys[0]) is None
         store.put("m", keys, [TEXT], np.full((1, 16), 2.0, dtype=np.float32))
-        found = store.lookup("m", keys)
+        found = store.recall("m", keys[0])
+        assert found is not None
         np.testing.assert_array_equal(found.vectors, np.full((1, 16), 2.0, dtype=np.float32))
     finally:
         store.close()
@@ -155,6 +159,25 @@ def test_a_remembered_vector_of_another_version_is_not_served(cache_dir: Path) -
         assert store.recall("m", keys[0]) is None
         np.testing.assert_array_equal(store.lookup("m", keys).vectors, np.ones((1, 8)))
         assert store.recall("m", keys[0]) is not None  # read again, at that version
+    finally:
+        store.close()
+
+
+def test_a_lookup_reads_the_shard_and_sees_a_row_damaged_behind_a_remembered_vector(
+    cache_dir: Path,
+) -> None:
+    """What the shard holds (asked before a write) is the file's, damage included; the
+    memory still answers a read with the vector that was stored."""
+    store = Store(layout_for(cache_dir, None))
+    keys = keys_of([TEXT])
+    try:
+        store.put("m", keys, [TEXT], np.ones((1, 4), dtype=np.float32))
+        with sqlite3.connect(cache_dir / f"{model_slug('m')}.db") as connection:
+            connection.execute("UPDATE embedding SET vector = x'00'")
+        assert store.lookup("m", keys).damaged == [0]
+        recalled = store.recall("m", keys[0])
+        assert recalled is not None
+        np.testing.assert_array_equal(recalled.vectors, np.ones((1, 4)))
     finally:
         store.close()
 

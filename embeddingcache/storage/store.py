@@ -185,14 +185,13 @@ class Store:
         return held
 
     def lookup(self, model: str, keys: Sequence[bytes]) -> Lookup:
-        """Find the stored vectors of distinct ``keys``; read-only."""
+        """Find the stored vectors of distinct ``keys`` in the shard itself (what is stored,
+        damaged rows included: never the memory tier, see `recall`); read-only."""
         shard = self._open_shard(model)
         if shard is None or shard.info is None or not keys:
             return Lookup.empty(shard.info.dimension if shard and shard.info else 0)
         dimension = shard.info.dimension
         width = 4 * dimension
-        if len(keys) == 1 and (held := self.recall(model, keys[0])) is not None:
-            return held
         try:
             if shard.reader is not None:
                 rows = shard.reader.rows(keys, tables.READ_CHUNK, tokens=shard.info.counts_tokens)
