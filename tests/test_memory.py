@@ -182,6 +182,31 @@ def test_a_lookup_reads_the_shard_and_sees_a_row_damaged_behind_a_remembered_vec
         store.close()
 
 
+def test_a_hit_from_memory_records_a_stale_last_use_as_a_read_from_the_file_would(
+    cache_dir: Path,
+) -> None:
+    """A hot text served from memory is not pruned as unused: its stored last use, older
+    than a day, is rewritten at the next flush."""
+    store = Store(layout_for(cache_dir, None))
+    keys = keys_of([TEXT])
+    shard = cache_dir / f"{model_slug('m')}.db"
+    try:
+        vector = np.ones((1, 4), dtype=np.float32)
+        store.put("m", keys, [TEXT], vector)
+        with sqlite3.connect(shard) as connection:
+            connection.execute("UPDATE embedding SET last_used = 0")
+        store.memory.put("m", [(keys[0], Remembered(vector.tobytes(), None, None, 0))])
+        assert store.recall("m", keys[0]) is not None
+        store.flush()
+        with sqlite3.connect(shard) as connection:
+            (last_used,) = connection.execute("SELECT last_used FROM embedding").fetchone()
+        assert last_used > 0
+        held = store.memory.get("m", keys[0])
+        assert held is not None and held.last_used > 0
+    finally:
+        store.close()
+
+
 def test_the_memory_tier_keeps_within_its_budget_dropping_the_least_recently_used() -> None:
     """Entries beyond the budget leave least recently used first; one larger than it is
     never held."""

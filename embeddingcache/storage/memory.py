@@ -129,7 +129,7 @@ class Memory:
             self.put(
                 shard,
                 [
-                    (key, Remembered(bytes(vector), version, tokens, max(used, now - STALE_S)))
+                    (key, Remembered(bytes(vector), version, tokens, _used(used, now)))
                     for key, vector, used, tokens in rows
                     if len(vector) == 4 * dimension
                 ],
@@ -189,3 +189,9 @@ class Memory:
 
 def _size(entry: Remembered) -> int:
     return len(entry.vector) + ENTRY_OVERHEAD
+
+
+def _used(last_used: int, now: int) -> int:
+    """A read row's last use as the store knows it after the read: ``now`` when it was
+    stale (the read noted it), else as stored."""
+    return last_used if last_used >= now - STALE_S else now
