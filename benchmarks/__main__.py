@@ -130,6 +130,8 @@ def _number(value: float, unit: str) -> str:
         return f"{value:.1f} µs"
     if unit == "s":
         return f"{value:.2f} s"
+    if unit == "x":
+        return f"{value:.3g}x"
     if value >= 100:
         return f"{value:,.0f}"
     return f"{value:,.1f}"
@@ -179,6 +181,7 @@ def _chart(results: list[Result], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if r.target != "reported"]  # figures with no target
     # Margin: how many times better than its target each result is (1 = just met).
     margins = []
     for r in results:

@@ -90,15 +90,17 @@ def _measure(
             "7. remote hits stored locally",
             f"{N:,} texts a fresh client finds on the backend, stored in its own cache: vectors/s",
             N / fresh,
-            N / local_time,
-            "the same hits from the local cache",
-            local_time / fresh,
-            ">= 0.5x",
-            local_time / fresh >= 0.5,
+            N / remote_time,
+            "the same fetch (BackendEngine.lookup), stored nowhere",
+            remote_time / fresh,
+            ">= 0.55x",
+            remote_time / fresh >= 0.55,
             unit="vectors/s",
             notes=[
                 f"the call returns while the writer thread stores them; with close() waiting "
-                f"for that write: {N / landed:,.0f} vectors/s ({local_time / landed:.2f}x local)"
+                f"for that write: {N / landed:,.0f} vectors/s ({remote_time / landed:.2f}x "
+                "the fetch)",
+                f"against the same hits from the local cache: {local_time / fresh:.2f}x",
             ],
         ),
         Result(

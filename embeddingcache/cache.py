@@ -19,6 +19,7 @@ from ._util import positive_int
 from .config import (
     resolve_cache_dir,
     resolve_db_url,
+    resolve_memory_size,
     resolve_model_name,
     resolve_remote_url,
     resolve_token,
@@ -78,6 +79,9 @@ class EmbeddingCache(Upkeep):
             (``POST {base_url}/embeddings``); default ``OPENAI_BASE_URL``, else OpenAI's.
             Its endpoint (scheme, host, port, path) is part of the model's identity: the
             same model name at two endpoints never shares a shard.
+        memory_size: bytes of the vectors served or stored last that this process keeps in
+            memory, by shard and key, to answer a repeated text without a query
+            (``EMBEDDING_CACHE_MEMORY_SIZE``; default 4 MiB; 0 turns it off).
         api_key: the key of that API; default ``OPENAI_API_KEY``. Never stored, logged or
             shown. Outer whitespace (a key read from a file ends with a newline) is
             stripped, from ``token`` too.
@@ -105,6 +109,7 @@ class EmbeddingCache(Upkeep):
         max_size: int | None = None,
         base_url: str | None = None,
         api_key: str | None = None,
+        memory_size: int | None = None,
     ) -> None:
         # The settings taken from the environment travel by reference (`travel`).
         given = {"db_url": db_url, "token": token}
@@ -124,7 +129,8 @@ class EmbeddingCache(Upkeep):
         self.max_size = _checked_max_size(max_size, self.db_url)
         self.base_url = _checked_base_url(base_url)
         api_key = clean(api_key, "api_key")
-        self._store = Store(layout_for(self.cache_dir, self.db_url))
+        self.memory_size = resolve_memory_size(memory_size)
+        self._store = Store(layout_for(self.cache_dir, self.db_url), memory_size=self.memory_size)
         self.pipeline = Pipeline(
             self._store,
             settings=EngineSettings(

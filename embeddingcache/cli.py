@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, NoReturn
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from .cache import EmbeddingCache
 from .config import ENV_PRICE_PER_MILLION, ENV_TOKEN, resolve_price_per_million
 from .credentials import clean
 from .errors import EmbeddingCacheError, EmbeddingCacheWarning
+from .npy import NpyWriter
 from .progress import Progress
 from .protocol import Connections, Limits
 from .storage import ShardSummary
@@ -469,7 +470,10 @@ def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> 
                 if args.out is not None
                 else sys.stdout
             )
-        matrix: np.memmap[Any, Any] | None = None  # the .npy file, once the dimension is known
+        matrix = None
+        if kind == "npy" and args.out is not None:
+            # Written through the file, not mapped: RSS stays one chunk (`npy`).
+            matrix = stack.enter_context(contextlib.closing(NpyWriter(args.out, total)))
         done = 0
         try:
             chunks = _chunks(texts, CHUNK)
@@ -479,12 +483,8 @@ def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> 
                 )
                 if jsonl is not None:
                     _write_jsonl(chunk, vectors, jsonl)
-                elif args.out is not None:
-                    if matrix is None:
-                        matrix = np.lib.format.open_memmap(
-                            args.out, mode="w+", dtype=np.float32, shape=(total, vectors.shape[1])
-                        )
-                    matrix[done : done + len(chunk)] = vectors
+                elif matrix is not None:
+                    matrix.write(vectors)
                 done += len(chunk)
                 stats = cache.stats
                 hits = stats["hits"] + stats["remote_hits"]
@@ -500,9 +500,8 @@ def _embed_lines(args: argparse.Namespace, texts: Iterator[str], total: int) -> 
             )
             return 130
         if matrix is not None:
-            matrix.flush()
+            matrix.close()
             shape = f"{matrix.shape[0]}x{matrix.shape[1]}"
-            del matrix
         stats = cache.stats
         model = cache.model
     distinct = stats["hits"] + stats["misses"]

@@ -8,17 +8,20 @@ from pathlib import Path
 from .credentials import clean
 from .errors import InvalidInputError
 from .models import DEFAULT_MODEL
+from .storage.memory import DEFAULT_MEMORY_SIZE
 
 __all__ = [
     "DEFAULT_CACHE_DIR",
     "ENV_CACHE_DIR",
     "ENV_DB_URL",
+    "ENV_MEMORY_SIZE",
     "ENV_MODEL",
     "ENV_PRICE_PER_MILLION",
     "ENV_REMOTE_URL",
     "ENV_TOKEN",
     "resolve_cache_dir",
     "resolve_db_url",
+    "resolve_memory_size",
     "resolve_model_name",
     "resolve_price_per_million",
     "resolve_remote_url",
@@ -31,6 +34,7 @@ ENV_REMOTE_URL = "EMBEDDING_CACHE_URL"
 ENV_MODEL = "EMBEDDING_CACHE_MODEL"
 ENV_TOKEN = "EMBEDDING_CACHE_TOKEN"
 ENV_PRICE_PER_MILLION = "EMBEDDING_CACHE_PRICE_PER_MILLION"
+ENV_MEMORY_SIZE = "EMBEDDING_CACHE_MEMORY_SIZE"
 DEFAULT_CACHE_DIR = "~/.cache/embedding-cache"
 
 
@@ -91,3 +95,21 @@ def resolve_price_per_million(price: float | None) -> float | None:
         where = f"${ENV_PRICE_PER_MILLION}" if price is None else "the price per million tokens"
         raise InvalidInputError(f"{where} must be a number of USD >= 0, not {given!r}")
     return value
+
+
+def resolve_memory_size(memory_size: int | None) -> int:
+    """The bytes of vectors a cache holds in memory (``storage.memory``); 0 turns the tier off.
+
+    Raises:
+        InvalidInputError: the size (or the environment's) is not an int >= 0.
+    """
+    given: object = memory_size
+    where = "memory_size"
+    if memory_size is None:
+        given = (os.environ.get(ENV_MEMORY_SIZE) or "").strip() or DEFAULT_MEMORY_SIZE
+        where = f"${ENV_MEMORY_SIZE}"
+        if isinstance(given, str) and given.isdigit():
+            given = int(given)
+    if isinstance(given, bool) or not isinstance(given, int) or given < 0:
+        raise InvalidInputError(f"{where} must be a number of bytes >= 0, not {given!r}")
+    return given

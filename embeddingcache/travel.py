@@ -59,6 +59,7 @@ class Travelling(Protocol):
     device: str | None
     max_size: int | None
     base_url: str | None
+    memory_size: int
 
 
 @dataclass(frozen=True, repr=False)
@@ -77,6 +78,7 @@ class Config:
     device: str | None
     max_size: int | None
     base_url: str | None
+    memory_size: int
     db_url_shown: str | None
     """The store's database URL without its password; ``None``: the SQLite folder."""
     db_url_from_env: bool
@@ -109,6 +111,7 @@ class Config:
             self.device,
             self.max_size,
             self.base_url,
+            self.memory_size,
             self.db_url_shown,
         )
 
@@ -137,6 +140,7 @@ class Config:
             "max_size": self.max_size,
             "base_url": self.base_url,
             "api_key": self.api_key,
+            "memory_size": self.memory_size,
         }
 
 
@@ -158,6 +162,7 @@ def config_of(cache: Travelling, *, from_env: frozenset[str], api_key: str | Non
         # Where an `openai:` model computes is part of its shard's identity: the worker
         # computes where the driver would, whatever its own environment says.
         base_url=cache.base_url or os.environ.get(ENV_OPENAI_BASE_URL) or None,
+        memory_size=cache.memory_size,
         db_url_shown=shown_url(cache.db_url) if cache.db_url is not None else None,
         db_url_from_env=db_from_env,
         db_url=None if db_from_env else cache.db_url,

@@ -234,3 +234,80 @@ def test_api_key_env_names_a_variable_and_an_error_never_repeats_a_key_given_ins
         for name in ("EC_TEST_UNSET_KEY", "EC_TEST_EMPTY_KEY"):
             assert main([*command, *model, *where, "--api-key-env", name]) == 1
             assert f"the environment variable {name} is not set or empty" in capsys.readouterr().err
+
+
+def test_the_npy_output_is_byte_for_byte_what_numpy_save_writes(
+    tiny_model: str, cache_dir: Path, tmp_path: Path
+) -> None:
+    """The .npy written through the file, chunk by chunk, is numpy.save's file of the same
+    matrix (header and rows), across several chunks."""
+    from embeddingcache import EmbeddingCache
+    from embeddingcache.cli import CHUNK
+
+    lines = [f"line {i} of a file" for i in range(CHUNK * 2 + 7)]
+    source = tmp_path / "texts.txt"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "vectors.npy"
+    done = cli(
+        "embed", str(source), "-m", tiny_model, "--cache-dir", str(cache_dir), "-o", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    with EmbeddingCache(tiny_model, cache_dir=cache_dir, device="cpu") as cache:
+        expected = tmp_path / "expected.npy"
+        np.save(expected, cache.get_embeddings(lines))
+    assert out.read_bytes() == expected.read_bytes()
+
+
+def test_an_npy_file_closed_before_its_last_rows_holds_zeros_for_them(tmp_path: Path) -> None:
+    """An interrupted job leaves a loadable .npy of its full shape, the rows not written
+    zero (as the memory-mapped file did)."""
+    from embeddingcache.npy import NpyWriter
+
+    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
+    writer = NpyWriter(tmp_path / "part.npy", 5)
+    writer.write(rows)
+    writer.close()
+    loaded = np.load(tmp_path / "part.npy")
+    assert loaded.shape == (5, 4)
+    np.testing.assert_array_equal(loaded[:3], rows)
+    assert not loaded[3:].any()
+    NpyWriter(tmp_path / "none.npy", 5).close()
+    assert not (tmp_path / "none.npy").exists()  # no rows came: no file, as before
+
+
+PEAK_RSS = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(child.pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, child.stderr.read().decode()[-2000:]
+print(usage.ru_maxrss)
+"""
+
+
+def test_the_npy_output_does_not_grow_the_processs_memory_with_its_line_count(
+    static_model: str, tmp_path: Path
+) -> None:
+    """Ten times the lines (45 MB more output) raise the peak RSS of `embeddingcache embed`
+    by less than half of it: the rows go through the file, not a memory map that keeps
+    them resident."""
+    peaks = {}
+    for lines in (5_000, 50_000):
+        source = tmp_path / f"{lines}.txt"
+        source.write_text("".join(f"text {i} of {lines}\n" for i in range(lines)), "utf-8")
+        out = tmp_path / f"{lines}.npy"
+        command = [sys.executable, "-m", "embeddingcache.cli", "embed", str(source)]
+        command += ["-m", static_model, "--cache-dir", str(tmp_path / f"cache-{lines}")]
+        command += ["-o", str(out), "--device", "cpu"]
+        done = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, *command],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[lines] = int(done.stdout) / 1024  # MB
+        assert np.load(out, mmap_mode="r").shape == (lines, 256)
+    output_growth = 45_000 * 256 * 4 / 2**20
+    assert peaks[50_000] - peaks[5_000] < output_growth / 2, peaks

@@ -85,6 +85,22 @@ def test_weights_saved_in_place_are_seen_on_the_next_call_and_never_mixed(
     assert versions[base].revision == folder_version(first_weights)
 
 
+def test_a_text_served_from_memory_is_not_served_once_the_weights_change(
+    model_folder: Path, tmp_path: Path
+) -> None:
+    """One text asked for again and again (the memory tier's) gets the new weights' vector
+    on the first call after they are saved."""
+    text = TEXTS[0]
+    with EmbeddingCache(str(model_folder), cache_dir=tmp_path / "cache", device="cpu") as cache:
+        before = cache.get_embeddings(text)
+        np.testing.assert_array_equal(cache.get_embeddings(text), before)
+        fine_tune(model_folder, seed=3)
+        after = cache.get_embeddings(text)
+        np.testing.assert_array_equal(after, encode(model_folder, [text])[0])
+        assert not np.allclose(before, after)
+        np.testing.assert_array_equal(cache.get_embeddings([text])[0], after)
+
+
 def test_new_texts_after_a_save_go_to_the_new_version_only(
     model_folder: Path, tmp_path: Path
 ) -> None:

@@ -69,6 +69,8 @@ def dedupe(keys: Sequence[bytes]) -> tuple[list[int], np.ndarray | None]:
     """The one rule for duplicates: the index of the first occurrence of each distinct key,
     in order of first appearance, and for each key the position of its distinct key
     (``None`` when every key is distinct, the hot path)."""
+    if len(keys) < 2:  # one text: a query embedded per request
+        return list(range(len(keys))), None
     distinct = dict.fromkeys(keys)
     if len(distinct) == len(keys):
         return list(range(len(keys))), None

@@ -107,11 +107,15 @@ def prune(
         return _prune(store, model, older_than_s, max_size, dry_run)
 
     try:
-        return run()
-    except (sa_exc.SQLAlchemyError, StorageError) as exc:
-        if dry_run or not _full(store, exc) or not isinstance(store.layout, SQLiteLayout):
-            _reraise(store, exc)
-    return _making_room(store, run, _removable(store, model, max_size, older_than_s, shards))
+        try:
+            return run()
+        except (sa_exc.SQLAlchemyError, StorageError) as exc:
+            if dry_run or not _full(store, exc) or not isinstance(store.layout, SQLiteLayout):
+                _reraise(store, exc)
+        return _making_room(store, run, _removable(store, model, max_size, older_than_s, shards))
+    finally:
+        if not dry_run:  # what was removed is never served from memory afterwards
+            store.memory.clear()
 
 
 def _full(store: Store, exc: BaseException) -> bool:

@@ -28,6 +28,7 @@ from ..errors import DimensionMismatchError, ShardMismatchError, StorageError
 from . import migrate, tables
 from .faults import disk_full
 from .layout import Layout, ShardReader
+from .memory import DEFAULT_MEMORY_SIZE, Memory
 from .places import Place, ShardPlace
 from .retry import retry_write
 from .sqlite import is_not_a_database, move_aside, write_transaction
@@ -144,10 +145,11 @@ class _Shard:
 
 
 class Store:
-    """Texts and one shard per model, in the places of a layout."""
+    """Texts and one shard per model, in the places of a layout; the last vectors in memory."""
 
-    def __init__(self, layout: Layout) -> None:
+    def __init__(self, layout: Layout, *, memory_size: int = DEFAULT_MEMORY_SIZE) -> None:
         self.layout = layout
+        self.memory = Memory(memory_size)
         self._shards: dict[str, _Shard] = {}
         self._prepared: set[object] = set()  # places this process found at the current schema
         self._lock = threading.Lock()
@@ -183,7 +185,8 @@ class Store:
         return held
 
     def lookup(self, model: str, keys: Sequence[bytes]) -> Lookup:
-        """Find the stored vectors of distinct ``keys``; read-only."""
+        """Find the stored vectors of distinct ``keys`` in the shard itself (what is stored,
+        damaged rows included: never the memory tier, see `recall`); read-only."""
         shard = self._open_shard(model)
         if shard is None or shard.info is None or not keys:
             return Lookup.empty(shard.info.dimension if shard and shard.info else 0)
@@ -202,6 +205,8 @@ class Store:
                 return Lookup.empty(dimension)
             raise self.error(f"cannot read the shard of {model!r}", exc) from exc
         stale_before = int(time.time()) - TOUCH_RESOLUTION_S
+        now = stale_before + TOUCH_RESOLUTION_S
+        self.memory.read(model, rows, dimension=dimension, version=shard.info.revision, now=now)
         if len(rows) == len(keys) == 1 and len(rows[0][1]) == width:  # one cached text
             if rows[0][2] < stale_before:
                 self._use.touch(model, [rows[0][0]])
@@ -211,6 +216,21 @@ class Store:
         if stale:
             self._use.touch(model, stale)
         return result
+
+    def recall(self, model: str, key: bytes) -> Lookup | None:
+        """A lookup of one key answered by the memory tier (`memory.Memory.recall`), its use
+        noted as a read's; ``None`` when it holds no vector for the shard as known here."""
+        info = shard.info if (shard := self._shards.get(model)) is not None else None
+        found = None
+        if info is not None:
+            now = int(time.time())
+            found = self.memory.recall(model, key, info.dimension, info.revision, now=now)
+        if found is None:
+            return None
+        if found[1]:
+            self._use.touch(model, [key])
+        vector = np.frombuffer(bytearray(found[0].vector), "<f4")[None, :]
+        return Lookup(_FIRST, vector, [], found[0].tokens or 0)
 
     def held(self, model: str, keys: Sequence[bytes]) -> set[bytes]:
         """The keys of ``keys`` the model's shard holds a vector for, its vectors unread."""
@@ -361,7 +381,7 @@ class Store:
         """
         place = self.layout.shard_place(model)
         if self.layout.read_only(place):
-            self._ready_read_only(place, None, create=True)  # raises
+            _read_only_ready(self.layout, place, create=True)  # raises
         try:
             # Retried: processes that create a new shard file at once meet SQLite's lock
             # while one of them switches it to WAL ("database is locked").
@@ -375,7 +395,7 @@ class Store:
         model's shard cannot be."""
         for place in (self.layout.text_place(), self.layout.shard_place(model)):
             if self.layout.read_only(place):
-                self._ready_read_only(place, None, create=True)  # raises
+                _read_only_ready(self.layout, place, create=True)  # raises
 
     def _write(
         self,
@@ -436,6 +456,7 @@ class Store:
             kept = table.put_new(connection, rows)
         with self._lock:
             self._shards[model] = _Shard(table, info, self.layout.reader(place))
+        self.memory.written(model, rows, info.revision, kept=kept, replace=replace)
         return kept
 
     # -- opening --------------------------------------------------------------------------
@@ -482,12 +503,16 @@ class Store:
                 self._prepared.discard(token)
                 for model in [m for m, s in self._shards.items() if s.place is place]:
                     del self._shards[model]
+                    self.memory.forget(model)
         if token in self._prepared:
             return True
         if not self.layout.may_exist(place) and not create:
             return False
         if self.layout.read_only(place):
-            return self._ready_read_only(place, token, create=create)
+            ready = _read_only_ready(self.layout, place, create=create)
+            if ready:
+                self._prepared.add(token)
+            return ready
         if create:
             self.layout.prepare()
         try:
@@ -504,26 +529,6 @@ class Store:
             self._prepared.add(token)
         return ready
 
-    def _ready_read_only(self, place: Place, token: object, *, create: bool) -> bool:
-        """`_ready` for a file this process cannot write: it is read as it is, or not at all."""
-        if create:
-            raise ReadOnlyStorageError(
-                f"the cache at {self.layout.describe()} is read-only ({place.name} cannot be "
-                "written): nothing was stored"
-            )
-        if not self.layout.may_exist(place):
-            return False
-        with place.engine.connect() as connection:
-            current = migrate.state(connection, place, as_is=True)
-        if current == "old":
-            raise ReadOnlyStorageError(
-                f"{place.name} in the read-only cache at {self.layout.describe()} has an older "
-                "schema; open it once where it can be written to upgrade it"
-            )
-        if current == "head":
-            self._prepared.add(token)
-        return current == "head"
-
     def exists(self, place: Place) -> bool:
         """Whether a place holds tables (brought to the current schema if it does)."""
         try:
@@ -535,6 +540,7 @@ class Store:
         """Drop what this process knows of a model's shard (after its rows were removed, or
         its file: the next write creates it anew)."""
         place = self.layout.shard_place(model)
+        self.memory.forget(model)
         with self._lock:
             shard = self._shards.pop(model, None)
             self._prepared.discard((place.path, place.schema))
@@ -560,6 +566,7 @@ class Store:
 
     def _forget(self, model: str, shard: _Shard) -> None:
         """Drop what this process knows of a shard, so that the next use opens it anew."""
+        self.memory.forget(model)
         with self._lock:
             self._shards.pop(model, None)
             self._prepared.discard((shard.place.path, shard.place.schema))
@@ -578,6 +585,7 @@ class Store:
         """Write what waits and close every connection; a later use opens them anew (a
         restore replaces the files in between)."""
         self.flush()
+        self.memory.clear()
         with self._lock:
             self._shards.clear()
             self._prepared.clear()
@@ -687,6 +695,31 @@ def _assembled(
     # A bytearray makes the matrix writable: read-time options work on it in place.
     vectors = np.frombuffer(data, dtype="<f4").reshape(len(positions), dimension)
     return Lookup(positions, vectors, damaged, tokens), stale
+
+
+def _read_only_ready(layout: Layout, place: Place, *, create: bool) -> bool:
+    """`Store._ready` for a file this process cannot write: whether it is at the current
+    schema, read as it is (never upgraded).
+
+    Raises:
+        ReadOnlyStorageError: ``create`` (nothing can be written there), or the file has an
+            older schema.
+    """
+    if create:
+        raise ReadOnlyStorageError(
+            f"the cache at {layout.describe()} is read-only ({place.name} cannot be "
+            "written): nothing was stored"
+        )
+    if not layout.may_exist(place):
+        return False
+    with place.engine.connect() as connection:
+        current = migrate.state(connection, place, as_is=True)
+    if current == "old":
+        raise ReadOnlyStorageError(
+            f"{place.name} in the read-only cache at {layout.describe()} has an older "
+            "schema; open it once where it can be written to upgrade it"
+        )
+    return current == "head"
 
 
 def _summary(
