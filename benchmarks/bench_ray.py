@@ -91,14 +91,22 @@ def _alone(model: str, store: str, texts: list[str]) -> float:
         return time.perf_counter() - began
 
 
+def _setup(
+    work: Path, quick: bool, *, seed: int, prefix: str
+) -> tuple[str, list[str], str | None, str]:
+    """The fast model, the job's distinct texts, the Postgres server's URL (``None``: SQLite
+    folders) and the name of the kind of store."""
+    model = str(static_model(work / "static-model"))
+    texts = sentences(5_000 if quick else 20_000, seed=seed, prefix=prefix)
+    admin = os.environ.get("EMBEDDING_CACHE_TEST_DB_URL")
+    return model, texts, admin, "Postgres" if admin else "SQLite folder"
+
+
 def ray_job(work: Path, quick: bool) -> list[Result]:
     import ray
 
-    model = str(static_model(work / "static-model"))
-    n = 5_000 if quick else 20_000
-    texts = sentences(n, seed=2929, prefix="ray ")
-    admin = os.environ.get("EMBEDDING_CACHE_TEST_DB_URL")
-    kind = "Postgres" if admin else "SQLite folder"
+    model, texts, admin, kind = _setup(work, quick, seed=2929, prefix="ray ")
+    n = len(texts)
     drops: list[Callable[[], None]] = []
     ray.init(num_cpus=ACTORS + 1, include_dashboard=False, log_to_driver=False)
     try:
@@ -179,11 +187,8 @@ def _dask_job(model: str, stores: list[str], texts: list[str]) -> list[tuple[int
 
 
 def dask_job(work: Path, quick: bool) -> list[Result]:
-    model = str(static_model(work / "static-model"))
-    n = 5_000 if quick else 20_000
-    texts = sentences(n, seed=2930, prefix="dask ")
-    admin = os.environ.get("EMBEDDING_CACHE_TEST_DB_URL")
-    kind = "Postgres" if admin else "SQLite folder"
+    model, texts, admin, kind = _setup(work, quick, seed=2930, prefix="dask ")
+    n = len(texts)
     drops: list[Callable[[], None]] = []
     try:
         alone = _alone(model, _store(work, "dask", "alone", admin, drops), texts)

@@ -118,11 +118,6 @@ def _inputs(value: Any, limits: Limits) -> tuple[list[str], bool]:
     if not items:
         raise _bad("'input' is empty; send at least one string", "input")
     kinds = set(map(type, items))
-    if kinds == {str} and _all_fit(items, limits.max_text_chars):
-        if len(items) > limits.max_texts:
-            raise _too_many(len(items), limits)
-        _check_encodable(items, single)
-        return list(items), single
     if kinds <= {int} or list in kinds:
         raise _bad(
             "token arrays are not accepted: this cache keys vectors by text, so send the "
@@ -132,6 +127,14 @@ def _inputs(value: Any, limits: Limits) -> tuple[list[str], bool]:
         )
     if len(items) > limits.max_texts:
         raise _too_many(len(items), limits)
+    if kinds != {str} or not _all_fit(items, limits.max_text_chars):
+        _refuse_first_bad(items, single, limits)
+    _check_encodable(items, single)
+    return list(items), single
+
+
+def _refuse_first_bad(items: list[Any], single: bool, limits: Limits) -> None:
+    """Raise the 400 naming the first input that is not a string, blank, or too long."""
     for i, text in enumerate(items):
         where = "'input'" if single else f"input[{i}]"
         if not isinstance(text, str):
@@ -145,12 +148,11 @@ def _inputs(value: Any, limits: Limits) -> tuple[list[str], bool]:
                 "input",
                 i,
             )
-    raise AssertionError("unreachable: _all_fit found a text at fault")  # pragma: no cover
 
 
 def _all_fit(texts: list[str], max_chars: int) -> bool:
-    """Whether every text is non-blank and short enough, in a few passes of C code (the
-    per-text loop of `_inputs` runs only to name the first that is not)."""
+    """Whether every text is non-blank and short enough, in a few passes of C code
+    (`_refuse_first_bad`'s loop runs only to name the first that is not)."""
     return all(texts) and not any(map(str.isspace, texts)) and max(map(len, texts)) <= max_chars
 
 
